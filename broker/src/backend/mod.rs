@@ -1,0 +1,57 @@
+//! The result backend seam, task states and Celery's result meta document.
+//!
+//! A worker stores a [`TaskMeta`] for each state change of a task; a client reads it back or waits for
+//! it to become ready. The document is Celery's (`status`, `result`, `traceback`, `children`,
+//! `date_done`, `task_id`, plus `group_id`/`parent_id`/extended fields), so Python's
+//! `AsyncResult(id).get()` reads what we store and we read what Celery stores.
+
+pub mod memory;
+pub mod meta;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+
+pub use meta::{ExceptionInfo, State, TaskMeta};
+
+/// Default time a stored result lives (Celery's `result_expires`: one day).
+pub const DEFAULT_RESULT_EXPIRES: Duration = Duration::from_secs(86_400);
+
+/// Where task results live.
+#[async_trait]
+pub trait ResultBackend: Send + Sync + 'static {
+    /// A short name for logs: `memory`, `redis`.
+    fn backend(&self) -> &'static str;
+
+    /// Stores one state of a task and notifies waiters. A task whose stored state is already
+    /// `SUCCESS` keeps it: later writes for that id are dropped (Celery's guard against duplicate
+    /// deliveries). Returns once the write is durable in the backend.
+    async fn store(&self, meta: &TaskMeta) -> Result<()>;
+
+    /// Stores many states in as few round trips as the backend allows, with the same rules as
+    /// [`ResultBackend::store`].
+    async fn store_many(&self, metas: &[TaskMeta]) -> Result<()> {
+        for meta in metas {
+            self.store(meta).await?;
+        }
+        Ok(())
+    }
+
+    /// The current state of a task; `PENDING` (with a null result) when nothing is stored.
+    async fn get(&self, task_id: &str) -> Result<TaskMeta>;
+
+    /// Waits until the task is in a ready state (SUCCESS, FAILURE, REVOKED) and returns it.
+    /// Uses the backend's notifications, with a slow poll as a safety net; never a busy loop.
+    /// `None` waits forever; on timeout returns [`crate::BrokerError::Timeout`].
+    async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<TaskMeta>;
+
+    /// Deletes what is stored for a task.
+    async fn forget(&self, task_id: &str) -> Result<()>;
+
+    /// Closes connections.
+    async fn close(&self) -> Result<()>;
+}

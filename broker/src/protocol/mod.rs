@@ -1,0 +1,8 @@
+//! Celery's task message protocol v2 (JSON serializer).
+//!
+//! A task message is headers (`task`, `id`, `eta`, `retries`, …), properties (`correlation_id`,
+//! `reply_to`, `priority`, …) and a body `[args, kwargs, embed]`. [`TaskMessage`] is the typed form;
+//! [`TaskMessage::decode`] reads any [`Message`](crate::Message) and returns a typed error naming
+//! what is wrong, and [`TaskMessage::encode`] writes what Celery 5.x writes.
+
+pub mod time;

@@ -1,0 +1,126 @@
+//! The broker seam: what every transport (`memory://`, `redis://`, `amqp://`) offers.
+//!
+//! A [`Broker`] publishes [`Message`]s to named queues and opens [`Consumer`]s on a set of queues with a
+//! prefetch window. Each consumed message is a [`Delivery`] that must be acked or rejected exactly once;
+//! one that is dropped without either stays unacked until its consumer closes (or, on Redis, until the
+//! visibility timeout), and is then delivered again. Nothing here acks on its own: acking late is the
+//! caller's choice.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::error::Result;
+use crate::message::Message;
+
+/// A connected transport. Cheap to share behind an `Arc`; every method may be called concurrently.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// A short name for logs: `memory`, `redis`, `amqp`.
+    fn transport(&self) -> &'static str;
+
+    /// Makes sure `queue` exists (declares it and its exchange/binding the way Celery does).
+    /// Publishing and consuming call this themselves; it is idempotent and cached.
+    async fn declare_queue(&self, queue: &str) -> Result<()>;
+
+    /// Publishes one message to `queue`. Returns once the broker holds it (publisher confirm on AMQP,
+    /// the reply to LPUSH on Redis).
+    async fn publish(&self, queue: &str, message: &Message) -> Result<()>;
+
+    /// Publishes many messages to `queue` in as few round trips as the transport allows. Returns once all
+    /// of them are held by the broker. On error some may have been published.
+    async fn publish_batch(&self, queue: &str, messages: &[Message]) -> Result<()>;
+
+    /// Starts consuming from `queues` with at most `prefetch` deliveries unacked at once (at least 1).
+    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>>;
+
+    /// Deletes every ready message of `queue` (not the unacked ones). Returns how many were removed.
+    async fn purge(&self, queue: &str) -> Result<u64>;
+
+    /// Number of ready messages in `queue` (all priorities).
+    async fn queue_len(&self, queue: &str) -> Result<u64>;
+
+    /// Closes connections. Outstanding consumers stop.
+    async fn close(&self) -> Result<()>;
+}
+
+/// A stream of deliveries from one or more queues.
+#[async_trait]
+pub trait Consumer: Send {
+    /// Waits for the next delivery. It waits while `prefetch` deliveries are unacked. Returns
+    /// `Ok(None)` once the consumer is closed. Connection trouble is retried inside where the transport
+    /// can; an error returned here means the consumer cannot go on.
+    async fn next(&mut self) -> Result<Option<Delivery>>;
+
+    /// Changes the prefetch window (takes effect for later deliveries).
+    async fn set_prefetch(&mut self, prefetch: usize) -> Result<()>;
+
+    /// Stops consuming. Deliveries that were handed out and are still unacked go back to their queue
+    /// (they will be delivered again). Acking one of them after this is harmless.
+    async fn close(&mut self) -> Result<()>;
+}
+
+/// The transport-specific half of a delivery: how to ack or reject it.
+#[async_trait]
+pub trait AckHandle: Send + Sync + 'static {
+    /// Removes the message for good.
+    async fn ack(self: Box<Self>) -> Result<()>;
+    /// Gives the message back to its queue (`requeue`), or drops it.
+    async fn reject(self: Box<Self>, requeue: bool) -> Result<()>;
+}
+
+/// One message handed to a consumer, not yet acked.
+pub struct Delivery {
+    /// The message as published.
+    pub message: Message,
+    /// The queue it came from.
+    pub queue: String,
+    /// True if the broker says it was delivered before.
+    pub redelivered: bool,
+    handle: Box<dyn AckHandle>,
+    /// Holds a slot of the consumer's prefetch window until this delivery is settled or dropped.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("queue", &self.queue)
+            .field("redelivered", &self.redelivered)
+            .field("task_id", &self.message.task_id())
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// Built by transports.
+    pub fn new(
+        message: Message,
+        queue: String,
+        redelivered: bool,
+        handle: Box<dyn AckHandle>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Self {
+        Delivery {
+            message,
+            queue,
+            redelivered,
+            handle,
+            _permit: permit,
+        }
+    }
+
+    /// Acknowledges the message: the broker forgets it.
+    pub async fn ack(self) -> Result<()> {
+        self.handle.ack().await
+    }
+
+    /// Rejects the message; with `requeue` it goes back to its queue to be delivered again.
+    pub async fn reject(self, requeue: bool) -> Result<()> {
+        self.handle.reject(requeue).await
+    }
+}
+
+/// A shared broker handle.
+pub type SharedBroker = Arc<dyn Broker>;
