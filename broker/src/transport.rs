@@ -68,6 +68,11 @@ pub trait AckHandle: Send + Sync + 'static {
     async fn ack(self: Box<Self>) -> Result<()>;
     /// Gives the message back to its queue (`requeue`), or drops it.
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()>;
+    /// Tells the broker the message is still being worked on (renews a visibility lease where the
+    /// transport has one, as Redis does). A no-op elsewhere.
+    async fn keep_alive(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One message handed to a consumer, not yet acked.
@@ -119,6 +124,11 @@ impl Delivery {
     /// Rejects the message; with `requeue` it goes back to its queue to be delivered again.
     pub async fn reject(self, requeue: bool) -> Result<()> {
         self.handle.reject(requeue).await
+    }
+
+    /// Renews the delivery's visibility lease (Redis); keeps a long job from being delivered twice.
+    pub async fn keep_alive(&self) -> Result<()> {
+        self.handle.keep_alive().await
     }
 }
 
