@@ -5,4 +5,12 @@
 //! [`TaskMessage::decode`] reads any [`Message`](crate::Message) and returns a typed error naming
 //! what is wrong, and [`TaskMessage::encode`] writes what Celery 5.x writes.
 
+mod fields;
+pub mod node;
+pub mod repr;
+pub mod signature;
+pub mod task;
 pub mod time;
+
+pub use signature::Signature;
+pub use task::{Embed, TaskHeaders, TaskMessage};

@@ -1,0 +1,330 @@
+//! The producer-side verbs of the `celerity` command: `call`, `result`, `purge`, `queues`.
+//!
+//! The `celerity` binary (facade crate) flattens [`ConnectionArgs`] into its top level and dispatches
+//! [`ProducerCommand`] here. Each verb prints its outcome and returns the process exit code; errors
+//! come back as [`ClientError`] for the binary to print as one line.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Map, Value};
+
+use celerity_broker::protocol::time::parse_iso;
+use celerity_broker::url::{BrokerUrl, Scheme};
+use celerity_broker::TaskMeta;
+
+use crate::client::Client;
+use crate::error::{ClientError, Result};
+use crate::options::{Expires, SendOptions};
+use crate::result::outcome;
+
+/// Where to connect (flags win over the environment).
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionArgs {
+    /// Broker URL: memory://, redis://host:6379/0, rediss://…, amqp://user:pass@host:5672//, amqps://…
+    #[arg(
+        long,
+        global = true,
+        env = "CELERITY_BROKER_URL",
+        default_value = "memory://"
+    )]
+    pub broker: String,
+    /// Result backend URL (redis:// or memory://). Defaults to the broker when it is Redis.
+    #[arg(long, global = true, env = "CELERITY_RESULT_BACKEND")]
+    pub backend: Option<String>,
+}
+
+/// Producer-side subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ProducerCommand {
+    /// Send a job by task name; prints its id (or its result with --wait).
+    Call(CallArgs),
+    /// Show a job's result (or wait for it).
+    Result(ResultArgs),
+    /// Delete every waiting message of the given queues.
+    Purge(PurgeArgs),
+    /// Show how many messages wait in the given queues.
+    Queues(QueuesArgs),
+}
+
+/// `celerity call`.
+#[derive(Debug, Clone, Args)]
+pub struct CallArgs {
+    /// Registered task name, e.g. demo.add
+    pub name: String,
+    /// Positional arguments as a JSON list, e.g. '[2, 3]'
+    #[arg(long, default_value = "[]")]
+    pub args: String,
+    /// Keyword arguments as a JSON object, e.g. '{"x": 2}'
+    #[arg(long, default_value = "{}")]
+    pub kwargs: String,
+    /// Queue to send to
+    #[arg(long, short = 'Q', default_value = crate::DEFAULT_QUEUE)]
+    pub queue: String,
+    /// Run no earlier than this many seconds from now
+    #[arg(long)]
+    pub countdown: Option<f64>,
+    /// Run no earlier than this time (ISO-8601, UTC if no offset)
+    #[arg(long)]
+    pub eta: Option<String>,
+    /// Expire after this many seconds, or at this ISO-8601 time
+    #[arg(long)]
+    pub expires: Option<String>,
+    /// Message priority (0-255; Redis uses 0-9 with 0 first)
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Use this task id
+    #[arg(long)]
+    pub task_id: Option<String>,
+    /// Wait for the result and print it
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Send this many copies (each with its own id), in batches, with a progress bar and a final rate
+    #[arg(long, default_value_t = 1)]
+    pub count: u64,
+}
+
+/// `celerity result`.
+#[derive(Debug, Clone, Args)]
+pub struct ResultArgs {
+    /// Task id
+    pub id: String,
+    /// Wait until the job is finished
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Print Celery's whole result document instead of the value
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `celerity purge`.
+#[derive(Debug, Clone, Args)]
+pub struct PurgeArgs {
+    /// Queues to empty
+    #[arg(required = true)]
+    pub queues: Vec<String>,
+}
+
+/// `celerity queues`.
+#[derive(Debug, Clone, Args)]
+pub struct QueuesArgs {
+    /// Queues to show
+    #[arg(default_value = crate::DEFAULT_QUEUE)]
+    pub queues: Vec<String>,
+}
+
+/// Runs one producer verb.
+pub async fn run(command: &ProducerCommand, conn: &ConnectionArgs) -> Result<ExitCode> {
+    refuse_memory(&conn.broker)?;
+    let client = Client::connect(&conn.broker, conn.backend.as_deref()).await?;
+    let code = match command {
+        ProducerCommand::Call(a) => call(&client, a).await,
+        ProducerCommand::Result(a) => result(&client, a).await,
+        ProducerCommand::Purge(a) => {
+            for q in &a.queues {
+                let n = client.broker().purge(q).await?;
+                println!("purged {n} message(s) from {q}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ProducerCommand::Queues(a) => {
+            for q in &a.queues {
+                println!("{q}\t{}", client.broker().queue_len(q).await?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    // Closing is best effort: the outcome is already printed.
+    let _ = client.close().await;
+    code
+}
+
+/// `memory://` lives inside one process, so a separate CLI process cannot reach it.
+fn refuse_memory(broker: &str) -> Result<()> {
+    if BrokerUrl::parse(broker)?.scheme == Scheme::Memory {
+        return Err(ClientError::InvalidArgument(
+            "memory:// exists only inside one process; give --broker redis://… or amqp://… \
+             (or set CELERITY_BROKER_URL) — `celerity demo` runs a memory:// worker in-process"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+fn seconds(what: &str, s: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(s).map_err(|_| {
+        ClientError::InvalidArgument(format!("{what} must be a number of seconds ≥ 0, got {s}"))
+    })
+}
+
+fn time(what: &str, s: &str) -> Result<DateTime<Utc>> {
+    parse_iso(s)
+        .map(|t| t.to_utc())
+        .map_err(|_| ClientError::InvalidArgument(format!("{what}: `{s}` is not an ISO-8601 time")))
+}
+
+/// Reads `call`'s flags into arguments and options.
+pub fn call_request(a: &CallArgs) -> Result<(Vec<Value>, Map<String, Value>, SendOptions)> {
+    let args = match serde_json::from_str::<Value>(&a.args) {
+        Ok(Value::Array(v)) => v,
+        Ok(_) => {
+            return Err(ClientError::InvalidArgument(
+                "--args must be a JSON list, e.g. '[2, 3]'".into(),
+            ))
+        }
+        Err(e) => {
+            return Err(ClientError::InvalidArgument(format!(
+                "--args is not valid JSON: {e}"
+            )))
+        }
+    };
+    let kwargs = match serde_json::from_str::<Value>(&a.kwargs) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return Err(ClientError::InvalidArgument(
+                "--kwargs must be a JSON object, e.g. '{\"x\": 2}'".into(),
+            ))
+        }
+        Err(e) => {
+            return Err(ClientError::InvalidArgument(format!(
+                "--kwargs is not valid JSON: {e}"
+            )))
+        }
+    };
+    let mut o = SendOptions::new().queue(a.queue.clone());
+    if let Some(c) = a.countdown {
+        o.countdown = Some(seconds("--countdown", c)?);
+    }
+    if let Some(e) = &a.eta {
+        o.eta = Some(time("--eta", e)?);
+    }
+    if let Some(x) = &a.expires {
+        o.expires = Some(match x.trim().parse::<f64>() {
+            Ok(s) => Expires::In(seconds("--expires", s)?),
+            Err(_) => Expires::At(time("--expires", x)?),
+        });
+    }
+    o.priority = a.priority;
+    o.task_id = a.task_id.clone();
+    if a.count == 0 {
+        return Err(ClientError::InvalidArgument(
+            "--count must be at least 1".into(),
+        ));
+    }
+    if a.count > 1 && (a.wait || a.task_id.is_some()) {
+        return Err(ClientError::InvalidArgument(
+            "--count cannot be combined with --wait or --task-id".into(),
+        ));
+    }
+    Ok((args, kwargs, o))
+}
+
+async fn call(client: &Client, a: &CallArgs) -> Result<ExitCode> {
+    let (args, kwargs, options) = call_request(a)?;
+    if a.count > 1 {
+        return call_many(client, a, args, kwargs, &options).await;
+    }
+    let handle = client.send_task(&a.name, args, kwargs, &options).await?;
+    if !a.wait {
+        println!("{}", handle.id());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let timeout = a.timeout.map(|t| seconds("--timeout", t)).transpose()?;
+    let meta = handle.wait_meta(timeout).await?;
+    print_outcome(meta, false)
+}
+
+async fn call_many(
+    client: &Client,
+    a: &CallArgs,
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+    options: &SendOptions,
+) -> Result<ExitCode> {
+    const CHUNK: u64 = 1000;
+    let bar = ProgressBar::new(a.count);
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}") {
+        bar.set_style(style);
+    }
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < a.count {
+        let n = CHUNK.min(a.count - sent);
+        let now = Utc::now();
+        let batch = (0..n)
+            .map(|_| options.build(&a.name, args.clone(), kwargs.clone(), now))
+            .collect::<Result<Vec<_>>>()?;
+        client.send_batch(&batch, options.queue_name()).await?;
+        sent += n;
+        bar.set_position(sent);
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "sent {sent} messages to {} in {secs:.3} s ({:.0} msgs/s)",
+        options.queue_name(),
+        sent as f64 / secs.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn result(client: &Client, a: &ResultArgs) -> Result<ExitCode> {
+    let handle = client.result::<Value>(&a.id);
+    let meta = if a.wait {
+        let timeout = a.timeout.map(|t| seconds("--timeout", t)).transpose()?;
+        handle.wait_meta(timeout).await?
+    } else {
+        handle.meta().await?
+    };
+    print_outcome(meta, a.json)
+}
+
+/// Prints a result: the value for SUCCESS, the state for unfinished jobs, the error for failures.
+fn print_outcome(meta: TaskMeta, json: bool) -> Result<ExitCode> {
+    let failed = matches!(
+        meta.status,
+        celerity_broker::State::Failure | celerity_broker::State::Revoked
+    );
+    if json {
+        println!("{}", String::from_utf8_lossy(&meta.to_json()));
+        return Ok(if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    if !meta.status.is_ready() {
+        println!("{}", meta.status);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match outcome::<Value>(meta) {
+        Ok(v) => {
+            println!("{v}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ClientError::TaskFailed {
+            task_id,
+            exception,
+            traceback,
+        }) => {
+            eprintln!("task {task_id} failed: {exception}");
+            if let Some(tb) = traceback.filter(|t| !t.is_empty()) {
+                eprintln!("{}", tb.trim_end());
+            }
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

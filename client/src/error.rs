@@ -1,0 +1,40 @@
+//! The error type of the client crate.
+
+use std::time::Duration;
+
+use celerity_broker::backend::ExceptionInfo;
+use celerity_broker::BrokerError;
+
+/// What can go wrong sending a job or reading its result.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The broker or backend failed (connection, protocol, …).
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The job ran and failed; carries the task's exception as Celery stores it.
+    #[error("task {task_id} failed: {exception}")]
+    TaskFailed {
+        task_id: String,
+        exception: ExceptionInfo,
+        traceback: Option<String>,
+    },
+    /// The job was revoked (or expired) and will not run.
+    #[error("task {task_id} was revoked")]
+    Revoked { task_id: String },
+    /// The result did not become ready in time.
+    #[error("timed out after {0:?} waiting for the result")]
+    Timeout(Duration),
+    /// Results were asked for but no result backend is configured.
+    #[error("no result backend configured (pass --backend / CELERITY_RESULT_BACKEND, or a redis:// broker)")]
+    NoBackend,
+    /// Arguments or a result could not be converted to or from JSON.
+    #[error("{0}")]
+    Serde(String),
+    /// An option or argument is not valid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
