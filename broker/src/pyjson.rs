@@ -46,6 +46,14 @@ impl Formatter for PyFormatter {
         writer.write_all(b": ")
     }
 
+    fn write_f64<W: ?Sized + Write>(&mut self, writer: &mut W, value: f64) -> io::Result<()> {
+        writer.write_all(python_float(value).as_bytes())
+    }
+
+    fn write_f32<W: ?Sized + Write>(&mut self, writer: &mut W, value: f32) -> io::Result<()> {
+        self.write_f64(writer, f64::from(value))
+    }
+
     fn write_string_fragment<W: ?Sized + Write>(
         &mut self,
         writer: &mut W,
@@ -68,6 +76,48 @@ impl Formatter for PyFormatter {
             start = i + ch.len_utf8();
         }
         writer.write_all(&fragment.as_bytes()[start..])
+    }
+}
+
+/// A float as Python's `repr(float)` spells it: the shortest digits that read back to the same value,
+/// in positional form when the decimal exponent is in -4..16 (`0.0001`, `10.0`), otherwise in
+/// scientific form with a signed, at least two-digit exponent (`1e-05`, `1.5e+16`).
+pub fn python_float(value: f64) -> String {
+    if !value.is_finite() {
+        // JSON has no spelling for these; Python writes NaN/Infinity, which JSON readers refuse.
+        return if value.is_nan() {
+            "NaN".into()
+        } else if value > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    // `{:e}` gives the shortest round-trip digits: "1.5e16", "-1e-7", "0e0".
+    let sci = format!("{value:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (sign, mantissa) = mantissa
+        .strip_prefix('-')
+        .map_or(("", mantissa), |m| ("-", m));
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    if (-4..16).contains(&exp) {
+        let point = exp + 1; // digits before the decimal point
+        let body = if point <= 0 {
+            format!("0.{}{}", "0".repeat((-point) as usize), digits)
+        } else if (point as usize) >= digits.len() {
+            format!("{}{}.0", digits, "0".repeat(point as usize - digits.len()))
+        } else {
+            format!(
+                "{}.{}",
+                &digits[..point as usize],
+                &digits[point as usize..]
+            )
+        };
+        format!("{sign}{body}")
+    } else {
+        let exp_sign = if exp < 0 { '-' } else { '+' };
+        format!("{sign}{mantissa}e{exp_sign}{:02}", exp.abs())
     }
 }
 
@@ -113,6 +163,28 @@ mod tests {
         assert_eq!(to_string(&json!({})), "{}");
         assert_eq!(to_string(&json!([])), "[]");
         assert_eq!(to_string(&json!([1.5, -2, true])), "[1.5, -2, true]");
+    }
+
+    #[test]
+    fn floats_are_spelled_like_python() {
+        for (f, py) in [
+            (1e-7, "1e-07"),
+            (1e-5, "1e-05"),
+            (0.0001, "0.0001"),
+            (5.5, "5.5"),
+            (10.0, "10.0"),
+            (-0.5, "-0.5"),
+            (0.0, "0.0"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1.5e300, "1.5e+300"),
+            (123456.789, "123456.789"),
+            (0.1 + 0.2, "0.30000000000000004"),
+            (-2.5e-10, "-2.5e-10"),
+        ] {
+            assert_eq!(python_float(f), py, "{f}");
+        }
+        assert_eq!(to_string(&json!([1e-7, 2])), "[1e-07, 2]");
     }
 
     #[test]

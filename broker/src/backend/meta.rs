@@ -166,8 +166,9 @@ pub struct TaskMeta {
     /// The return value; for exception states the serialized exception ([`ExceptionInfo`]).
     pub result: Value,
     pub traceback: Option<String>,
-    /// Result tuples of tasks this task sent.
-    pub children: Vec<Value>,
+    /// Result tuples of tasks this task sent: a list, or `null` when Celery stored the state outside
+    /// a request (e.g. a revoke from the control command).
+    pub children: Value,
     /// Set for ready states.
     pub date_done: Option<DateTime<Utc>>,
     /// Other keys, kept in order: `group_id`, `parent_id`, and the extended fields
@@ -183,7 +184,7 @@ impl TaskMeta {
             status: State::Pending,
             result: Value::Null,
             traceback: None,
-            children: Vec::new(),
+            children: Value::Array(Vec::new()),
             date_done: None,
             extra: Map::new(),
         }
@@ -249,7 +250,7 @@ impl TaskMeta {
                 .map(Value::String)
                 .unwrap_or(Value::Null),
         );
-        m.insert("children".into(), Value::Array(self.children.clone()));
+        m.insert("children".into(), self.children.clone());
         m.insert(
             "date_done".into(),
             self.date_done
@@ -273,7 +274,8 @@ impl TaskMeta {
                 "result meta of {task_id} is not a JSON object"
             )));
         };
-        let status = match o.remove("status") {
+        // `shift_remove` keeps the order of the keys left in `extra`.
+        let status = match o.shift_remove("status") {
             Some(Value::String(s)) => State::parse(&s),
             _ => {
                 return Err(BrokerError::malformed(format_args!(
@@ -281,22 +283,22 @@ impl TaskMeta {
                 )))
             }
         };
-        let result = o.remove("result").unwrap_or(Value::Null);
-        let traceback = match o.remove("traceback") {
+        let result = o.shift_remove("result").unwrap_or(Value::Null);
+        let traceback = match o.shift_remove("traceback") {
             Some(Value::String(s)) => Some(s),
             _ => None,
         };
-        let children = match o.remove("children") {
-            Some(Value::Array(a)) => a,
-            _ => Vec::new(),
+        let children = match o.shift_remove("children") {
+            Some(v @ (Value::Array(_) | Value::Null)) => v,
+            _ => Value::Array(Vec::new()),
         };
-        let date_done = match o.remove("date_done") {
+        let date_done = match o.shift_remove("date_done") {
             Some(Value::String(s)) => crate::protocol::time::parse_iso(&s)
                 .ok()
                 .map(|d| d.with_timezone(&Utc)),
             _ => None,
         };
-        let id = match o.remove("task_id") {
+        let id = match o.shift_remove("task_id") {
             Some(Value::String(s)) => s,
             _ => task_id.to_owned(),
         };

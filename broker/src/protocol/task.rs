@@ -466,10 +466,12 @@ impl TaskMessage {
                 )))
             }
         };
-        let mut embed = Embed::default();
-        embed.callbacks = o.remove("callbacks").unwrap_or(Value::Null);
-        embed.errbacks = o.remove("errbacks").unwrap_or(Value::Null);
-        embed.chord = o.remove("chord").unwrap_or(Value::Null);
+        let embed = Embed {
+            callbacks: o.remove("callbacks").unwrap_or(Value::Null),
+            errbacks: o.remove("errbacks").unwrap_or(Value::Null),
+            chord: o.remove("chord").unwrap_or(Value::Null),
+            ..Embed::default()
+        };
         let mut headers = headers;
         headers.extra.retain(|k, _| {
             !matches!(
