@@ -1,0 +1,363 @@
+//! The `redis://` result backend, in Celery's format: Python's `AsyncResult(id).get()` reads what we
+//! store, and we read what Celery stores.
+//!
+//! Layout (Celery 5.x `celery/backends/redis.py`): each task state is a JSON document
+//! ([`TaskMeta::to_json`]) at `celery-task-meta-<id>`, written with `SETEX` (`SET` when
+//! `result_expires=0`) and published on the channel of the same name. A write for a task whose stored
+//! status is already `SUCCESS` is dropped; here the check, the write and the publish are one Lua
+//! script, so the guard has no race. `global_keyprefix` goes in front of every key and channel.
+//!
+//! URL options: `global_keyprefix` (Celery's rule: `_` is appended unless it ends in one of `:_-.`),
+//! `result_expires` (whole seconds, default 86400, 0 = never), `poll_interval` (seconds, default 1.0:
+//! how often a waiter reads the key in case a notification was missed).
+//!
+//! Waiting uses one shared pub/sub connection ([`listener`]); a waiter subscribes first and reads
+//! second, so a result stored in between is never missed.
+
+mod listener;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncConnectionConfig, ErrorKind, Script, ServerErrorKind};
+use tokio::time::Instant;
+
+use super::{ResultBackend, TaskMeta, DEFAULT_RESULT_EXPIRES};
+use crate::error::{BrokerError, Result};
+use crate::url::BrokerUrl;
+use listener::Listener;
+
+/// The options a result backend URL may carry.
+const OPTIONS: &[&str] = &["global_keyprefix", "result_expires", "poll_interval"];
+/// Celery's prefix of task result keys.
+const TASK_KEYPREFIX: &str = "celery-task-meta-";
+/// Time allowed to connect; an unreachable server fails `connect` within it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for any one command (or pipeline) to be answered.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest document Redis accepts as a string value (Celery refuses larger ones too).
+const MAX_VALUE_SIZE: usize = 512 * 1024 * 1024;
+/// Most script calls in one pipeline of [`ResultBackend::store_many`].
+const STORE_BATCH: usize = 1024;
+const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A connection to a Redis result backend.
+pub struct RedisBackend {
+    conn: ConnectionManager,
+    store_script: Script,
+    /// `<global_keyprefix>celery-task-meta-`.
+    task_prefix: String,
+    /// Seconds a stored state lives; 0 = forever.
+    expires: u64,
+    poll_interval: Duration,
+    listener: Listener,
+    closed: AtomicBool,
+}
+
+impl RedisBackend {
+    /// Connects, failing within a few seconds with [`BrokerError::Connect`] if the server cannot be
+    /// reached (or refuses our credentials).
+    pub async fn connect(url: &BrokerUrl) -> Result<Self> {
+        url.check_options(OPTIONS)?;
+        let global_prefix = url.option::<String>("global_keyprefix")?;
+        let expires = url
+            .option::<u64>("result_expires")?
+            .unwrap_or(DEFAULT_RESULT_EXPIRES.as_secs());
+        let poll_interval = match url.option::<f64>("poll_interval")? {
+            None => DEFAULT_POLL_INTERVAL,
+            Some(s) => Duration::try_from_secs_f64(s)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| BrokerError::InvalidUrl {
+                    url: url.redacted(),
+                    reason: format!(
+                        "option `poll_interval={s}`: must be a positive number of seconds"
+                    ),
+                })?,
+        };
+        let client = redis::Client::open(client_url(url)).map_err(|e| BrokerError::InvalidUrl {
+            url: url.redacted(),
+            reason: e.to_string(),
+        })?;
+        let connect_error = |reason: String| BrokerError::Connect {
+            url: url.redacted(),
+            reason,
+        };
+
+        // Probe once, quickly: the connection manager below retries for a while before giving up.
+        // Loading the script also checks the credentials and the database number.
+        let store_script = Script::new(include_str!("scripts/store.lua"));
+        let probe = async {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(CONNECT_TIMEOUT));
+            let mut probe = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            store_script.load_async(&mut probe).await
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, probe).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(connect_error(e.to_string())),
+            Err(_) => {
+                return Err(connect_error(format!(
+                    "no answer within {CONNECT_TIMEOUT:?}"
+                )))
+            }
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(connect_error(e.to_string())),
+            Err(_) => {
+                return Err(connect_error(format!(
+                    "no answer within {CONNECT_TIMEOUT:?}"
+                )))
+            }
+        };
+        tracing::debug!(url = %url.redacted(), expires, ?poll_interval, "redis result backend connected");
+        Ok(RedisBackend {
+            conn,
+            store_script,
+            task_prefix: format!(
+                "{}{TASK_KEYPREFIX}",
+                global_keyprefix(global_prefix.as_deref())
+            ),
+            expires,
+            poll_interval,
+            listener: Listener::new(client, url.redacted()),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// The current states of many tasks in one round trip (`MGET`), in the order asked;
+    /// `PENDING` for those with nothing stored.
+    pub async fn get_many<S: AsRef<str>>(&self, task_ids: &[S]) -> Result<Vec<TaskMeta>> {
+        self.check_open()?;
+        if task_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = task_ids
+            .iter()
+            .map(|id| self.task_key(id.as_ref()))
+            .collect();
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        task_ids
+            .iter()
+            .zip(values)
+            .map(|(id, value)| decode(id.as_ref(), value))
+            .collect()
+    }
+
+    fn task_key(&self, task_id: &str) -> String {
+        format!("{}{task_id}", self.task_prefix)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(BrokerError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The document to store for `meta`, refused if Redis could not hold it.
+    fn encode(meta: &TaskMeta) -> Result<Vec<u8>> {
+        let json = meta.to_json();
+        if json.len() > MAX_VALUE_SIZE {
+            return Err(BrokerError::Transport {
+                transport: "redis",
+                message: format!(
+                    "result of task {} is {} bytes, more than Redis stores in one value",
+                    meta.task_id,
+                    json.len()
+                ),
+            });
+        }
+        Ok(json)
+    }
+
+    /// When the waiter should next read the key itself: one poll interval from now, or the deadline.
+    fn next_poll(&self, deadline: Option<Instant>) -> Instant {
+        let at = Instant::now() + self.poll_interval;
+        deadline.map_or(at, |d| d.min(at))
+    }
+}
+
+#[async_trait]
+impl ResultBackend for RedisBackend {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn store(&self, meta: &TaskMeta) -> Result<()> {
+        self.check_open()?;
+        let json = Self::encode(meta)?;
+        let stored: i64 = self
+            .store_script
+            .key(self.task_key(&meta.task_id))
+            .arg(self.expires)
+            .arg(json)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        if stored == 0 {
+            tracing::debug!(task_id = %meta.task_id, status = %meta.status, "result dropped: task already SUCCESS");
+        }
+        Ok(())
+    }
+
+    async fn store_many(&self, metas: &[TaskMeta]) -> Result<()> {
+        self.check_open()?;
+        let mut conn = self.conn.clone();
+        for chunk in metas.chunks(STORE_BATCH) {
+            let mut pipe = redis::pipe();
+            for meta in chunk {
+                pipe.cmd("EVALSHA")
+                    .arg(self.store_script.get_hash())
+                    .arg(1)
+                    .arg(self.task_key(&meta.task_id))
+                    .arg(self.expires)
+                    .arg(Self::encode(meta)?);
+            }
+            match pipe.query_async::<Vec<i64>>(&mut conn).await {
+                Ok(_) => {}
+                // The server lost its script cache (restart, SCRIPT FLUSH): load it and run again.
+                // Storing the same states twice is harmless.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    self.store_script.load_async(&mut conn).await?;
+                    pipe.query_async::<Vec<i64>>(&mut conn).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn get(&self, task_id: &str) -> Result<TaskMeta> {
+        self.check_open()?;
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.task_key(task_id))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        decode(task_id, value)
+    }
+
+    async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<TaskMeta> {
+        self.check_open()?;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut sub = self.listener.subscribe(&self.task_key(task_id))?;
+        // Subscribed before the first read: whatever is stored after the read is pushed to us.
+        // If the listener cannot subscribe in time, polling still finds the result.
+        let _ = tokio::time::timeout_at(self.next_poll(deadline), sub.confirmed()).await;
+        loop {
+            match self.get(task_id).await {
+                Ok(meta) if meta.status.is_ready() => return Ok(meta),
+                Ok(_) => {}
+                Err(e) if e.is_connection() => {
+                    tracing::warn!(task_id, error = %e, "waiting for a result: read failed, will retry");
+                }
+                Err(e) => return Err(e),
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(BrokerError::Timeout(timeout.unwrap_or_default()));
+            }
+            let poll_at = self.next_poll(deadline);
+            let closed = sub.closed();
+            tokio::pin!(closed);
+            loop {
+                tokio::select! {
+                    payload = sub.next() => match payload {
+                        Some(bytes) => match TaskMeta::from_json(task_id, &bytes) {
+                            Ok(meta) if meta.status.is_ready() => return Ok(meta),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::debug!(task_id, error = %e, "unreadable result notification, reading the key");
+                                break;
+                            }
+                        },
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(poll_at) => break,
+                    _ = &mut closed => return Err(BrokerError::Closed),
+                }
+            }
+        }
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<()> {
+        self.check_open()?;
+        redis::cmd("DEL")
+            .arg(self.task_key(task_id))
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        self.listener.close();
+        Ok(())
+    }
+}
+
+/// A stored value, or its absence, as a meta.
+fn decode(task_id: &str, value: Option<Vec<u8>>) -> Result<TaskMeta> {
+    match value {
+        None => Ok(TaskMeta::pending(task_id)),
+        Some(bytes) => TaskMeta::from_json(task_id, &bytes),
+    }
+}
+
+/// Celery's `global_keyprefix` rule: `_` is appended unless the prefix ends in one of `:_-.`.
+fn global_keyprefix(prefix: Option<&str>) -> String {
+    match prefix {
+        None | Some("") => String::new(),
+        Some(p) if p.ends_with([':', '_', '-', '.']) => p.to_owned(),
+        Some(p) => format!("{p}_"),
+    }
+}
+
+/// The URL the `redis` crate understands: kombu's `redis+socket://` is its `unix://`.
+fn client_url(url: &BrokerUrl) -> String {
+    let raw = url.base.as_str();
+    match raw.strip_prefix("redis+socket://") {
+        Some(rest) => format!("unix://{rest}"),
+        None => raw.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_keyprefix_follows_celery() {
+        assert_eq!(global_keyprefix(None), "");
+        assert_eq!(global_keyprefix(Some("")), "");
+        assert_eq!(global_keyprefix(Some("app")), "app_");
+        for p in ["app:", "app_", "app-", "app."] {
+            assert_eq!(global_keyprefix(Some(p)), p);
+        }
+    }
+
+    #[test]
+    fn socket_urls_are_translated() {
+        let u = BrokerUrl::parse("redis+socket:///tmp/redis.sock").unwrap();
+        assert_eq!(client_url(&u), "unix:///tmp/redis.sock");
+        let u = BrokerUrl::parse("redis://:pw@h:6380/2?result_expires=5").unwrap();
+        assert_eq!(client_url(&u), "redis://:pw@h:6380/2");
+    }
+}
