@@ -9,6 +9,9 @@
 //! run in the venv from `scripts/celery-venv.sh`) and checks Celery understood each one.
 //! Set `CELERITY_NO_PYTHON=1` to skip that one test on machines without Python.
 
+
+mod support;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -554,31 +557,9 @@ fn accept_item(m: &Message) -> Value {
     })
 }
 
-fn celery_python() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/celery-venv.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(out.status.success(), "{} failed", script.display());
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("celery-venv.sh printed no path")
-            .trim(),
-    )
-}
-
 #[test]
 fn celery_accepts_messages_from_our_encoder() {
-    if std::env::var_os("CELERITY_NO_PYTHON").is_some() {
-        eprintln!("CELERITY_NO_PYTHON is set: not asking Python Celery");
-        return;
-    }
-    let python = celery_python();
+    let Some(python) = support::celery_python() else { return };
     let messages = our_messages();
     let encoded: Vec<Message> = messages.iter().map(TaskMessage::encode).collect();
     let input = Value::Array(encoded.iter().map(accept_item).collect());
@@ -620,10 +601,7 @@ fn celery_accepts_messages_from_our_encoder() {
 
 #[test]
 fn accept_py_rejects_what_celery_rejects() {
-    if std::env::var_os("CELERITY_NO_PYTHON").is_some() {
-        return;
-    }
-    let python = celery_python();
+    let Some(python) = support::celery_python() else { return };
     let good = TaskMessage::new("proj.tasks.add", vec![json!(1)], Map::new()).encode();
     let mut pickle = good.clone();
     pickle.properties.content_type = "application/x-python-serialize".into();

@@ -1,7 +1,10 @@
 //! The Redis result backend against a real Redis at 127.0.0.1:6379: Celery's key layout, the
 //! SUCCESS guard, expiry, PUBLISH on store, waiting (pub/sub and the poll fallback), batches, and
 //! documents written by real Celery. Each test uses its own `global_keyprefix` and deletes its keys.
+
 #![cfg(feature = "redis")]
+
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -461,27 +464,10 @@ async fn reads_documents_written_by_celery() {
     cleanup(&p).await;
 }
 
-/// The pinned Celery venv's python (made on first use by `scripts/celery-venv.sh`).
-fn celery_python() -> std::path::PathBuf {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/celery-venv.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(out.status.success(), "{} failed", script.display());
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    std::path::PathBuf::from(stdout.lines().last().expect("celery-venv.sh printed no path").trim())
-}
-
 /// Real Celery reads (and waits through pub/sub for) what we store. `CELERITY_NO_PYTHON=1` skips it.
 #[tokio::test]
 async fn python_celery_reads_what_we_store() {
-    if std::env::var_os("CELERITY_NO_PYTHON").is_some() {
-        eprintln!("CELERITY_NO_PYTHON is set: not asking Python Celery");
-        return;
-    }
-    let python = celery_python();
+    let Some(python) = support::celery_python() else { return };
     let p = prefix();
     let b = Arc::new(backend(&p, "").await);
     let tid = id();

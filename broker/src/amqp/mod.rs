@@ -1,19 +1,65 @@
-//! The `amqp://` transport (being written).
+//! The `amqp://` / `amqps://` transport (RabbitMQ, through lapin), wire-compatible with Celery/kombu.
+//!
+//! Layout:
+//! - `config`: the URL → lapin URI, timeouts and queue arguments.
+//! - `connection`: connecting with a timeout, error mapping, reconnect backoff.
+//! - `topology`: Celery's declarations (direct exchange + durable queue + binding, all named `q`).
+//! - `table`, `props`: JSON headers ↔ AMQP tables, [`Message`] ↔ basic properties.
+//! - `publisher`: the shared confirm-mode publishing connection.
+//! - `consumer`: consumers with their own connection, prefetch via `basic.qos`, self-reconnecting.
+
+mod config;
+mod connection;
+mod consumer;
+mod props;
+mod publisher;
+mod table;
+mod topology;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
 use crate::transport::{Broker, Consumer};
 use crate::url::BrokerUrl;
 
-/// A connection to the broker.
-pub struct AmqpBroker;
+use config::AmqpConfig;
+use consumer::AmqpConsumer;
+use publisher::Publisher;
+
+/// A RabbitMQ broker: one shared publishing connection, plus one connection per consumer.
+pub struct AmqpBroker {
+    config: Arc<AmqpConfig>,
+    publisher: Publisher,
+    /// Stops every consumer opened from this handle when it is closed.
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("url", &self.config.redacted)
+            .finish()
+    }
+}
 
 impl AmqpBroker {
-    /// Connects.
-    pub async fn connect(_url: &BrokerUrl) -> Result<Self> {
-        Err(BrokerError::NotCompiled("amqp"))
+    /// Connects to the broker a URL names (`amqp://user:pass@host:port/vhost?options`).
+    ///
+    /// Fails with [`BrokerError::InvalidUrl`] on a bad option and [`BrokerError::Connect`] when the
+    /// broker cannot be reached or refuses us within `connect_timeout`.
+    pub async fn connect(url: &BrokerUrl) -> Result<Self> {
+        let config = Arc::new(AmqpConfig::from_url(url)?);
+        let publisher = Publisher::new(config.clone());
+        publisher.start().await?;
+        Ok(AmqpBroker {
+            config,
+            publisher,
+            shutdown: CancellationToken::new(),
+        })
     }
 }
 
@@ -22,25 +68,51 @@ impl Broker for AmqpBroker {
     fn transport(&self) -> &'static str {
         "amqp"
     }
-    async fn declare_queue(&self, _queue: &str) -> Result<()> {
-        Err(BrokerError::NotCompiled("amqp"))
+
+    async fn declare_queue(&self, queue: &str) -> Result<()> {
+        self.publisher.declare(queue).await
     }
-    async fn publish(&self, _queue: &str, _message: &Message) -> Result<()> {
-        Err(BrokerError::NotCompiled("amqp"))
+
+    async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
+        self.publisher.publish(queue, message).await
     }
-    async fn publish_batch(&self, _queue: &str, _messages: &[Message]) -> Result<()> {
-        Err(BrokerError::NotCompiled("amqp"))
+
+    async fn publish_batch(&self, queue: &str, messages: &[Message]) -> Result<()> {
+        self.publisher.publish_batch(queue, messages).await
     }
-    async fn consume(&self, _queues: &[String], _prefetch: usize) -> Result<Box<dyn Consumer>> {
-        Err(BrokerError::NotCompiled("amqp"))
+
+    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>> {
+        if queues.is_empty() {
+            return Err(BrokerError::malformed("consume needs at least one queue"));
+        }
+        if self.shutdown.is_cancelled() {
+            return Err(BrokerError::Closed);
+        }
+        let names = queues
+            .iter()
+            .map(|q| Ok((Arc::from(q.as_str()), table::short_string(q, "queue name")?)))
+            .collect::<Result<Vec<_>>>()?;
+        let consumer = AmqpConsumer::start(
+            self.config.clone(),
+            names,
+            prefetch,
+            self.shutdown.child_token(),
+        )
+        .await?;
+        Ok(Box::new(consumer))
     }
-    async fn purge(&self, _queue: &str) -> Result<u64> {
-        Err(BrokerError::NotCompiled("amqp"))
+
+    async fn purge(&self, queue: &str) -> Result<u64> {
+        self.publisher.purge(queue).await
     }
-    async fn queue_len(&self, _queue: &str) -> Result<u64> {
-        Err(BrokerError::NotCompiled("amqp"))
+
+    async fn queue_len(&self, queue: &str) -> Result<u64> {
+        self.publisher.queue_len(queue).await
     }
+
     async fn close(&self) -> Result<()> {
+        self.shutdown.cancel();
+        self.publisher.close().await;
         Ok(())
     }
 }

@@ -1,0 +1,222 @@
+//! What an `amqp://` / `amqps://` URL asks for: where to connect (as lapin's [`AMQPUri`]) and how to
+//! declare task queues.
+//!
+//! The vhost follows kombu: `amqp://host//` and `amqp://host/` both mean vhost `/`, `amqp://host/%2f`
+//! too, and `amqp://host/app` means `app`. Missing credentials default to `guest:guest`.
+//! Query options: `max_priority` (declare queues with `x-max-priority`), `queue_type`
+//! (`classic` | `quorum`), `heartbeat` (seconds, default 60), `connect_timeout` (seconds, default 5),
+//! and lapin's own `frame_max`, `channel_max`, `auth_mechanism`.
+
+use std::time::Duration;
+
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::{
+    AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo, SASLMechanism,
+};
+
+use crate::error::{BrokerError, Result};
+use crate::url::BrokerUrl;
+
+const KNOWN_OPTIONS: &[&str] = &[
+    "max_priority",
+    "queue_type",
+    "heartbeat",
+    "connect_timeout",
+    "frame_max",
+    "channel_max",
+    "auth_mechanism",
+];
+
+/// Everything the transport needs from its URL.
+#[derive(Debug, Clone)]
+pub(crate) struct AmqpConfig {
+    /// Where and how to connect (credentials included: never log it, log `redacted`).
+    pub uri: AMQPUri,
+    /// The URL with its password hidden.
+    pub redacted: String,
+    /// Bound on TCP connect + AMQP handshake.
+    pub connect_timeout: Duration,
+    /// Arguments every task queue is declared with (`x-max-priority`, `x-queue-type`).
+    pub queue_args: FieldTable,
+    /// Quorum queues refuse a channel-wide (global) prefetch.
+    pub quorum: bool,
+}
+
+impl AmqpConfig {
+    /// Reads and checks the URL.
+    pub fn from_url(url: &BrokerUrl) -> Result<Self> {
+        url.check_options(KNOWN_OPTIONS)?;
+        let invalid = |reason: String| BrokerError::InvalidUrl {
+            url: url.redacted(),
+            reason,
+        };
+        let base = &url.base;
+        let scheme = if url.tls {
+            AMQPScheme::AMQPS
+        } else {
+            AMQPScheme::AMQP
+        };
+        let host = base
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .unwrap_or("localhost")
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = base.port().unwrap_or_else(|| scheme.default_port());
+        let username = match base.username() {
+            "" => "guest".to_owned(),
+            u => percent_decode(u).map_err(invalid)?,
+        };
+        let password = match base.password() {
+            None => "guest".to_owned(),
+            Some(p) => percent_decode(p).map_err(invalid)?,
+        };
+        let vhost = match base.path().strip_prefix('/').unwrap_or(base.path()) {
+            "" => "/".to_owned(),
+            v => percent_decode(v).map_err(invalid)?,
+        };
+
+        let heartbeat = url.option::<u16>("heartbeat")?.unwrap_or(60);
+        let connect_secs = url.option::<f64>("connect_timeout")?.unwrap_or(5.0);
+        if !(connect_secs.is_finite() && connect_secs > 0.0) {
+            return Err(invalid(format!(
+                "option `connect_timeout={connect_secs}`: must be a positive number of seconds"
+            )));
+        }
+        let connect_timeout = Duration::from_secs_f64(connect_secs);
+        let auth_mechanism = match url.option::<String>("auth_mechanism")? {
+            None => None,
+            Some(m) => Some(m.parse::<SASLMechanism>().map_err(invalid)?),
+        };
+        let uri = AMQPUri {
+            scheme,
+            authority: AMQPAuthority {
+                userinfo: AMQPUserInfo { username, password },
+                host,
+                port,
+            },
+            vhost,
+            query: AMQPQueryString {
+                frame_max: url.option("frame_max")?,
+                channel_max: url.option("channel_max")?,
+                heartbeat: Some(heartbeat),
+                connection_timeout: Some(
+                    connect_timeout.as_millis().try_into().unwrap_or(u64::MAX),
+                ),
+                auth_mechanism,
+            },
+        };
+
+        let mut queue_args = FieldTable::default();
+        if let Some(p) = url.option::<u8>("max_priority")? {
+            queue_args.insert(
+                ShortString::from("x-max-priority"),
+                AMQPValue::LongInt(i32::from(p)),
+            );
+        }
+        let quorum = match url.option::<String>("queue_type")?.as_deref() {
+            None | Some("classic") => false,
+            Some("quorum") => true,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "option `queue_type={other}`: expected `classic` or `quorum`"
+                )))
+            }
+        };
+        if quorum {
+            queue_args.insert(
+                ShortString::from("x-queue-type"),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        Ok(AmqpConfig {
+            uri,
+            redacted: url.redacted(),
+            connect_timeout,
+            queue_args,
+            quorum,
+        })
+    }
+}
+
+/// Decodes `%XX` escapes (a URL's user, password and vhost are percent-encoded).
+fn percent_decode(s: &str) -> std::result::Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent escape in `{s}`"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("`{s}` does not decode to UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(raw: &str) -> Result<AmqpConfig> {
+        AmqpConfig::from_url(&BrokerUrl::parse(raw)?)
+    }
+
+    #[test]
+    fn vhost_follows_kombu() {
+        assert_eq!(
+            cfg("amqp://guest:guest@localhost:5672//")
+                .unwrap()
+                .uri
+                .vhost,
+            "/"
+        );
+        assert_eq!(cfg("amqp://localhost/").unwrap().uri.vhost, "/");
+        assert_eq!(cfg("amqp://localhost").unwrap().uri.vhost, "/");
+        assert_eq!(cfg("amqp://localhost/%2f").unwrap().uri.vhost, "/");
+        assert_eq!(cfg("amqp://localhost/app").unwrap().uri.vhost, "app");
+    }
+
+    #[test]
+    fn authority_and_defaults() {
+        let c = cfg("amqps://us%40r:p%3Ass@10.0.0.1/v").unwrap();
+        assert_eq!(c.uri.scheme, AMQPScheme::AMQPS);
+        assert_eq!(c.uri.authority.port, 5671);
+        assert_eq!(c.uri.authority.host, "10.0.0.1");
+        assert_eq!(c.uri.authority.userinfo.username, "us@r");
+        assert_eq!(c.uri.authority.userinfo.password, "p:ss");
+        assert_eq!(c.uri.query.heartbeat, Some(60));
+        assert_eq!(c.connect_timeout, Duration::from_secs(5));
+        assert!(!c.redacted.contains("p%3Ass"));
+        let d = cfg("amqp://[::1]:5673").unwrap();
+        assert_eq!(d.uri.authority.host, "::1");
+        assert_eq!(d.uri.authority.userinfo.username, "guest");
+    }
+
+    #[test]
+    fn options() {
+        let c = cfg("amqp://h//?max_priority=10&queue_type=quorum&heartbeat=0&connect_timeout=0.5")
+            .unwrap();
+        assert!(c.quorum);
+        assert_eq!(
+            c.queue_args.inner().get("x-max-priority"),
+            Some(&AMQPValue::LongInt(10))
+        );
+        assert!(c.queue_args.contains_key("x-queue-type"));
+        assert_eq!(c.uri.query.heartbeat, Some(0));
+        assert_eq!(c.connect_timeout, Duration::from_millis(500));
+        assert!(cfg("amqp://h//?queue_type=stream").is_err());
+        assert!(cfg("amqp://h//?max_priority=300").is_err());
+        assert!(cfg("amqp://h//?typo=1").is_err());
+        assert!(cfg("amqp://h//?connect_timeout=0").is_err());
+        assert!(cfg("amqp://h/%zz").is_err());
+    }
+}

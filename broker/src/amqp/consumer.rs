@@ -1,0 +1,361 @@
+//! The consuming side: one connection and channel per consumer, a `basic.consume` per queue, merged
+//! into one stream of [`Delivery`]s acked through lapin's acker.
+//!
+//! The prefetch window is the broker's (`basic.qos`): per consumer, plus a channel-wide cap when one
+//! consumer reads several classic queues (quorum queues refuse a channel-wide limit, so there each queue
+//! gets its own window). A new per-consumer prefetch only applies to consumers started after it, so
+//! [`Consumer::set_prefetch`] cancels and restarts the consumers on the same channel, keeping the
+//! deliveries already received.
+//!
+//! When the connection or channel dies the consumer reconnects by itself (100 ms doubling to 5 s,
+//! one warning per attempt), re-declares its queues and consumes again. Deliveries handed out before
+//! the drop cannot be acked any more (the broker has requeued them); their ack returns an error.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
+use lapin::message::Delivery as LapinDelivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Acker, Channel, Connection};
+use tokio_util::sync::CancellationToken;
+
+use super::config::AmqpConfig;
+use super::connection::{connect, lapin_err, Backoff, Failure};
+use super::props::to_message;
+use super::topology::declare_task_queue;
+use crate::error::{BrokerError, Result};
+use crate::transport::{AckHandle, Consumer, Delivery};
+
+/// Bound on the polite shutdown steps (cancel, channel close, connection close, draining).
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A session that breaks sooner than this counts as a failed attempt (so a broker that accepts and
+/// then drops us at once is retried with backoff, not in a tight loop).
+const STABLE_AFTER: Duration = Duration::from_secs(5);
+
+/// What the merged stream yields: the queue, then a delivery (or error), or `None` when that queue's
+/// consumer ended (cancelled by us or by the broker, or its channel died).
+type Item = (Arc<str>, Option<lapin::Result<LapinDelivery>>);
+
+/// One connection's worth of consuming.
+struct Session {
+    conn: Connection,
+    channel: Channel,
+    tags: Vec<ShortString>,
+    opened: Instant,
+    /// Behind a mutex only to be `Sync` (it is reached through `&mut self`, never locked).
+    stream: Mutex<Merged>,
+}
+
+type Merged = SelectAll<BoxStream<'static, Item>>;
+
+impl Session {
+    fn stream(&mut self) -> &mut Merged {
+        self.stream.get_mut().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub(crate) struct AmqpConsumer {
+    config: Arc<AmqpConfig>,
+    queues: Vec<(Arc<str>, ShortString)>,
+    prefetch: u16,
+    session: Option<Session>,
+    /// Deliveries drained from consumers restarted by `set_prefetch`, handed out first.
+    pending: VecDeque<(Arc<str>, LapinDelivery)>,
+    /// Cancelled when the broker handle is closed.
+    shutdown: CancellationToken,
+    closed: bool,
+    /// Reconnect delays; reset once a session has stayed up for [`STABLE_AFTER`].
+    backoff: Backoff,
+    /// The last session broke quickly: wait before the first reconnect attempt.
+    wait_first: bool,
+}
+
+fn qos_count(prefetch: usize) -> u16 {
+    u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX)
+}
+
+impl AmqpConsumer {
+    /// Connects and starts consuming; any failure here is returned (no retry).
+    pub async fn start(
+        config: Arc<AmqpConfig>,
+        queues: Vec<(Arc<str>, ShortString)>,
+        prefetch: usize,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
+        let mut consumer = AmqpConsumer {
+            config,
+            queues,
+            prefetch: qos_count(prefetch),
+            session: None,
+            pending: VecDeque::new(),
+            shutdown,
+            closed: false,
+            backoff: Backoff::new(),
+            wait_first: false,
+        };
+        consumer.session = Some(consumer.open().await.map_err(|f| f.error)?);
+        Ok(consumer)
+    }
+
+    async fn open(&self) -> std::result::Result<Session, Failure> {
+        let conn = connect(&self.config, "consumer").await?;
+        let channel = conn.create_channel().await?;
+        self.apply_qos(&channel).await?;
+        for (_, name) in &self.queues {
+            declare_task_queue(&channel, name, &self.config.queue_args).await?;
+        }
+        let (tags, stream) = self.start_consumers(&channel).await?;
+        tracing::debug!(url = %self.config.redacted, queues = self.queues.len(), "amqp: consuming");
+        Ok(Session {
+            conn,
+            channel,
+            tags,
+            opened: Instant::now(),
+            stream: Mutex::new(stream),
+        })
+    }
+
+    async fn apply_qos(&self, channel: &Channel) -> lapin::Result<()> {
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions { global: false })
+            .await?;
+        if self.queues.len() > 1 && !self.config.quorum {
+            channel
+                .basic_qos(self.prefetch, BasicQosOptions { global: true })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn start_consumers(
+        &self,
+        channel: &Channel,
+    ) -> lapin::Result<(Vec<ShortString>, Merged)> {
+        let mut tags = Vec::with_capacity(self.queues.len());
+        let mut merged = SelectAll::new();
+        for (queue, name) in &self.queues {
+            let tag = ShortString::from(format!("celerity-{}", uuid::Uuid::new_v4()));
+            let consumer = channel
+                .basic_consume(
+                    name.clone(),
+                    tag.clone(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let (q, end) = (queue.clone(), queue.clone());
+            merged.push(
+                consumer
+                    .map(move |d| (q.clone(), Some(d)))
+                    .chain(stream::once(async move { (end, None) }))
+                    .boxed(),
+            );
+            tags.push(tag);
+        }
+        Ok((tags, merged))
+    }
+
+    /// Opens a new session, retrying with backoff until it works, the broker handle is closed
+    /// (`Ok(None)`) or the broker refuses for good.
+    async fn reconnect(&mut self) -> Result<Option<Session>> {
+        if std::mem::take(&mut self.wait_first)
+            && !self
+                .pause(&"the last session broke right after it opened")
+                .await
+        {
+            return Ok(None);
+        }
+        loop {
+            match self.open().await {
+                Ok(session) => {
+                    tracing::info!(url = %self.config.redacted, "amqp: consumer reconnected");
+                    return Ok(Some(session));
+                }
+                Err(f) if f.fatal => return Err(f.error),
+                Err(f) => {
+                    if !self.pause(&f.error).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Logs why (once per attempt) and sleeps the next backoff delay; false if the broker handle was
+    /// closed meanwhile.
+    async fn pause(&mut self, why: &(dyn std::fmt::Display + Sync)) -> bool {
+        let (delay, attempt) = self.backoff.next_delay();
+        tracing::warn!(url = %self.config.redacted, reason = %why, attempt, retry_in = ?delay, "amqp: consumer cannot reconnect yet");
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    fn delivery(queue: &str, d: LapinDelivery) -> Delivery {
+        let message = to_message(&d.properties, d.data);
+        Delivery::new(
+            message,
+            queue.to_owned(),
+            d.redelivered,
+            Box::new(AmqpAck { acker: d.acker }),
+            None,
+        )
+    }
+
+    /// Cancels the consumers of the current session and keeps what they had already received.
+    async fn stop_consumers(&mut self) -> Result<()> {
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        for tag in &session.tags {
+            session
+                .channel
+                .basic_cancel(tag.clone(), BasicCancelOptions::default())
+                .await
+                .map_err(lapin_err)?;
+        }
+        let drain = async {
+            while let Some((queue, item)) = session.stream().next().await {
+                if let Some(Ok(d)) = item {
+                    self.pending.push_back((queue, d));
+                }
+            }
+        };
+        tokio::time::timeout(STEP_TIMEOUT, drain)
+            .await
+            .map_err(|_| BrokerError::Timeout(STEP_TIMEOUT))
+    }
+
+    /// `set_prefetch` on a live session: new qos, then restart the consumers under it.
+    async fn restart_consumers(&mut self) -> Result<()> {
+        self.stop_consumers().await?;
+        let Some(session) = self.session.as_ref() else {
+            return Ok(());
+        };
+        self.apply_qos(&session.channel).await.map_err(lapin_err)?;
+        let (tags, stream) = self
+            .start_consumers(&session.channel)
+            .await
+            .map_err(lapin_err)?;
+        if let Some(session) = self.session.as_mut() {
+            session.tags = tags;
+            *session.stream() = stream;
+        }
+        Ok(())
+    }
+
+    async fn shut_session(session: Session) {
+        for tag in &session.tags {
+            let cancel = session
+                .channel
+                .basic_cancel(tag.clone(), BasicCancelOptions::default());
+            let _ = tokio::time::timeout(STEP_TIMEOUT, cancel).await;
+        }
+        if session.channel.status().connected() {
+            let _ =
+                tokio::time::timeout(STEP_TIMEOUT, session.channel.close(200, "OK".into())).await;
+        }
+        if session.conn.status().connected() {
+            let _ = tokio::time::timeout(STEP_TIMEOUT, session.conn.close(200, "OK".into())).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for AmqpConsumer {
+    async fn next(&mut self) -> Result<Option<Delivery>> {
+        loop {
+            if self.closed || self.shutdown.is_cancelled() {
+                self.close().await?;
+                return Ok(None);
+            }
+            if let Some((queue, d)) = self.pending.pop_front() {
+                return Ok(Some(Self::delivery(&queue, d)));
+            }
+            let Some(session) = self.session.as_mut() else {
+                self.session = self.reconnect().await?;
+                continue;
+            };
+            let item = tokio::select! {
+                _ = self.shutdown.cancelled() => continue,
+                item = session.stream().next() => item,
+            };
+            let reason = match item {
+                Some((queue, Some(Ok(d)))) => return Ok(Some(Self::delivery(&queue, d))),
+                Some((queue, Some(Err(e)))) => format!("consumer of `{queue}` failed: {e}"),
+                Some((queue, None)) => format!("consumer of `{queue}` was cancelled by the broker"),
+                None => "all consumers ended".to_owned(),
+            };
+            tracing::warn!(url = %self.config.redacted, %reason, "amqp: consumer lost its channel; reconnecting");
+            if let Some(old) = self.session.take() {
+                if old.opened.elapsed() >= STABLE_AFTER {
+                    self.backoff = Backoff::new();
+                } else {
+                    self.wait_first = true;
+                }
+                // Let it close in the background: the broker requeues what it had delivered.
+                tokio::spawn(Self::shut_session(old));
+            }
+        }
+    }
+
+    async fn set_prefetch(&mut self, prefetch: usize) -> Result<()> {
+        let prefetch = qos_count(prefetch);
+        if prefetch == self.prefetch {
+            return Ok(());
+        }
+        self.prefetch = prefetch;
+        if let Err(e) = self.restart_consumers().await {
+            // The next `next()` reconnects with the new window.
+            tracing::warn!(error = %e, "amqp: restarting consumers for a new prefetch failed; reconnecting");
+            // Their channel is going away: the broker requeues them, acking them would fail.
+            self.pending.clear();
+            if let Some(old) = self.session.take() {
+                tokio::spawn(Self::shut_session(old));
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.closed = true;
+        self.pending.clear();
+        if let Some(session) = self.session.take() {
+            Self::shut_session(session).await;
+        }
+        Ok(())
+    }
+}
+
+/// Settles one delivery through lapin's acker.
+struct AmqpAck {
+    acker: Acker,
+}
+
+fn settled(r: lapin::Result<bool>) -> Result<()> {
+    match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(BrokerError::ConnectionLost(
+            "amqp: the delivery's channel is closed; the broker has requeued the message".into(),
+        )),
+        Err(e) => Err(lapin_err(e)),
+    }
+}
+
+#[async_trait]
+impl AckHandle for AmqpAck {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        settled(self.acker.ack(BasicAckOptions::default()).await)
+    }
+
+    async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
+        settled(self.acker.reject(BasicRejectOptions { requeue }).await)
+    }
+}

@@ -1,0 +1,344 @@
+//! The shared publishing side: one connection and one confirm-mode channel for every producer of an
+//! [`AmqpBroker`](super::AmqpBroker), opened lazily and replaced when it dies.
+//!
+//! Publishes go to the default exchange `""` with routing key = queue name (what Celery does for
+//! direct queues) and return after the broker's confirm. A batch is pipelined: every message is put
+//! on the wire before any confirm is awaited. An operation that fails because the connection went
+//! away reconnects and is retried once; for a batch only the messages without a confirm are resent
+//! (so a message may be stored twice, never lost silently). Declared queues are remembered per
+//! connection so publishing does not redeclare every time.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use tokio::sync::Mutex as AsyncMutex;
+
+use super::config::AmqpConfig;
+use super::connection::{connect, lapin_err};
+use super::props::to_properties;
+use super::table::short_string;
+use super::topology::{declare_task_queue, is_not_found, ready_count};
+use crate::error::{BrokerError, Result};
+use crate::message::Message;
+
+/// How many publishes are started before the oldest sends are awaited (bounds memory in a batch).
+const SEND_WINDOW: usize = 1024;
+/// Bound on closing a connection or channel we are done with.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One live connection with its confirm-mode channel.
+struct Link {
+    conn: Arc<Connection>,
+    channel: Channel,
+    /// Queues declared on this connection.
+    declared: Mutex<HashSet<String>>,
+}
+
+pub(crate) struct Publisher {
+    config: Arc<AmqpConfig>,
+    link: AsyncMutex<Option<Arc<Link>>>,
+    closed: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+fn confirmed(c: Confirmation) -> Result<()> {
+    match c {
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Nack(_) => Err(BrokerError::Transport {
+            transport: "amqp",
+            message: "the broker nacked the publish (it could not store the message)".into(),
+        }),
+    }
+}
+
+impl Publisher {
+    pub fn new(config: Arc<AmqpConfig>) -> Self {
+        Publisher {
+            config,
+            link: AsyncMutex::new(None),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Connects now (so a bad URL or an unreachable broker fails at connect time).
+    pub async fn start(&self) -> Result<()> {
+        self.link().await.map(drop)
+    }
+
+    /// The current link, repaired or replaced if its channel or connection died.
+    async fn link(&self) -> Result<Arc<Link>> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(BrokerError::Closed);
+        }
+        let mut slot = self.link.lock().await;
+        if let Some(link) = slot.as_ref() {
+            if link.channel.status().connected() {
+                return Ok(link.clone());
+            }
+            if link.conn.status().connected() {
+                match confirm_channel(&link.conn).await {
+                    Ok(channel) => {
+                        let declared = std::mem::take(&mut *lock(&link.declared));
+                        let fresh = Arc::new(Link {
+                            conn: link.conn.clone(),
+                            channel,
+                            declared: Mutex::new(declared),
+                        });
+                        *slot = Some(fresh.clone());
+                        return Ok(fresh);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "amqp: cannot reopen the publish channel; reconnecting")
+                    }
+                }
+            }
+        }
+        let conn = connect(&self.config, "publisher")
+            .await
+            .map_err(|f| f.error)?;
+        let channel = confirm_channel(&conn).await.map_err(lapin_err)?;
+        tracing::debug!(url = %self.config.redacted, "amqp: publisher connected");
+        let fresh = Arc::new(Link {
+            conn: Arc::new(conn),
+            channel,
+            declared: Mutex::default(),
+        });
+        *slot = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// Forgets `link` after a connection error (if it is still the current one).
+    async fn discard(&self, link: &Arc<Link>) {
+        let mut slot = self.link.lock().await;
+        if slot.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+            *slot = None;
+        }
+    }
+
+    /// Runs `op` on the current link; on a connection error, reconnects and runs it once more.
+    async fn retry_once<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut(Arc<Link>) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let link = self.link().await?;
+        match op(link.clone()).await {
+            Err(e) if e.is_connection() && !self.closed.load(Ordering::SeqCst) => {
+                tracing::warn!(error = %e, "amqp: {what} hit a lost connection; reconnecting and retrying once");
+                self.discard(&link).await;
+                op(self.link().await?).await
+            }
+            other => other,
+        }
+    }
+
+    async fn ensure_declared(&self, link: &Link, queue: &ShortString) -> Result<()> {
+        if lock(&link.declared).contains(queue.as_str()) {
+            return Ok(());
+        }
+        declare_task_queue(&link.channel, queue, &self.config.queue_args)
+            .await
+            .map_err(lapin_err)?;
+        lock(&link.declared).insert(queue.as_str().to_owned());
+        Ok(())
+    }
+
+    pub async fn declare(&self, queue: &str) -> Result<()> {
+        let name = short_string(queue, "queue name")?;
+        self.retry_once("declare", |link| {
+            let name = &name;
+            async move { self.ensure_declared(&link, name).await }
+        })
+        .await
+    }
+
+    pub async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
+        let name = short_string(queue, "queue name")?;
+        let props = to_properties(message)?;
+        self.retry_once("publish", |link| {
+            let (name, props) = (&name, &props);
+            async move {
+                self.ensure_declared(&link, name).await?;
+                let confirm = link
+                    .channel
+                    .basic_publish(
+                        ShortString::default(),
+                        name.clone(),
+                        BasicPublishOptions::default(),
+                        &message.body,
+                        props.clone(),
+                    )
+                    .await
+                    .map_err(lapin_err)?;
+                confirmed(confirm.await.map_err(lapin_err)?)
+            }
+        })
+        .await
+    }
+
+    pub async fn publish_batch(&self, queue: &str, messages: &[Message]) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let name = short_string(queue, "queue name")?;
+        let props = messages
+            .iter()
+            .map(to_properties)
+            .collect::<Result<Vec<_>>>()?;
+        let mut todo: Vec<usize> = (0..messages.len()).collect();
+        let mut retried = false;
+        loop {
+            let link = self.link().await?;
+            let outcome = match self.ensure_declared(&link, &name).await {
+                Ok(()) => send_all(&link.channel, &name, messages, &props, &todo).await,
+                Err(e) => Err((todo.clone(), e)),
+            };
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err((failed, e))
+                    if e.is_connection() && !retried && !self.closed.load(Ordering::SeqCst) =>
+                {
+                    tracing::warn!(error = %e, unconfirmed = failed.len(), "amqp: batch publish hit a lost connection; reconnecting and resending the unconfirmed messages once");
+                    self.discard(&link).await;
+                    todo = failed;
+                    retried = true;
+                }
+                Err((_, e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Ready messages removed from `queue` (0 if it does not exist).
+    pub async fn purge(&self, queue: &str) -> Result<u64> {
+        let name = short_string(queue, "queue name")?;
+        self.retry_once("purge", |link| {
+            let name = &name;
+            async move {
+                let channel = link.conn.create_channel().await.map_err(lapin_err)?;
+                let res = channel
+                    .queue_purge(name.clone(), QueuePurgeOptions::default())
+                    .await;
+                close_quietly(&channel).await;
+                match res {
+                    Ok(n) => Ok(u64::from(n)),
+                    Err(e) if is_not_found(&e) => Ok(0),
+                    Err(e) => Err(lapin_err(e)),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Ready messages in `queue` (0 if it does not exist).
+    pub async fn queue_len(&self, queue: &str) -> Result<u64> {
+        let name = short_string(queue, "queue name")?;
+        self.retry_once("queue_len", |link| {
+            let name = &name;
+            async move {
+                let channel = link.conn.create_channel().await.map_err(lapin_err)?;
+                let res = ready_count(&channel, name).await;
+                close_quietly(&channel).await;
+                Ok(u64::from(res.map_err(lapin_err)?.unwrap_or(0)))
+            }
+        })
+        .await
+    }
+
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(link) = self.link.lock().await.take() {
+            if link.conn.status().connected() {
+                let closing = link.conn.close(200, "OK".into());
+                if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
+                    tracing::debug!(error = %e, "amqp: closing the publisher connection");
+                }
+            }
+        }
+    }
+}
+
+/// Closes a short-lived channel if the broker has not already closed it.
+async fn close_quietly(channel: &Channel) {
+    if channel.status().connected() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "OK".into())).await;
+    }
+}
+
+type SendFuture<'a> = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send + 'a>>;
+
+/// Publishes `messages[i]` for every `i` in `todo`, in that order, then awaits all confirms. On failure
+/// returns the indices that were not confirmed and the first error.
+async fn send_all(
+    channel: &Channel,
+    queue: &ShortString,
+    messages: &[Message],
+    props: &[BasicProperties],
+    todo: &[usize],
+) -> std::result::Result<(), (Vec<usize>, BrokerError)> {
+    let mut confirms: Vec<(usize, PublisherConfirm)> = Vec::with_capacity(todo.len());
+    let mut failed: Vec<usize> = Vec::new();
+    let mut first_err: Option<BrokerError> = None;
+    for chunk in todo.chunks(SEND_WINDOW) {
+        let mut sends: Vec<(usize, SendFuture<'_>)> = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            let mut send: SendFuture<'_> = Box::pin(channel.basic_publish(
+                ShortString::default(),
+                queue.clone(),
+                BasicPublishOptions::default(),
+                &messages[i].body,
+                props[i].clone(),
+            ));
+            // The first poll queues the frames, so the wire order is the order of `todo`.
+            if let Poll::Ready(r) =
+                std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await
+            {
+                send = Box::pin(std::future::ready(r));
+            }
+            sends.push((i, send));
+        }
+        for (i, send) in sends {
+            match send.await {
+                Ok(confirm) => confirms.push((i, confirm)),
+                Err(e) => {
+                    failed.push(i);
+                    first_err.get_or_insert(lapin_err(e));
+                }
+            }
+        }
+    }
+    for (i, confirm) in confirms {
+        match confirm.await.map_err(lapin_err).and_then(confirmed) {
+            Ok(()) => {}
+            Err(e) => {
+                failed.push(i);
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        None => Ok(()),
+        Some(e) => {
+            failed.sort_unstable();
+            Err((failed, e))
+        }
+    }
+}
