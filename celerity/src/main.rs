@@ -1,4 +1,5 @@
-//! The `celerity` command: producer verbs (`call`, `result`, `purge`, `queues`) for now.
+//! The `celerity` command: producer verbs (`call`, `result`, `purge`, `queues`), `worker` (with the
+//! built-in `demo.*` tasks) and `demo` (producer + worker + results in one process).
 //!
 //! Errors are printed as one line (`celerity: error: …`) with exit code 2; a failed job exits 1.
 
@@ -7,6 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use celerity_client::cli::{self as producer, ConnectionArgs, ProducerCommand};
+use celerity_worker::cli::{run_demo, run_worker, DemoArgs, WorkerArgs};
+use celerity_worker::Registry;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +28,10 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Producer(ProducerCommand),
+    /// Run a worker with the built-in demo tasks (demo.add, demo.mul, demo.echo, demo.sleep_ms, …)
+    Worker(WorkerArgs),
+    /// Send N demo.add jobs to an in-process worker, check every result, print jobs/s and latency
+    Demo(DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,14 +50,37 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
-    let outcome = runtime.block_on(async {
+    let outcome: Result<ExitCode, Box<dyn std::error::Error>> = runtime.block_on(async {
         match &cli.command {
-            Command::Producer(cmd) => producer::run(cmd, &cli.conn).await,
+            Command::Producer(cmd) => producer::run(cmd, &cli.conn).await.map_err(Into::into),
+            Command::Worker(args) => {
+                let mut registry = Registry::new();
+                celerity_worker::demo::register(&mut registry);
+                let summary = run_worker(registry, args, &cli.conn).await?;
+                eprintln!(
+                    "worker stopped: {} succeeded, {} failed, {} retried, {} revoked, {} dead-lettered",
+                    summary.succeeded, summary.failed, summary.retried, summary.revoked, summary.rejected
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Demo(args) => {
+                let r = run_demo(args, &cli.conn).await?;
+                println!(
+                    "{} jobs in {:.3} s: {:.0} jobs/s, {} failed; latency send→result p50 {:.2} ms, p99 {:.2} ms",
+                    r.jobs,
+                    r.seconds,
+                    r.jobs as f64 / r.seconds.max(1e-9),
+                    r.failures,
+                    r.p50_ms,
+                    r.p99_ms
+                );
+                Ok(if r.failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            }
         }
     });
     match outcome {
         Ok(code) => code,
-        Err(e) => fail(&e),
+        Err(e) => fail(e.as_ref()),
     }
 }
 

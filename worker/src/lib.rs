@@ -1,6 +1,32 @@
 //! # celerity-worker
 //!
-//! The worker side (being built): mapping Celery's `[args, kwargs]` onto typed task arguments
-//! ([`args`]). The registry, executor and process pool come next.
+//! Runs jobs: a registry of tasks and a worker process that consumes, executes and stores results
+//! with Celery's semantics (acks late, retries with backoff, soft time limits, rate limits, ETA).
+//!
+//! Layout (one concern per module):
+//! - [`task`]: what a task sees and returns ([`TaskContext`], [`TaskError`], [`TaskOptions`], [`Run`]).
+//! - [`args`]: maps Celery's `[args, kwargs]` onto typed arguments.
+//! - [`registry`]: task name → handler and options.
+//! - `executor`: one delivery from decode to ack.
+//! - [`retry`]: retry-or-fail decisions and backoff (pure).
+//! - [`limits`]: rate limits.
+//! - [`server`]: the fetch loop and the warm/cold stop of one worker process.
+//! - [`demo`]: the built-in `demo.*` tasks.
+//! - [`error`]: [`WorkerError`].
 
 pub mod args;
+pub mod cli;
+pub mod demo;
+pub mod error;
+mod executor;
+pub mod limits;
+pub mod registry;
+pub mod retry;
+pub mod server;
+pub mod task;
+
+pub use error::WorkerError;
+pub use executor::DEAD_LETTER_QUEUE;
+pub use registry::Registry;
+pub use server::{run, Shutdown, Summary, WorkerConfig};
+pub use task::{Handler, Run, TaskContext, TaskError, TaskOptions};

@@ -43,11 +43,32 @@ name is registered on the fly (pass ``--strict`` to reject unknown names as a wo
 
 Exit status: 0 when the input was well formed (whatever Celery thought of the messages), 2 when the
 input is not a JSON list of objects in one of the forms above.
+
+Live mode: instead of reading stdin, take real messages off a real broker, the way a worker does::
+
+    accept.py --fetch-redis redis://127.0.0.1:6379/0 --prefix <global_keyprefix> --queue Q \\
+              [--count N]
+    accept.py --fetch-amqp amqp://guest:guest@127.0.0.1:5672// --queue Q [--count N]
+
+A ``kombu.Connection`` (for Redis with ``transport_options={'global_keyprefix': ...}``) declares
+queue ``Q`` as a worker started with ``-Q Q`` does (the app's own missing-queue entity: a direct
+exchange ``Q``, a durable queue ``Q`` bound with key ``Q``; RabbitMQ refuses a declaration that
+differs from an existing one), then a ``kombu.Consumer`` with ``no_ack=False`` and an
+``on_message`` callback, as the worker's task consumer, drains up to N messages (default 1),
+stopping early once the queue stays quiet for ``--idle`` seconds. Each message goes through the
+same worker path as above and is then acked (or rejected without requeue when Celery refused it,
+as the worker does). Output: the same lines as the stdin mode, plus ``"settled": "ack"|"reject"``
+and, on Redis, kombu's ack bookkeeping under the prefix: ``"unacked_before_settle"`` (the
+delivery tag was in ``<prefix>unacked`` and ``<prefix>unacked_index`` while the message was being
+handled) and ``"unacked_after_settle"`` (entries left in both after settling: 0 when kombu could
+remove our message's records). Exit status 0; 1 if the broker could not be reached or the
+bookkeeping is not empty once the connection is closed.
 """
 
 import argparse
 import base64
 import json
+import socket
 import sys
 from types import SimpleNamespace
 
@@ -59,7 +80,7 @@ from celery.canvas import maybe_signature, signature
 from celery.exceptions import InvalidTaskError
 from celery.worker import state as worker_state
 from celery.worker.request import Request
-from kombu import Connection
+from kombu import Connection, Consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.serialization import loads as loads_message
 from kombu.serialization import prepare_accept_content
@@ -304,11 +325,124 @@ def _fail(stage, exc):
     return {"ok": False, "error": f"{stage}: {type(exc).__name__}: {exc}"}
 
 
+class Fetcher:
+    """Takes live messages off a broker queue with kombu, as a worker's task consumer does."""
+
+    def __init__(self, decoder, opts):
+        self.decoder = decoder
+        self.opts = opts
+        self.out = []
+        self.redis = None
+        if opts.fetch_redis:
+            import redis as redis_py
+
+            self.url = opts.fetch_redis
+            self.transport_options = {"global_keyprefix": opts.prefix}
+            # A plain client (no kombu prefixing) to look at kombu's keys under the prefix.
+            self.redis = redis_py.Redis.from_url(opts.fetch_redis)
+        else:
+            self.url = opts.fetch_amqp
+            self.transport_options = {}
+
+    def unacked(self, tag=None):
+        """(entries in unacked, entries in unacked_index) or, with `tag`, whether both hold it."""
+        hash_key = self.opts.prefix + "unacked"
+        index_key = self.opts.prefix + "unacked_index"
+        if tag is not None:
+            return bool(self.redis.hexists(hash_key, tag)) and (
+                self.redis.zscore(index_key, tag) is not None
+            )
+        return self.redis.hlen(hash_key), self.redis.zcard(index_key)
+
+    def on_message(self, message):
+        tag = message.delivery_tag
+        result = self.decoder.run_worker_path(message)
+        extra = {}
+        if self.redis is not None:
+            extra["unacked_before_settle"] = self.unacked(tag)
+        if result.get("ok"):
+            message.ack()
+            extra["settled"] = "ack"
+        else:
+            message.reject(requeue=False)
+            extra["settled"] = "reject"
+        if self.redis is not None:
+            extra["unacked_after_settle"] = sum(self.unacked())
+        line = dict({"index": len(self.out)}, **result)
+        line.update(extra)
+        self.out.append(kombu_dumps(line))
+
+    def run(self):
+        opts = self.opts
+        queue = self.decoder.app.amqp.queues[opts.queue]
+        with Connection(self.url, transport_options=self.transport_options) as conn:
+            channel = conn.channel()
+            consumer = Consumer(
+                channel,
+                queues=[queue],
+                no_ack=False,
+                accept=self.decoder.accept,
+                on_message=self.on_message,
+            )
+            consumer.qos(prefetch_count=min(opts.count, 65535))
+            with consumer:
+                while len(self.out) < opts.count:
+                    try:
+                        conn.drain_events(timeout=opts.idle)
+                    except socket.timeout:
+                        break
+            channel.close()
+        if self.redis is not None:
+            left = self.unacked()
+            if any(left):
+                print(f"accept.py: kombu bookkeeping not empty after close: unacked={left[0]} "
+                      f"unacked_index={left[1]}", file=sys.stderr)
+                return 1
+        return 0
+
+
+def _live(opts):
+    if opts.count < 1:
+        print("accept.py: --count must be at least 1", file=sys.stderr)
+        return 2
+    if opts.fetch_redis and opts.prefix is None:
+        print("accept.py: --fetch-redis needs --prefix (use --prefix '' for none)",
+              file=sys.stderr)
+        return 2
+    if opts.fetch_amqp and opts.prefix:
+        print("accept.py: --prefix is for --fetch-redis only", file=sys.stderr)
+        return 2
+    fetcher = Fetcher(Decoder(strict=opts.strict), opts)
+    try:
+        code = fetcher.run()
+    finally:
+        sys.stdout.write("".join(line + "\n" for line in fetcher.out))
+        sys.stdout.flush()
+    return code
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--strict", action="store_true",
                         help="do not register unknown task names on the fly")
+    live = parser.add_mutually_exclusive_group()
+    live.add_argument("--fetch-redis", metavar="URL",
+                      help="take messages off this Redis broker instead of reading stdin")
+    live.add_argument("--fetch-amqp", metavar="URL",
+                      help="take messages off this RabbitMQ broker instead of reading stdin")
+    parser.add_argument("--prefix", help="kombu's global_keyprefix (Redis)")
+    parser.add_argument("--queue", help="queue to consume from (live mode)")
+    parser.add_argument("--count", type=int, default=1,
+                        help="take at most this many messages (live mode; default 1)")
+    parser.add_argument("--idle", type=float, default=1.0,
+                        help="stop when no message came for this many seconds (live mode)")
     opts = parser.parse_args(argv)
+    if opts.fetch_redis or opts.fetch_amqp:
+        if not opts.queue:
+            parser.error("live mode needs --queue")
+        return _live(opts)
+    if opts.queue or opts.prefix is not None:
+        parser.error("--queue/--prefix need --fetch-redis or --fetch-amqp")
     try:
         items = json.loads(sys.stdin.read())
     except ValueError as exc:

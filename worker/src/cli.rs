@@ -1,0 +1,232 @@
+//! The worker-side verbs of the `celerity` command: `worker` (run a worker on a registry) and `demo`
+//! (producer + worker + result lookups in one process, with a summary).
+//!
+//! An application's own worker binary is a few lines: build a [`Registry`], then call
+//! [`run_worker`] with parsed [`WorkerArgs`] (see `examples/` in the repository).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Map};
+
+use celerity_broker::protocol::TaskMessage;
+use celerity_broker::{connect_backend, connect_broker, ResultBackend, State};
+use celerity_client::cli::ConnectionArgs;
+use celerity_client::{Client, SendOptions};
+
+use crate::error::{Result, WorkerError};
+use crate::registry::Registry;
+use crate::server::{run, Shutdown, Summary, WorkerConfig};
+
+/// `celerity worker`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Queues to consume from, comma-separated
+    #[arg(short = 'Q', long, default_value = celerity_client::DEFAULT_QUEUE, value_delimiter = ',')]
+    pub queues: Vec<String>,
+    /// Jobs run at once
+    #[arg(short = 'c', long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Node name (`%h` is replaced by the host name)
+    #[arg(short = 'n', long, default_value = "celerity@%h")]
+    pub hostname: String,
+    /// Seconds a warm shutdown waits for running jobs before giving them back
+    #[arg(long, default_value_t = 30.0)]
+    pub grace: f64,
+}
+
+impl WorkerArgs {
+    /// The worker settings these flags describe.
+    pub fn config(&self) -> Result<WorkerConfig> {
+        let grace = Duration::try_from_secs_f64(self.grace).map_err(|_| {
+            WorkerError::Config(format!("--grace {}: not a number of seconds", self.grace))
+        })?;
+        let queues: Vec<String> = self
+            .queues
+            .iter()
+            .map(|q| q.trim().to_owned())
+            .filter(|q| !q.is_empty())
+            .collect();
+        Ok(WorkerConfig {
+            queues,
+            concurrency: self.concurrency,
+            hostname: self
+                .hostname
+                .replace("%h", celerity_broker::protocol::node::hostname()),
+            grace,
+        })
+    }
+}
+
+/// Runs a worker until SIGINT/SIGTERM (first: warm shutdown; second: cold).
+pub async fn run_worker(
+    registry: Registry,
+    args: &WorkerArgs,
+    conn: &ConnectionArgs,
+) -> Result<Summary> {
+    let config = args.config()?;
+    let broker = connect_broker(&conn.broker).await?;
+    let backend = backend_for(conn).await?;
+    let shutdown = Shutdown::default();
+    let signals = tokio::spawn(forward_signals(shutdown.clone()));
+    let summary = run(registry, broker.clone(), backend, config, shutdown).await;
+    signals.abort();
+    let _ = broker.close().await;
+    summary
+}
+
+async fn backend_for(conn: &ConnectionArgs) -> Result<Option<Arc<dyn ResultBackend>>> {
+    // The same rule as the client: a Redis or memory broker doubles as the backend.
+    let client_default = Client::connect(&conn.broker, conn.backend.as_deref()).await?;
+    Ok(client_default.backend().cloned())
+}
+
+/// First SIGINT/SIGTERM: warm shutdown. Second: cold.
+async fn forward_signals(shutdown: Shutdown) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot listen for signals; stop the worker with SIGKILL");
+        return;
+    };
+    for phase in 0..2 {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if phase == 0 {
+            tracing::warn!("warm shutdown: finishing running jobs (signal again to stop at once)");
+            shutdown.warm.cancel();
+        } else {
+            tracing::warn!("cold shutdown: giving running jobs back");
+            shutdown.cold.cancel();
+        }
+    }
+}
+
+/// `celerity demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// How many `demo.add` jobs to run
+    #[arg(long, default_value_t = 10_000)]
+    pub jobs: u64,
+    /// Jobs run at once by the in-process worker
+    #[arg(short = 'c', long, default_value_t = 64)]
+    pub concurrency: usize,
+}
+
+/// What `celerity demo` measured.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    pub jobs: u64,
+    pub failures: u64,
+    pub seconds: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// Producer + worker + result lookups in one process: sends `jobs` × `demo.add(i, i)`, waits for
+/// every result, checks each value, and reports the rate and latency percentiles.
+pub async fn run_demo(args: &DemoArgs, conn: &ConnectionArgs) -> Result<DemoReport> {
+    let queue = format!("celerity.demo.{}", uuid::Uuid::new_v4().simple());
+    let broker = connect_broker(&conn.broker).await?;
+    let backend = match &conn.backend {
+        Some(u) => Some(connect_backend(u).await?),
+        None => Client::connect(&conn.broker, None)
+            .await?
+            .backend()
+            .cloned(),
+    };
+    let Some(backend) = backend else {
+        return Err(WorkerError::Config(
+            "the demo reads results: give --backend redis://… with an AMQP broker".into(),
+        ));
+    };
+    let client = Client::new(broker.clone(), Some(backend.clone()));
+    let mut registry = Registry::new();
+    crate::demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    let config = WorkerConfig {
+        queues: vec![queue.clone()],
+        concurrency: args.concurrency.max(1),
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(run(
+        registry,
+        broker.clone(),
+        Some(backend.clone()),
+        config,
+        shutdown.clone(),
+    ));
+
+    let bar = ProgressBar::new(args.jobs);
+    if let Ok(style) = ProgressStyle::with_template("{msg:8} {bar:40} {pos}/{len} {per_sec}") {
+        bar.set_style(style);
+    }
+    bar.set_message("sending");
+    let started = Instant::now();
+    let options = SendOptions::new().queue(queue.clone());
+    let mut sent: Vec<(String, i64, chrono::DateTime<chrono::Utc>)> =
+        Vec::with_capacity(args.jobs as usize);
+    let mut i = 0i64;
+    while (sent.len() as u64) < args.jobs {
+        let n = (args.jobs - sent.len() as u64).min(1000);
+        let now = chrono::Utc::now();
+        let batch: Vec<TaskMessage> = (0..n)
+            .map(|_| {
+                i += 1;
+                options.build("demo.add", vec![json!(i), json!(i)], Map::new(), now)
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        client.send_batch(&batch, &queue).await?;
+        let t = chrono::Utc::now();
+        sent.extend(
+            batch
+                .iter()
+                .zip((i - n as i64 + 1)..)
+                .map(|(m, k)| (m.id().to_owned(), k, t)),
+        );
+        bar.set_position(sent.len() as u64);
+    }
+    bar.set_message("results");
+    bar.set_position(0);
+    let mut latencies = Vec::with_capacity(sent.len());
+    let mut failures = 0;
+    for (n, (id, k, sent_at)) in sent.iter().enumerate() {
+        let meta = backend.wait(id, Some(Duration::from_secs(60))).await?;
+        // Send → result stored, on the same clock.
+        let done = meta.date_done.unwrap_or_else(chrono::Utc::now);
+        let latency = (done - *sent_at).to_std().unwrap_or_default();
+        latencies.push(latency);
+        if meta.status != State::Success || meta.result != json!(2 * k) {
+            failures += 1;
+        }
+        if n % 256 == 0 {
+            bar.set_position(n as u64);
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    shutdown.warm.cancel();
+    if let Ok(Err(e)) = worker.await {
+        tracing::warn!(error = %e, "demo worker stopped with an error");
+    }
+    let _ = broker.purge(&queue).await;
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    Ok(DemoReport {
+        jobs: args.jobs,
+        failures,
+        seconds,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+    })
+}

@@ -1,0 +1,395 @@
+//! Runs one delivery: decode → look up → checks (expired, not yet due) → run under limits → store the
+//! result → ack. The message is acked only after its outcome is stored (acks late), so a process that
+//! dies mid-job leaves the job to be delivered again.
+//!
+//! Bad input never takes the worker down: an undecodable message is copied to the dead-letter queue
+//! and acked; an unknown task or arguments of the wrong type fail the job (FAILURE stored) and ack it;
+//! a panic in a task is a FAILURE.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::FutureExt;
+use serde_json::Value;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use celerity_broker::backend::ExceptionInfo;
+use celerity_broker::protocol::TaskMessage;
+use celerity_broker::{Broker, Delivery, ResultBackend, State, TaskMeta};
+
+use crate::limits::TokenBucket;
+use crate::registry::{Registered, Registry};
+use crate::retry::{decide, random_unit, Decision};
+use crate::task::{TaskContext, TaskError};
+
+/// Where undecodable messages are copied before they are acked.
+pub const DEAD_LETTER_QUEUE: &str = "celerity.deadletter";
+
+/// How often a job waiting for its ETA renews its broker lease.
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(60);
+
+/// Counters the executor keeps (read by the worker for its summary and by monitors).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub succeeded: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+    pub retried: std::sync::atomic::AtomicU64,
+    pub revoked: std::sync::atomic::AtomicU64,
+    pub rejected: std::sync::atomic::AtomicU64,
+}
+
+/// Shared by every job of one worker process.
+pub(crate) struct Executor {
+    pub registry: Arc<Registry>,
+    pub broker: Arc<dyn Broker>,
+    pub backend: Option<Arc<dyn ResultBackend>>,
+    pub hostname: String,
+    /// Running jobs at once.
+    pub slots: Arc<Semaphore>,
+    pub buckets: HashMap<String, TokenBucket>,
+    /// Asks the fetcher to widen (+1) or narrow (-1) the prefetch window while a job waits for its ETA.
+    pub window: mpsc::UnboundedSender<isize>,
+    /// Fired on cold shutdown: running jobs stop and are given back.
+    pub abort: CancellationToken,
+    pub counters: Arc<Counters>,
+}
+
+fn bump(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl Executor {
+    /// Processes one delivery to the end. Never panics, never returns an error: problems are stored,
+    /// logged and the message is settled.
+    pub async fn handle(&self, delivery: Delivery) {
+        let message = match TaskMessage::decode(&delivery.message) {
+            Ok(m) => m,
+            Err(e) => return self.dead_letter(delivery, e.to_string()).await,
+        };
+        let Some(task) = self.registry.get(message.task()).cloned() else {
+            tracing::error!(
+                id = message.id(),
+                task = message.task(),
+                "received unregistered task; failing it"
+            );
+            let exc = ExceptionInfo::new(
+                "NotRegistered",
+                format!("'{}'", message.task()),
+                "celery.exceptions",
+            );
+            self.store(failure_meta(&message, &exc, None)).await;
+            bump(&self.counters.failed);
+            return self.settle(delivery, Settle::Ack).await;
+        };
+        if let Some(expires) = message.headers.expires {
+            if expires.to_utc() <= Utc::now() {
+                tracing::info!(
+                    id = message.id(),
+                    task = message.task(),
+                    "expired before it ran; revoked"
+                );
+                let exc = ExceptionInfo::new("TaskRevokedError", "expired", "celery.exceptions");
+                self.store(meta(&message, State::Revoked, exc.to_value(), None))
+                    .await;
+                bump(&self.counters.revoked);
+                return self.settle(delivery, Settle::Ack).await;
+            }
+        }
+        if let Some(eta) = message.headers.eta {
+            if !self.hold_until_due(&delivery, eta.to_utc()).await {
+                return self.settle(delivery, Settle::Requeue).await;
+            }
+        }
+        if let Some(bucket) = self.buckets.get(message.task()) {
+            tokio::select! {
+                _ = bucket.acquire() => {}
+                _ = self.abort.cancelled() => return self.settle(delivery, Settle::Requeue).await,
+            }
+        }
+        let Ok(_slot) = self.slots.clone().acquire_owned().await else {
+            return self.settle(delivery, Settle::Requeue).await;
+        };
+        self.run(delivery, message, task).await;
+    }
+
+    async fn run(&self, delivery: Delivery, message: TaskMessage, task: Registered) {
+        let ignore_result = message
+            .headers
+            .ignore_result
+            .unwrap_or(task.options.ignore_result);
+        let mut delivery = Some(delivery);
+        if !task.options.acks_late {
+            if let Some(d) = delivery.take() {
+                self.settle(d, Settle::Ack).await;
+            }
+        }
+        if task.options.track_started && !ignore_result {
+            let started = serde_json::json!({"pid": std::process::id(), "hostname": self.hostname});
+            self.store(meta(&message, State::Started, started, None))
+                .await;
+        }
+        let cancel = self.abort.child_token();
+        let ctx = TaskContext {
+            headers: Arc::new(message.headers.clone()),
+            cancel: cancel.clone(),
+            queue: Arc::from(delivery.as_ref().map_or("", |d| d.queue.as_str())),
+        };
+        let soft = message
+            .headers
+            .timelimit
+            .1
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .or(task.options.soft_time_limit);
+        let started = Instant::now();
+        tracing::debug!(id = message.id(), task = message.task(), "started");
+        let run = AssertUnwindSafe(task.handler.call(
+            ctx,
+            message.args.clone(),
+            message.kwargs.clone(),
+        ))
+        .catch_unwind();
+        let outcome = tokio::select! {
+            // Checked first: a job stopped by a cold shutdown is given back, whatever it returned.
+            biased;
+            _ = self.abort.cancelled() => {
+                tracing::warn!(id = message.id(), task = message.task(), "interrupted by shutdown; giving it back");
+                if let Some(d) = delivery.take() {
+                    self.settle(d, Settle::Requeue).await;
+                }
+                return;
+            }
+            r = run => match r {
+                Ok(r) => r,
+                Err(panic) => Err(TaskError::new("Panic", panic_message(&panic))),
+            },
+            _ = sleep_opt(soft) => {
+                cancel.cancel();
+                Err(TaskError::in_module("SoftTimeLimitExceeded", format!("SoftTimeLimitExceeded({:?})", soft.unwrap_or_default()), "celery.exceptions"))
+            }
+        };
+        let runtime = started.elapsed();
+        match outcome {
+            Ok(value) => {
+                tracing::info!(
+                    id = message.id(),
+                    task = message.task(),
+                    runtime_ms = runtime.as_secs_f64() * 1e3,
+                    "succeeded"
+                );
+                if !ignore_result {
+                    self.store(meta(&message, State::Success, value, None))
+                        .await;
+                }
+                bump(&self.counters.succeeded);
+            }
+            Err(error) => {
+                match decide(error, message.headers.retries, &task.options, random_unit()) {
+                    Decision::Retry { countdown, cause } => {
+                        if let Err(e) = self
+                            .republish_retry(
+                                &message,
+                                delivery.as_ref().map(|d| d.queue.as_str()),
+                                countdown,
+                            )
+                            .await
+                        {
+                            tracing::error!(id = message.id(), error = %e, "could not send the retry; leaving the job to be redelivered");
+                            return;
+                        }
+                        tracing::info!(id = message.id(), task = message.task(), retries = message.headers.retries + 1, countdown_s = countdown.as_secs_f64(), reason = %cause, "retry");
+                        let exc = exception_of(&cause);
+                        self.store(meta(
+                            &message,
+                            State::Retry,
+                            exc.to_value(),
+                            Some(traceback(&message, &cause)),
+                        ))
+                        .await;
+                        bump(&self.counters.retried);
+                    }
+                    Decision::Fail(cause) => {
+                        tracing::warn!(id = message.id(), task = message.task(), runtime_ms = runtime.as_secs_f64() * 1e3, error = %cause, "failed");
+                        let exc = exception_of(&cause);
+                        self.store(failure_meta(
+                            &message,
+                            &exc,
+                            Some(traceback(&message, &cause)),
+                        ))
+                        .await;
+                        bump(&self.counters.failed);
+                    }
+                }
+            }
+        }
+        if let Some(d) = delivery {
+            self.settle(d, Settle::Ack).await;
+        }
+    }
+
+    /// Waits until `eta` while widening the prefetch window by one (so waiting jobs do not take
+    /// slots from due ones) and renewing the delivery's lease. False if shutdown interrupted it.
+    async fn hold_until_due(&self, delivery: &Delivery, eta: chrono::DateTime<Utc>) -> bool {
+        let Ok(wait) = (eta - Utc::now()).to_std() else {
+            return true;
+        };
+        let _ = self.window.send(1);
+        let deadline = Instant::now() + wait;
+        let due = loop {
+            let tick = deadline.min(Instant::now() + KEEP_ALIVE_EVERY);
+            tokio::select! {
+                _ = tokio::time::sleep_until(tick) => {
+                    if tick >= deadline { break true; }
+                    if let Err(e) = delivery.keep_alive().await {
+                        tracing::warn!(error = %e, "could not renew the lease of a job waiting for its ETA");
+                    }
+                }
+                _ = self.abort.cancelled() => break false,
+            }
+        };
+        let _ = self.window.send(-1);
+        due
+    }
+
+    async fn republish_retry(
+        &self,
+        message: &TaskMessage,
+        queue: Option<&str>,
+        countdown: Duration,
+    ) -> celerity_broker::Result<()> {
+        let mut next = message.clone();
+        next.headers.retries += 1;
+        next.headers.eta = Some(
+            (Utc::now() + chrono::Duration::from_std(countdown).unwrap_or_default()).fixed_offset(),
+        );
+        let queue = queue.unwrap_or(celerity_client::DEFAULT_QUEUE);
+        self.broker.publish(queue, &next.encode()).await
+    }
+
+    async fn store(&self, meta: TaskMeta) {
+        let Some(backend) = &self.backend else { return };
+        // A lost result write is retried a few times; the message stays unacked meanwhile.
+        for attempt in 0..5u32 {
+            match backend.store(&meta).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(id = meta.task_id, error = %e, attempt, "storing the result failed");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+            }
+        }
+        tracing::error!(id = meta.task_id, "giving up storing the result");
+    }
+
+    async fn dead_letter(&self, delivery: Delivery, reason: String) {
+        let id = delivery.message.task_id().map(str::to_owned);
+        tracing::error!(queue = delivery.queue, id = ?id, reason, "undecodable message; moving it to {DEAD_LETTER_QUEUE}");
+        if let Some(id) = &id {
+            let exc = ExceptionInfo::new("DecodeError", reason.clone(), "kombu.exceptions");
+            self.store(TaskMeta::failure(id.clone(), &exc, None)).await;
+        }
+        bump(&self.counters.rejected);
+        let mut kept = delivery.message.clone();
+        kept.headers
+            .insert("x-celerity-dead-reason".into(), Value::String(reason));
+        kept.headers.insert(
+            "x-celerity-dead-queue".into(),
+            Value::String(delivery.queue.clone()),
+        );
+        match self.broker.publish(DEAD_LETTER_QUEUE, &kept).await {
+            Ok(()) => self.settle(delivery, Settle::Ack).await,
+            Err(e) => {
+                // Keep it where it is rather than lose it.
+                tracing::error!(error = %e, "could not dead-letter the message; leaving it unacked");
+            }
+        }
+    }
+
+    async fn settle(&self, delivery: Delivery, how: Settle) {
+        let r = match how {
+            Settle::Ack => delivery.ack().await,
+            Settle::Requeue => delivery.reject(true).await,
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not settle a delivery; the broker will deliver it again");
+        }
+    }
+}
+
+enum Settle {
+    Ack,
+    Requeue,
+}
+
+async fn sleep_opt(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "task panicked".to_owned()
+    }
+}
+
+fn exception_of(e: &TaskError) -> ExceptionInfo {
+    match e {
+        TaskError::Failed {
+            exc_type,
+            message,
+            module,
+            ..
+        } => ExceptionInfo::new(exc_type.clone(), message.clone(), module.clone()),
+        TaskError::Retry { .. } => {
+            ExceptionInfo::new("Retry", "retry requested", "celery.exceptions")
+        }
+    }
+}
+
+/// A Python-style traceback text: what the Celery result's `traceback` field holds.
+fn traceback(message: &TaskMessage, e: &TaskError) -> String {
+    let mut tb = format!(
+        "Traceback (most recent call last):\n  celerity task \"{}\", id {}\n",
+        message.task(),
+        message.id()
+    );
+    if let TaskError::Failed { causes, .. } = e {
+        for c in causes.iter().rev() {
+            tb.push_str(&format!("  caused by: {c}\n"));
+        }
+    }
+    tb.push_str(&format!("{e}\n"));
+    tb
+}
+
+/// The meta Celery stores for a state of this message (with group_id/parent_id when set).
+fn meta(
+    message: &TaskMessage,
+    status: State,
+    result: Value,
+    traceback: Option<String>,
+) -> TaskMeta {
+    let mut m = TaskMeta::with_state(message.id(), status, result);
+    m.traceback = traceback;
+    if let Some(g) = &message.headers.group {
+        m.extra.insert("group_id".into(), Value::String(g.clone()));
+    }
+    if let Some(p) = &message.headers.parent_id {
+        m.extra.insert("parent_id".into(), Value::String(p.clone()));
+    }
+    m
+}
+
+fn failure_meta(message: &TaskMessage, exc: &ExceptionInfo, traceback: Option<String>) -> TaskMeta {
+    meta(message, State::Failure, exc.to_value(), traceback)
+}

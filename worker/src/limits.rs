@@ -1,0 +1,116 @@
+//! Rate limits: Celery's `"100/s"`, `"10/m"`, `"5/h"` strings and a per-process token bucket.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// At most `count` starts per `per`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub count: f64,
+    pub per: Duration,
+}
+
+impl FromStr for RateLimit {
+    type Err = String;
+
+    /// Parses `"N/s"`, `"N/m"`, `"N/h"` or a bare `"N"` (per second), as Celery does.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (n, unit) = s.split_once('/').unwrap_or((s, "s"));
+        let count: f64 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("rate limit `{s}`: `{n}` is not a number"))?;
+        if !(count > 0.0 && count.is_finite()) {
+            return Err(format!("rate limit `{s}`: the count must be above 0"));
+        }
+        let per = match unit.trim().chars().next() {
+            Some('s') => Duration::from_secs(1),
+            Some('m') => Duration::from_secs(60),
+            Some('h') => Duration::from_secs(3600),
+            _ => return Err(format!("rate limit `{s}`: unit must be s, m or h")),
+        };
+        Ok(RateLimit { count, per })
+    }
+}
+
+/// A token bucket that hands out starts at the configured rate (burst = one interval's count).
+#[derive(Debug)]
+pub struct TokenBucket {
+    limit: RateLimit,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    pub fn new(limit: RateLimit) -> Self {
+        TokenBucket {
+            limit,
+            state: Mutex::new((limit.count, Instant::now())),
+        }
+    }
+
+    /// Waits until a start is allowed, then takes it.
+    pub async fn acquire(&self) {
+        loop {
+            let wait = {
+                let mut st = self.state.lock().await;
+                let rate = self.limit.count / self.limit.per.as_secs_f64();
+                let now = Instant::now();
+                st.0 = (st.0 + (now - st.1).as_secs_f64() * rate).min(self.limit.count);
+                st.1 = now;
+                if st.0 >= 1.0 {
+                    st.0 -= 1.0;
+                    return;
+                }
+                Duration::from_secs_f64((1.0 - st.0) / rate)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_celery_rate_strings() {
+        assert_eq!(
+            "100/s".parse::<RateLimit>().unwrap(),
+            RateLimit {
+                count: 100.0,
+                per: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(
+            "10/m".parse::<RateLimit>().unwrap().per,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            "5/h".parse::<RateLimit>().unwrap().per,
+            Duration::from_secs(3600)
+        );
+        assert_eq!("7".parse::<RateLimit>().unwrap().count, 7.0);
+        assert!("x/s".parse::<RateLimit>().is_err());
+        assert!("0/s".parse::<RateLimit>().is_err());
+        assert!("5/d".parse::<RateLimit>().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_spaces_starts_out() {
+        let b = TokenBucket::new("2/s".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..6 {
+            b.acquire().await;
+        }
+        // 2 in the initial burst, then 4 more at 2/s.
+        assert!(
+            Instant::now() - t0 >= Duration::from_millis(1990),
+            "{:?}",
+            Instant::now() - t0
+        );
+    }
+}

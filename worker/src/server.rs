@@ -1,0 +1,169 @@
+//! One worker process: consumes from its queues and runs jobs, until told to stop.
+//!
+//! The fetch loop pulls deliveries under a prefetch window equal to the concurrency (so prefetch
+//! follows free slots: a long job never holds short ones that other slots could run) and hands each
+//! to the executor in its own tracked task. Stopping is in two phases, driven by the caller's tokens:
+//! **warm** (stop fetching, let running jobs finish within the grace period) and **cold** (cancel
+//! what still runs and give it back to the broker). Unacked deliveries go back when the consumer
+//! closes.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use celerity_broker::{Broker, ResultBackend};
+
+use crate::error::{Result, WorkerError};
+use crate::executor::{Counters, Executor};
+use crate::limits::TokenBucket;
+use crate::registry::Registry;
+
+/// Settings of one worker process.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Queues to consume from.
+    pub queues: Vec<String>,
+    /// Jobs run at once.
+    pub concurrency: usize,
+    /// Node name, e.g. `celerity@host`.
+    pub hostname: String,
+    /// How long a warm shutdown waits for running jobs.
+    pub grace: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            queues: vec![celerity_client::DEFAULT_QUEUE.to_owned()],
+            concurrency: 16,
+            hostname: format!("celerity@{}", celerity_broker::protocol::node::hostname()),
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The two stop signals of a worker.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Stop fetching; finish running jobs.
+    pub warm: CancellationToken,
+    /// Stop running jobs now and give them back.
+    pub cold: CancellationToken,
+}
+
+/// What a worker did, returned when it stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub revoked: u64,
+    pub rejected: u64,
+}
+
+/// Runs a worker until `shutdown` says stop. Returns what it did.
+pub async fn run(
+    registry: Registry,
+    broker: Arc<dyn Broker>,
+    backend: Option<Arc<dyn ResultBackend>>,
+    config: WorkerConfig,
+    shutdown: Shutdown,
+) -> Result<Summary> {
+    if config.concurrency == 0 {
+        return Err(WorkerError::Config("concurrency must be at least 1".into()));
+    }
+    if config.queues.is_empty() {
+        return Err(WorkerError::Config("no queues to consume from".into()));
+    }
+    let buckets: HashMap<String, TokenBucket> = registry
+        .names()
+        .into_iter()
+        .filter_map(|n| {
+            registry
+                .get(n)
+                .and_then(|r| r.options.rate_limit)
+                .map(|l| (n.to_owned(), TokenBucket::new(l)))
+        })
+        .collect();
+    let (window_tx, mut window_rx) = mpsc::unbounded_channel::<isize>();
+    let counters = Arc::new(Counters::default());
+    let executor = Arc::new(Executor {
+        registry: Arc::new(registry),
+        broker: broker.clone(),
+        backend,
+        hostname: config.hostname.clone(),
+        slots: Arc::new(Semaphore::new(config.concurrency)),
+        buckets,
+        window: window_tx,
+        abort: shutdown.cold.clone(),
+        counters: counters.clone(),
+    });
+
+    let mut consumer = broker.consume(&config.queues, config.concurrency).await?;
+    tracing::info!(hostname = config.hostname, queues = ?config.queues, concurrency = config.concurrency, transport = broker.transport(), "worker ready");
+    let tracker = TaskTracker::new();
+    let mut window = config.concurrency as isize;
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.warm.cancelled() => break,
+            Some(delta) = window_rx.recv() => {
+                window = (window + delta).max(config.concurrency as isize);
+                if let Err(e) = consumer.set_prefetch(window as usize).await {
+                    tracing::warn!(error = %e, "could not change the prefetch window");
+                }
+            }
+            next = consumer.next() => match next {
+                Ok(Some(delivery)) => {
+                    failures = 0;
+                    let ex = executor.clone();
+                    tracker.spawn(async move { ex.handle(delivery).await });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failures += 1;
+                    let pause = Duration::from_millis(100u64 << failures.min(6));
+                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "fetching failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.warm.cancelled() => break,
+                    }
+                }
+            }
+        }
+    }
+    tracker.close();
+    tracing::info!(
+        running = tracker.len(),
+        "stopping: no longer fetching; waiting for running jobs"
+    );
+    tokio::select! {
+        _ = tracker.wait() => {}
+        _ = tokio::time::sleep(config.grace) => {
+            tracing::warn!(left = tracker.len(), "grace period over; giving back unfinished jobs");
+            shutdown.cold.cancel();
+        }
+        _ = shutdown.cold.cancelled() => {}
+    }
+    if shutdown.cold.is_cancelled() {
+        // Jobs see the cancellation and requeue themselves; wait briefly for that.
+        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    }
+    if let Err(e) = consumer.close().await {
+        tracing::warn!(error = %e, "closing the consumer failed; the broker will redeliver what was unacked");
+    }
+    let c = &counters;
+    Ok(Summary {
+        succeeded: c.succeeded.load(Ordering::Relaxed),
+        failed: c.failed.load(Ordering::Relaxed),
+        retried: c.retried.load(Ordering::Relaxed),
+        revoked: c.revoked.load(Ordering::Relaxed),
+        rejected: c.rejected.load(Ordering::Relaxed),
+    })
+}

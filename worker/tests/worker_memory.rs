@@ -1,0 +1,303 @@
+//! Worker semantics on the in-process transport: results, failures of every kind, retries, ETA,
+//! expiry, time limits, shutdown, and no prefetch starvation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{json, Map, Value};
+
+use celerity_broker::backend::memory::MemoryBackend;
+use celerity_broker::memory::MemoryBroker;
+use celerity_broker::message::{Message, Properties};
+use celerity_broker::{Broker, ResultBackend, State, TaskMeta};
+use celerity_client::{Client, Expires, SendOptions};
+use celerity_worker::{demo, run, Registry, Shutdown, Summary, WorkerConfig, DEAD_LETTER_QUEUE};
+use tokio::task::JoinHandle;
+
+struct Harness {
+    broker: MemoryBroker,
+    backend: MemoryBackend,
+    client: Client,
+    shutdown: Shutdown,
+    worker: JoinHandle<celerity_worker::error::Result<Summary>>,
+}
+
+const Q: &str = "jobs";
+
+fn start(concurrency: usize) -> Harness {
+    let name = uuid::Uuid::new_v4().to_string();
+    let broker = MemoryBroker::named(&name);
+    let backend = MemoryBackend::named(&name);
+    let client = Client::new(Arc::new(broker.clone()), Some(Arc::new(backend.clone())));
+    let mut registry = Registry::new();
+    demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    let config = WorkerConfig {
+        queues: vec![Q.into()],
+        concurrency,
+        grace: Duration::from_secs(5),
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(run(
+        registry,
+        Arc::new(broker.clone()),
+        Some(Arc::new(backend.clone())),
+        config,
+        shutdown.clone(),
+    ));
+    Harness {
+        broker,
+        backend,
+        client,
+        shutdown,
+        worker,
+    }
+}
+
+impl Harness {
+    async fn call(&self, task: &str, args: Value, options: SendOptions) -> String {
+        let args = args.as_array().cloned().unwrap_or_default();
+        self.client
+            .send_task(task, args, Map::new(), &options.queue(Q))
+            .await
+            .unwrap()
+            .id()
+            .to_owned()
+    }
+
+    async fn wait(&self, id: &str) -> TaskMeta {
+        self.backend
+            .wait(id, Some(Duration::from_secs(20)))
+            .await
+            .unwrap()
+    }
+
+    async fn stop(self) -> Summary {
+        self.shutdown.warm.cancel();
+        self.worker.await.unwrap().unwrap()
+    }
+}
+
+#[tokio::test]
+async fn runs_jobs_and_stores_results() {
+    let h = start(4);
+    let add = h.call("demo.add", json!([2, 3]), SendOptions::new()).await;
+    let echo_id = h
+        .client
+        .send_task(
+            "demo.echo",
+            vec![json!(1)],
+            json!({"k": "ü"}).as_object().cloned().unwrap(),
+            &SendOptions::new().queue(Q),
+        )
+        .await
+        .unwrap();
+    assert_eq!(h.wait(&add).await.result, json!(5));
+    let echo = echo_id.get(Some(Duration::from_secs(10))).await.unwrap();
+    assert_eq!(echo, json!({"args": [1], "kwargs": {"k": "ü"}}));
+    let s = h.stop().await;
+    assert_eq!(s.succeeded, 2);
+}
+
+#[tokio::test]
+async fn bad_jobs_fail_cleanly_and_the_worker_goes_on() {
+    let h = start(2);
+    let unknown = h.call("no.such.task", json!([]), SendOptions::new()).await;
+    let wrong = h
+        .call("demo.add", json!(["a", {"b": 1}]), SendOptions::new())
+        .await;
+    let missing = h.call("demo.sleep_ms", json!([]), SendOptions::new()).await;
+    let panic = h.call("demo.panic", json!([]), SendOptions::new()).await;
+    let fail = h
+        .call("demo.fail", json!(["boom"]), SendOptions::new())
+        .await;
+    // Not JSON: copied to the dead-letter queue, FAILURE stored under its id.
+    let mut junk = Message {
+        properties: Properties {
+            correlation_id: Some("junk-1".into()),
+            ..Properties::default()
+        },
+        ..Message::default()
+    };
+    junk.headers.insert("task".into(), json!("demo.add"));
+    junk.headers.insert("id".into(), json!("junk-1"));
+    junk.body = b"{not json".to_vec();
+    h.broker.publish(Q, &junk).await.unwrap();
+    let mut pickle = junk.clone();
+    pickle.properties.content_type = "application/x-python-serialize".into();
+    pickle.headers.insert("id".into(), json!("junk-2"));
+    h.broker.publish(Q, &pickle).await.unwrap();
+
+    let exc = |m: TaskMeta| {
+        (
+            m.status.clone(),
+            m.exception().map(|e| (e.exc_type.clone(), e.message())),
+        )
+    };
+    assert_eq!(
+        exc(h.wait(&unknown).await),
+        (
+            State::Failure,
+            Some(("NotRegistered".into(), "'no.such.task'".into()))
+        )
+    );
+    let (st, e) = exc(h.wait(&wrong).await);
+    assert_eq!(
+        (st, e.as_ref().map(|e| e.0.as_str())),
+        (State::Failure, Some("TypeError"))
+    );
+    assert_eq!(
+        exc(h.wait(&missing).await).1.map(|e| e.0),
+        Some("TypeError".to_owned())
+    );
+    let (_, e) = exc(h.wait(&panic).await);
+    assert_eq!(
+        e,
+        Some(("Panic".into(), "demo.panic was asked to panic".into()))
+    );
+    let f = h.wait(&fail).await;
+    assert_eq!(
+        exc(f.clone()),
+        (State::Failure, Some(("ValueError".into(), "boom".into())))
+    );
+    assert!(f.traceback.unwrap_or_default().starts_with("Traceback"));
+    assert_eq!(
+        exc(h.wait("junk-1").await).1.map(|e| e.0),
+        Some("DecodeError".to_owned())
+    );
+    assert!(exc(h.wait("junk-2").await).1.unwrap().1.contains("pickle"));
+    assert_eq!(h.broker.queue_len(DEAD_LETTER_QUEUE).await.unwrap(), 2);
+    // Still serving.
+    let ok = h.call("demo.mul", json!([6, 7]), SendOptions::new()).await;
+    assert_eq!(h.wait(&ok).await.result, json!(42));
+    assert_eq!(h.broker.queue_len(Q).await.unwrap(), 0);
+    let s = h.stop().await;
+    assert_eq!((s.failed, s.rejected), (5, 2));
+}
+
+#[tokio::test]
+async fn flaky_job_is_retried_then_succeeds() {
+    let h = start(2);
+    let id = h
+        .call("demo.flaky", json!(["k", 3]), SendOptions::new())
+        .await;
+    let m = h.wait(&id).await;
+    assert_eq!(m.status, State::Success);
+    assert_eq!(m.result, json!({"key": "k", "runs": 4}));
+    let s = h.stop().await;
+    assert_eq!((s.retried, s.succeeded), (3, 1));
+}
+
+#[tokio::test]
+async fn eta_jobs_run_after_their_time_once_and_do_not_block_others() {
+    let h = start(1);
+    let sent = Utc::now();
+    let later = h
+        .call(
+            "demo.add",
+            json!([1, 1]),
+            SendOptions::new().countdown(Duration::from_millis(700)),
+        )
+        .await;
+    let now = h.call("demo.add", json!([2, 2]), SendOptions::new()).await;
+    let quick = h.wait(&now).await;
+    assert!(
+        quick.date_done.unwrap() < sent + chrono::Duration::milliseconds(600),
+        "a not-yet-due job blocked a due one"
+    );
+    let m = h.wait(&later).await;
+    assert!(
+        m.date_done.unwrap() >= sent + chrono::Duration::milliseconds(700),
+        "ran early"
+    );
+    let s = h.stop().await;
+    assert_eq!(s.succeeded, 2);
+}
+
+#[tokio::test]
+async fn expired_jobs_are_revoked_not_run() {
+    let h = start(1);
+    let id = h
+        .call(
+            "demo.add",
+            json!([1, 1]),
+            SendOptions::new().expires(Expires::At(Utc::now() - chrono::Duration::seconds(1))),
+        )
+        .await;
+    let m = h.wait(&id).await;
+    assert_eq!(m.status, State::Revoked);
+    assert_eq!(h.stop().await.revoked, 1);
+}
+
+#[tokio::test]
+async fn soft_time_limit_fails_the_job() {
+    let h = start(1);
+    let id = h
+        .call(
+            "demo.sleep_ms",
+            json!([5000]),
+            SendOptions::new().time_limits(None, Some(0.2)),
+        )
+        .await;
+    let m = h.wait(&id).await;
+    assert_eq!(
+        m.exception().map(|e| e.exc_type),
+        Some("SoftTimeLimitExceeded".into())
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_job_does_not_hold_short_ones_behind_it() {
+    let h = start(2);
+    let long = h
+        .call("demo.sleep_ms", json!([1500]), SendOptions::new())
+        .await;
+    let shorts: Vec<String> = futures_util::future::join_all(
+        (0..5).map(|i| h.call("demo.add", json!([i, 1]), SendOptions::new())),
+    )
+    .await;
+    for s in &shorts {
+        assert_eq!(h.wait(s).await.status, State::Success);
+    }
+    assert_eq!(
+        h.backend.get(&long).await.unwrap().status,
+        State::Pending,
+        "short jobs waited for the long one"
+    );
+    assert_eq!(h.wait(&long).await.status, State::Success);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn warm_shutdown_finishes_running_jobs() {
+    let h = start(2);
+    let id = h
+        .call("demo.sleep_ms", json!([400]), SendOptions::new())
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let backend = h.backend.clone();
+    let s = h.stop().await;
+    assert_eq!(s.succeeded, 1);
+    assert_eq!(backend.get(&id).await.unwrap().status, State::Success);
+}
+
+#[tokio::test]
+async fn cold_shutdown_gives_unfinished_jobs_back() {
+    let h = start(2);
+    let id = h
+        .call("demo.sleep_ms", json!([10_000]), SendOptions::new())
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.shutdown.warm.cancel();
+    h.shutdown.cold.cancel();
+    let s = h.worker.await.unwrap().unwrap();
+    assert_eq!(s.succeeded, 0);
+    assert_eq!(h.backend.get(&id).await.unwrap().status, State::Pending);
+    assert_eq!(
+        h.broker.queue_len(Q).await.unwrap(),
+        1,
+        "the interrupted job is back in its queue"
+    );
+}
