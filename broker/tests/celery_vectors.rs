@@ -9,7 +9,6 @@
 //! run in the venv from `scripts/celery-venv.sh`) and checks Celery understood each one.
 //! Set `CELERITY_NO_PYTHON=1` to skip that one test on machines without Python.
 
-
 mod support;
 
 use std::io::Write;
@@ -559,7 +558,9 @@ fn accept_item(m: &Message) -> Value {
 
 #[test]
 fn celery_accepts_messages_from_our_encoder() {
-    let Some(python) = support::celery_python() else { return };
+    let Some(python) = support::celery_python() else {
+        return;
+    };
     let messages = our_messages();
     let encoded: Vec<Message> = messages.iter().map(TaskMessage::encode).collect();
     let input = Value::Array(encoded.iter().map(accept_item).collect());
@@ -601,7 +602,9 @@ fn celery_accepts_messages_from_our_encoder() {
 
 #[test]
 fn accept_py_rejects_what_celery_rejects() {
-    let Some(python) = support::celery_python() else { return };
+    let Some(python) = support::celery_python() else {
+        return;
+    };
     let good = TaskMessage::new("proj.tasks.add", vec![json!(1)], Map::new()).encode();
     let mut pickle = good.clone();
     pickle.properties.content_type = "application/x-python-serialize".into();

@@ -467,7 +467,9 @@ async fn reads_documents_written_by_celery() {
 /// Real Celery reads (and waits through pub/sub for) what we store. `CELERITY_NO_PYTHON=1` skips it.
 #[tokio::test]
 async fn python_celery_reads_what_we_store() {
-    let Some(python) = support::celery_python() else { return };
+    let Some(python) = support::celery_python() else {
+        return;
+    };
     let p = prefix();
     let b = Arc::new(backend(&p, "").await);
     let tid = id();

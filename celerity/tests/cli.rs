@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use celerity_broker::backend::ExceptionInfo;
 use celerity_broker::protocol::TaskMessage;
-use celerity_broker::{connect_backend, connect_broker, ResultBackend, TaskMeta};
+use celerity_broker::{connect_backend, connect_broker, TaskMeta};
 use serde_json::json;
 
 const REDIS: &str = "redis://127.0.0.1:6379/0";
@@ -36,21 +36,53 @@ fn assert_one_line_error(out: &Output, needle: &str) {
     assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
     assert!(err.starts_with("celerity: error: "), "{err}");
     assert!(err.contains(needle), "expected `{needle}` in `{err}`");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bad_urls_and_unreachable_brokers_are_one_clear_line() {
-    assert_one_line_error(&celerity(&["--broker", "nope://x", "queues"]), "unsupported URL scheme `nope`");
-    assert_one_line_error(&celerity(&["--broker", "not a url", "queues"]), "invalid URL");
-    assert_one_line_error(&celerity(&["--broker", "redis://127.0.0.1:6379/0?bogus=1", "queues"]), "unknown option `bogus`");
-    assert_one_line_error(&celerity(&["queues"]), "memory:// exists only inside one process");
+    assert_one_line_error(
+        &celerity(&["--broker", "nope://x", "queues"]),
+        "unsupported URL scheme `nope`",
+    );
+    assert_one_line_error(
+        &celerity(&["--broker", "not a url", "queues"]),
+        "invalid URL",
+    );
+    assert_one_line_error(
+        &celerity(&["--broker", "redis://127.0.0.1:6379/0?bogus=1", "queues"]),
+        "unknown option `bogus`",
+    );
+    assert_one_line_error(
+        &celerity(&["queues"]),
+        "memory:// exists only inside one process",
+    );
     let started = Instant::now();
-    assert_one_line_error(&celerity(&["--broker", "redis://127.0.0.1:1/0", "queues"]), "127.0.0.1:1");
-    assert_one_line_error(&celerity(&["--broker", "amqp://guest:guest@127.0.0.1:1/%2f", "queues"]), "127.0.0.1:1");
-    assert!(started.elapsed() < Duration::from_secs(30), "unreachable brokers must fail fast");
-    let out = celerity(&["--broker", "amqp://guest:secret-pw@127.0.0.1:1/%2f", "queues"]);
-    assert!(!text(&out.stderr).contains("secret-pw"), "password leaked: {}", text(&out.stderr));
+    assert_one_line_error(
+        &celerity(&["--broker", "redis://127.0.0.1:1/0", "queues"]),
+        "127.0.0.1:1",
+    );
+    assert_one_line_error(
+        &celerity(&["--broker", "amqp://guest:guest@127.0.0.1:1/%2f", "queues"]),
+        "127.0.0.1:1",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "unreachable brokers must fail fast"
+    );
+    let out = celerity(&[
+        "--broker",
+        "amqp://guest:secret-pw@127.0.0.1:1/%2f",
+        "queues",
+    ]);
+    assert!(
+        !text(&out.stderr).contains("secret-pw"),
+        "password leaked: {}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -61,12 +93,25 @@ fn bad_call_arguments_are_refused_before_sending() {
         (vec!["--args", "[1,"], "--args is not valid JSON"),
         (vec!["--args", "{}"], "--args must be a JSON list"),
         (vec!["--kwargs", "[]"], "--kwargs must be a JSON object"),
-        (vec!["--eta", "soon"], "--eta: `soon` is not an ISO-8601 time"),
-        (vec!["--countdown", "-1"], "--countdown must be a number of seconds"),
+        (
+            vec!["--eta", "soon"],
+            "--eta: `soon` is not an ISO-8601 time",
+        ),
+        (
+            vec!["--countdown=-1"],
+            "--countdown must be a number of seconds",
+        ),
         (vec!["--count", "0"], "--count must be at least 1"),
         (vec!["--count", "2", "--wait"], "cannot be combined"),
     ] {
-        let mut all = vec!["--broker", url.as_str(), "call", "demo.add", "-Q", q.as_str()];
+        let mut all = vec![
+            "--broker",
+            url.as_str(),
+            "call",
+            "demo.add",
+            "-Q",
+            q.as_str(),
+        ];
         all.extend(args);
         assert_one_line_error(&celerity(&all), needle);
     }
@@ -74,8 +119,22 @@ fn bad_call_arguments_are_refused_before_sending() {
 
 async fn call_and_read_back(broker_url: &str, q: &str) {
     let out = celerity(&[
-        "--broker", broker_url, "call", "demo.add", "--args", "[2, 3]", "--kwargs", r#"{"z": "héllo"}"#, "-Q", q,
-        "--countdown", "30", "--expires", "120", "--priority", "3",
+        "--broker",
+        broker_url,
+        "call",
+        "demo.add",
+        "--args",
+        "[2, 3]",
+        "--kwargs",
+        r#"{"z": "héllo"}"#,
+        "-Q",
+        q,
+        "--countdown",
+        "30",
+        "--expires",
+        "120",
+        "--priority",
+        "3",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let id = text(&out.stdout).trim().to_owned();
@@ -84,7 +143,11 @@ async fn call_and_read_back(broker_url: &str, q: &str) {
     let broker = connect_broker(broker_url).await.unwrap();
     assert_eq!(broker.queue_len(q).await.unwrap(), 1);
     let mut consumer = broker.consume(&[q.to_owned()], 1).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.unwrap().unwrap().unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let t = TaskMessage::decode(&d.message).unwrap();
     assert_eq!((t.task(), t.id()), ("demo.add", id.as_str()));
     assert_eq!(t.args, vec![json!(2), json!(3)]);
@@ -94,13 +157,29 @@ async fn call_and_read_back(broker_url: &str, q: &str) {
     d.ack().await.unwrap();
     consumer.close().await.unwrap();
 
-    let out = celerity(&["--broker", broker_url, "call", "demo.noop", "-Q", q, "--count", "2500"]);
+    let out = celerity(&[
+        "--broker",
+        broker_url,
+        "call",
+        "demo.noop",
+        "-Q",
+        q,
+        "--count",
+        "2500",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("sent 2500 messages"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("sent 2500 messages"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = celerity(&["--broker", broker_url, "queues", q]);
     assert_eq!(text(&out.stdout).trim(), format!("{q}\t2500"));
     let out = celerity(&["--broker", broker_url, "purge", q]);
-    assert_eq!(text(&out.stdout).trim(), format!("purged 2500 message(s) from {q}"));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("purged 2500 message(s) from {q}")
+    );
     assert_eq!(broker.queue_len(q).await.unwrap(), 0);
 }
 
@@ -128,27 +207,60 @@ async fn wait_and_result_print_values_and_failures() {
     // `call --wait` prints the value once a "worker" stores it.
     let bin = env!("CARGO_BIN_EXE_celerity");
     let child = std::process::Command::new(bin)
-        .args(["--broker", &url, "call", "demo.add", "--args", "[2, 3]", "-Q", &q, "--wait", "--timeout", "20"])
+        .args([
+            "--broker",
+            &url,
+            "call",
+            "demo.add",
+            "--args",
+            "[2, 3]",
+            "-Q",
+            &q,
+            "--wait",
+            "--timeout",
+            "20",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let broker = connect_broker(&url).await.unwrap();
-    let mut consumer = broker.consume(&[q.clone()], 1).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.unwrap().unwrap().unwrap();
+    let mut consumer = broker.consume(std::slice::from_ref(&q), 1).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let t = TaskMessage::decode(&d.message).unwrap();
-    backend.store(&TaskMeta::success(t.id(), json!(5))).await.unwrap();
+    backend
+        .store(&TaskMeta::success(t.id(), json!(5)))
+        .await
+        .unwrap();
     d.ack().await.unwrap();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "5");
 
     // `result` on a failure: error line + traceback on stderr, exit 1.
     let exc = ExceptionInfo::new("ValueError", "bad value", "builtins");
-    backend.store(&TaskMeta::failure("f-1", &exc, Some("Traceback (most recent call last):\nValueError: bad value".into()))).await.unwrap();
+    backend
+        .store(&TaskMeta::failure(
+            "f-1",
+            &exc,
+            Some("Traceback (most recent call last):\nValueError: bad value".into()),
+        ))
+        .await
+        .unwrap();
     let out = celerity(&["--broker", &url, "result", "f-1"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("task f-1 failed: ValueError: bad value"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("task f-1 failed: ValueError: bad value"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = celerity(&["--broker", &url, "result", "f-1", "--json"]);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["status"], json!("FAILURE"));
@@ -157,7 +269,18 @@ async fn wait_and_result_print_values_and_failures() {
     // Unknown id: PENDING; waiting for it times out with one line.
     let out = celerity(&["--broker", &url, "result", "nobody"]);
     assert_eq!(text(&out.stdout).trim(), "PENDING");
-    assert_one_line_error(&celerity(&["--broker", &url, "result", "nobody", "--wait", "--timeout", "0.3"]), "timed out");
+    assert_one_line_error(
+        &celerity(&[
+            "--broker",
+            &url,
+            "result",
+            "nobody",
+            "--wait",
+            "--timeout",
+            "0.3",
+        ]),
+        "timed out",
+    );
     consumer.close().await.unwrap();
     cleanup_redis(&q).await;
 }
@@ -165,16 +288,30 @@ async fn wait_and_result_print_values_and_failures() {
 async fn cleanup_redis(prefix: &str) {
     let client = redis::Client::open(REDIS).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut c).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
     if !keys.is_empty() {
-        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut c).await.unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut c)
+            .await
+            .unwrap();
     }
 }
 
 async fn delete_amqp_queue(q: &str) {
-    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default()).await.unwrap();
+    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let _ = ch.queue_delete(q.into(), lapin::options::QueueDeleteOptions::default()).await;
-    let _ = ch.exchange_delete(q.into(), lapin::options::ExchangeDeleteOptions::default()).await;
+    let _ = ch
+        .queue_delete(q.into(), lapin::options::QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .exchange_delete(q.into(), lapin::options::ExchangeDeleteOptions::default())
+        .await;
     let _ = conn.close(0, "done".into()).await;
 }

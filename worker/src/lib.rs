@@ -4,7 +4,7 @@
 //! with Celery's semantics (acks late, retries with backoff, soft time limits, rate limits, ETA).
 //!
 //! Layout (one concern per module):
-//! - [`task`]: what a task sees and returns ([`TaskContext`], [`TaskError`], [`TaskOptions`], [`Run`]).
+//! - [`task`]: what a task sees and returns: [`TaskContext`], [`TaskError`], [`TaskOptions`], [`Run`].
 //! - [`args`]: maps Celery's `[args, kwargs]` onto typed arguments.
 //! - [`registry`]: task name → handler and options.
 //! - `executor`: one delivery from decode to ack.
@@ -12,7 +12,7 @@
 //! - [`limits`]: rate limits.
 //! - [`server`]: the fetch loop and the warm/cold stop of one worker process.
 //! - [`demo`]: the built-in `demo.*` tasks.
-//! - [`error`]: [`WorkerError`].
+//! - [`error`]: the crate's error type, [`WorkerError`].
 
 pub mod args;
 pub mod cli;

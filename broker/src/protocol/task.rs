@@ -599,9 +599,11 @@ mod tests {
         ));
     }
 
+    type Mutation = Box<dyn Fn(&mut Message)>;
+
     #[test]
     fn malformed_messages_are_named_errors() {
-        let cases: Vec<(Box<dyn Fn(&mut Message)>, &str)> = vec![
+        let cases: Vec<(Mutation, &str)> = vec![
             (
                 Box::new(|m| m.body = b"[[1], {}, ".to_vec()),
                 "not valid JSON",

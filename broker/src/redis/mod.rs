@@ -1,19 +1,185 @@
-//! The `redis://` transport in kombu's layout (being written).
+//! The `redis://` / `rediss://` transport, in kombu 5.x's Redis layout, so Python Celery workers and
+//! ours can share one Redis: each side consumes what the other publishes, and either side's restore
+//! sweep brings back what the other left unacked.
+//!
+//! - Queues are lists, one per priority step (`keys.rs`), holding kombu's JSON envelope
+//!   (`envelope.rs`). Publishing is `LPUSH`; declaring a queue stores Celery's direct binding
+//!   (`_kombu.binding.<q>`).
+//! - Consuming pops and records into kombu's ack emulation (`unacked`, `unacked_index`) atomically in
+//!   one Lua script, in batches, and waits for work without polling (`consumer.rs`, `waiter.rs`);
+//!   deliveries are settled by `ack.rs`.
+//! - Unacked deliveries older than the visibility timeout are restored by a periodic, kombu-compatible
+//!   sweep (`restore.rs`); a closed consumer gives its deliveries back at once.
+//!
+//! URL options: `global_keyprefix` (prefix of every key, as kombu's), `visibility_timeout` (seconds,
+//! default 3600), `restore_interval` (seconds between sweeps, default 10). Needs Redis ≥ 6.2 (`BLMOVE`,
+//! `RPOP` with a count, `ZRANGE … BYSCORE`).
+
+mod ack;
+mod backoff;
+mod consumer;
+mod envelope;
+mod keys;
+mod restore;
+mod scripts;
+mod waiter;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
 use crate::transport::{Broker, Consumer};
 use crate::url::BrokerUrl;
+use keys::Keys;
 
-/// A connection to the broker.
-pub struct RedisBroker;
+/// How long a connection attempt may take.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a command may take (generous: a big pipeline or sweep is one command to wait on).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages per round trip in `publish_batch`.
+const PUBLISH_CHUNK: usize = 1000;
+/// The URL options this transport knows.
+const OPTIONS: &[&str] = &["global_keyprefix", "visibility_timeout", "restore_interval"];
+
+/// A connection to a Redis broker. Cheap to share; every method may be called concurrently.
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+}
+
+/// What the broker, its consumers and their ack handles share.
+pub(crate) struct Shared {
+    /// Auto-reconnecting multiplexed connection for every non-blocking command.
+    pub(crate) conn: ConnectionManager,
+    /// For the dedicated connections of blocking waits.
+    pub(crate) client: redis::Client,
+    pub(crate) keys: Keys,
+    /// Seconds after which an unacked delivery is restored.
+    pub(crate) visibility_timeout: f64,
+    pub(crate) restore_interval: Duration,
+    /// Cancelled by [`Broker::close`]; consumers hold child tokens.
+    pub(crate) closed: CancellationToken,
+    declared: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("visibility_timeout", &self.shared.visibility_timeout)
+            .field("restore_interval", &self.shared.restore_interval)
+            .finish_non_exhaustive()
+    }
+}
 
 impl RedisBroker {
-    /// Connects.
-    pub async fn connect(_url: &BrokerUrl) -> Result<Self> {
-        Err(BrokerError::NotCompiled("redis"))
+    /// Connects to the Redis server `url` names. Fails with [`BrokerError::Connect`] within a few
+    /// seconds if it is unreachable, and with [`BrokerError::InvalidUrl`] on a bad or unknown option.
+    pub async fn connect(url: &BrokerUrl) -> Result<Self> {
+        url.check_options(OPTIONS)?;
+        let invalid = |reason: String| BrokerError::InvalidUrl {
+            url: url.redacted(),
+            reason,
+        };
+        let prefix = url
+            .option::<String>("global_keyprefix")?
+            .unwrap_or_default();
+        let visibility_timeout = url.option::<f64>("visibility_timeout")?.unwrap_or(3600.0);
+        if !(visibility_timeout.is_finite() && visibility_timeout >= 0.0) {
+            return Err(invalid(
+                "visibility_timeout must be a number of seconds ≥ 0".into(),
+            ));
+        }
+        let restore_interval = url.option::<f64>("restore_interval")?.unwrap_or(10.0);
+        if !(restore_interval.is_finite() && restore_interval > 0.0 && restore_interval < 1e9) {
+            return Err(invalid(
+                "restore_interval must be a number of seconds > 0".into(),
+            ));
+        }
+        let client =
+            redis::Client::open(client_url(url).as_str()).map_err(|e| invalid(e.to_string()))?;
+        let connect_error = |reason: String| BrokerError::Connect {
+            url: url.redacted(),
+            reason,
+        };
+        let mut conn = first_connection(client.clone(), url.tls)
+            .await
+            .map_err(connect_error)?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+        tracing::debug!(url = %url.redacted(), prefix = %prefix, "connected to redis");
+        Ok(RedisBroker {
+            shared: Arc::new(Shared {
+                conn,
+                client,
+                keys: Keys::new(&prefix),
+                visibility_timeout,
+                restore_interval: Duration::from_secs_f64(restore_interval),
+                closed: CancellationToken::new(),
+                declared: Mutex::default(),
+            }),
+        })
+    }
+
+    /// Runs one restore sweep now (kombu's `restore_visible`): every delivery unacked for longer than
+    /// the visibility timeout goes back to the front of its queue, marked redelivered. Returns how many
+    /// were restored (0 if another process is sweeping). Consumers also do this periodically.
+    pub async fn restore_visible(&self) -> Result<usize> {
+        restore::sweep(&self.shared).await
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.shared.closed.is_cancelled() {
+            Err(BrokerError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The URL for the redis crate: no query string, and kombu's `redis+socket://` spelled `redis+unix://`.
+fn client_url(url: &BrokerUrl) -> String {
+    let base = url.base.as_str();
+    match base.strip_prefix("redis+socket:") {
+        Some(rest) => format!("redis+unix:{rest}"),
+        None => base.to_owned(),
+    }
+}
+
+/// Opens the shared connection, bounded in time. TLS setup runs in its own task: rustls panics when no
+/// crypto provider is compiled in, and that must be an error here, not a crash.
+async fn first_connection(
+    client: redis::Client,
+    tls: bool,
+) -> std::result::Result<ConnectionManager, String> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(5));
+    let limit = CONNECT_TIMEOUT + Duration::from_secs(1);
+    let attempt = tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config));
+    let outcome = if tls {
+        match tokio::spawn(attempt).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => {
+                return Err("TLS setup failed (is a rustls crypto provider compiled in?)".into())
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    } else {
+        attempt.await
+    };
+    match outcome {
+        Err(_) => Err(format!("no answer within {limit:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(conn)) => Ok(conn),
     }
 }
 
@@ -22,25 +188,126 @@ impl Broker for RedisBroker {
     fn transport(&self) -> &'static str {
         "redis"
     }
-    async fn declare_queue(&self, _queue: &str) -> Result<()> {
-        Err(BrokerError::NotCompiled("redis"))
+
+    /// Stores Celery's binding of the queue to the direct exchange named after it (kombu's
+    /// `queue_bind`). Cached: done once per queue per broker.
+    async fn declare_queue(&self, queue: &str) -> Result<()> {
+        self.check_open()?;
+        let declared = |s: &Self| {
+            s.shared
+                .declared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(queue)
+        };
+        if declared(self) {
+            return Ok(());
+        }
+        let keys = &self.shared.keys;
+        let member = keys::binding_member(queue, "", queue);
+        let mut conn = self.shared.conn.clone();
+        redis::pipe()
+            .atomic()
+            .cmd("SADD")
+            .arg(keys.binding(queue))
+            .arg(&member)
+            .ignore()
+            .cmd("SADD")
+            .arg(keys.binding_permanent(queue))
+            .arg(&member)
+            .ignore()
+            .exec_async(&mut conn)
+            .await?;
+        self.shared
+            .declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(queue.to_owned());
+        Ok(())
     }
-    async fn publish(&self, _queue: &str, _message: &Message) -> Result<()> {
-        Err(BrokerError::NotCompiled("redis"))
+
+    async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
+        self.declare_queue(queue).await?;
+        let key = self
+            .shared
+            .keys
+            .queue(queue, i64::from(message.properties.priority));
+        let envelope = envelope::encode(message, "", queue);
+        let mut conn = self.shared.conn.clone();
+        let _: i64 = redis::cmd("LPUSH")
+            .arg(key)
+            .arg(envelope)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
     }
-    async fn publish_batch(&self, _queue: &str, _messages: &[Message]) -> Result<()> {
-        Err(BrokerError::NotCompiled("redis"))
+
+    async fn publish_batch(&self, queue: &str, messages: &[Message]) -> Result<()> {
+        self.declare_queue(queue).await?;
+        let mut conn = self.shared.conn.clone();
+        for chunk in messages.chunks(PUBLISH_CHUNK) {
+            let mut pipe = redis::pipe();
+            for m in chunk {
+                pipe.cmd("LPUSH")
+                    .arg(
+                        self.shared
+                            .keys
+                            .queue(queue, i64::from(m.properties.priority)),
+                    )
+                    .arg(envelope::encode(m, "", queue))
+                    .ignore();
+            }
+            pipe.exec_async(&mut conn).await?;
+        }
+        Ok(())
     }
-    async fn consume(&self, _queues: &[String], _prefetch: usize) -> Result<Box<dyn Consumer>> {
-        Err(BrokerError::NotCompiled("redis"))
+
+    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>> {
+        let mut unique: Vec<String> = Vec::with_capacity(queues.len());
+        for q in queues {
+            if !unique.contains(q) {
+                unique.push(q.clone());
+            }
+        }
+        if unique.is_empty() {
+            return Err(BrokerError::malformed("consume needs at least one queue"));
+        }
+        for q in &unique {
+            self.declare_queue(q).await?;
+        }
+        let consumer =
+            consumer::RedisConsumer::start(self.shared.clone(), unique, prefetch).await?;
+        Ok(Box::new(consumer))
     }
-    async fn purge(&self, _queue: &str) -> Result<u64> {
-        Err(BrokerError::NotCompiled("redis"))
+
+    /// Deletes the lists of every priority of `queue` in one MULTI and returns how many messages they held.
+    async fn purge(&self, queue: &str) -> Result<u64> {
+        self.check_open()?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for key in self.shared.keys.priority_keys(queue) {
+            pipe.cmd("LLEN").arg(&key).cmd("DEL").arg(&key).ignore();
+        }
+        let mut conn = self.shared.conn.clone();
+        let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(lens.iter().sum())
     }
-    async fn queue_len(&self, _queue: &str) -> Result<u64> {
-        Err(BrokerError::NotCompiled("redis"))
+
+    async fn queue_len(&self, queue: &str) -> Result<u64> {
+        self.check_open()?;
+        let mut pipe = redis::pipe();
+        for key in self.shared.keys.priority_keys(queue) {
+            pipe.cmd("LLEN").arg(key);
+        }
+        let mut conn = self.shared.conn.clone();
+        let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(lens.iter().sum())
     }
+
+    /// Stops every consumer of this broker (each gives back its unacked deliveries as its `next()`
+    /// returns `None`) and refuses further calls. The connections close when the last handle drops.
     async fn close(&self) -> Result<()> {
+        self.shared.closed.cancel();
         Ok(())
     }
 }

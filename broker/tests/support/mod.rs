@@ -19,5 +19,11 @@ pub fn celery_python() -> Option<PathBuf> {
         .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
     assert!(out.status.success(), "{} failed", script.display());
     let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
-    Some(PathBuf::from(stdout.lines().last().expect("celery-venv.sh printed no path").trim()))
+    Some(PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("celery-venv.sh printed no path")
+            .trim(),
+    ))
 }

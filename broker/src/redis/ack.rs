@@ -1,0 +1,183 @@
+//! Settling Redis deliveries: ack, reject, keep-alive, and the bookkeeping of what a consumer holds.
+//!
+//! A delivery is a record in kombu's `unacked` hash plus a score (its delivery time) in
+//! `unacked_index`. Ack removes both, as kombu does, but through `settle.lua`, which first checks that
+//! the score is still the one we wrote. If a visibility-timeout sweep gave the message back and another
+//! worker took it again under the same delivery tag, a late ack or keep-alive from us leaves that
+//! worker's delivery alone. Reject with requeue pushes the message to the back of its queue marked
+//! redelivered (kombu's `restore_by_tag(leftmost=True)`); reject without requeue is an ack.
+//! `keep_alive` renews the score. All of these are compare-and-swaps, so they are retried on a
+//! connection error.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use super::backoff::retry_idempotent;
+use super::restore::{self, unix_now, Side};
+use super::scripts::SETTLE;
+use super::Shared;
+use crate::error::Result;
+use crate::transport::AckHandle;
+
+/// Unconfirmed renewals remembered per delivery.
+const MAX_PENDING: usize = 8;
+
+/// One delivery handed out and not settled yet.
+#[derive(Debug, Clone)]
+struct Held {
+    /// Hand-out order.
+    seq: u64,
+    /// Its `unacked_index` score as we last wrote it: proof that the record is still ours.
+    score: String,
+    /// Scores renewals may have written without our seeing the reply (a dropped `keep_alive`).
+    pending: Vec<String>,
+}
+
+impl Held {
+    /// Every score the record may have if it is still ours.
+    fn scores(&self) -> Vec<String> {
+        let mut all = Vec::with_capacity(1 + self.pending.len());
+        all.push(self.score.clone());
+        all.extend(self.pending.iter().cloned());
+        all
+    }
+}
+
+/// The deliveries a consumer handed out and that are not settled yet, shared with their handles.
+pub(crate) struct Outstanding {
+    shared: Arc<Shared>,
+    next_seq: AtomicU64,
+    /// delivery tag -> what we hold.
+    tags: Mutex<HashMap<String, Held>>,
+}
+
+impl Outstanding {
+    pub(crate) fn new(shared: Arc<Shared>) -> Arc<Self> {
+        Arc::new(Outstanding {
+            shared,
+            next_seq: AtomicU64::new(0),
+            tags: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Held>> {
+        self.tags.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a delivery recorded in Redis with `score`, and returns its handle.
+    pub(crate) fn hand_out(self: &Arc<Self>, tag: String, score: &str) -> RedisAck {
+        let held = Held {
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            score: score.to_owned(),
+            pending: Vec::new(),
+        };
+        self.lock().insert(tag.clone(), held);
+        RedisAck {
+            outstanding: self.clone(),
+            tag,
+        }
+    }
+
+    /// Takes `tag` out; `None` if it was already settled or given back by `close()`.
+    fn take(&self, tag: &str) -> Option<Held> {
+        self.lock().remove(tag)
+    }
+
+    fn put_back(&self, tag: &str, held: Held) {
+        self.lock().insert(tag.to_owned(), held);
+    }
+
+    /// Takes every outstanding tag with its scores, last handed out first (restoring them with RPUSH
+    /// in this order leaves the first one handed out at the very front of its queue).
+    pub(crate) fn drain(&self) -> Vec<(String, Vec<String>)> {
+        let mut all: Vec<(String, Held)> = self.lock().drain().collect();
+        all.sort_by_key(|h| std::cmp::Reverse(h.1.seq));
+        all.into_iter().map(|(t, h)| (t, h.scores())).collect()
+    }
+}
+
+/// How a Redis delivery is settled.
+pub(crate) struct RedisAck {
+    outstanding: Arc<Outstanding>,
+    tag: String,
+}
+
+impl RedisAck {
+    /// `settle.lua`: forget the delivery (`new_score` empty) or renew it, if its score is one of
+    /// `scores` (it is still ours).
+    async fn settle_script(&self, scores: &[String], new_score: &str) -> Result<bool> {
+        let shared = &self.outstanding.shared;
+        let mut conn = shared.conn.clone();
+        let mut inv = SETTLE.prepare_invoke();
+        inv.key(shared.keys.unacked())
+            .key(shared.keys.unacked_index())
+            .arg(&self.tag)
+            .arg(new_score);
+        for s in scores {
+            inv.arg(s);
+        }
+        let done: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(done == 1)
+    }
+
+    async fn settle(&self, requeue: bool) -> Result<()> {
+        // Already settled, or given back by close(): nothing to do.
+        let Some(held) = self.outstanding.take(&self.tag) else {
+            return Ok(());
+        };
+        let scores = held.scores();
+        let done = if requeue {
+            let mine = [(self.tag.clone(), scores)];
+            retry_idempotent(|| restore::restore_tags(&self.outstanding.shared, &mine, Side::Back))
+                .await
+                .map(|_| ())
+        } else {
+            retry_idempotent(|| self.settle_script(&scores, ""))
+                .await
+                .map(|_| ())
+        };
+        if done.is_err() {
+            self.outstanding.put_back(&self.tag, held);
+        }
+        done
+    }
+}
+
+#[async_trait]
+impl AckHandle for RedisAck {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.settle(false).await
+    }
+
+    async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
+        tracing::debug!(tag = %self.tag, requeue, "reject");
+        self.settle(requeue).await
+    }
+
+    /// Renews the delivery's lease: its `unacked_index` score becomes now (if it is still ours).
+    async fn keep_alive(&self) -> Result<()> {
+        let renewed = format!("{:.6}", unix_now());
+        let scores = {
+            let mut all = self.outstanding.lock();
+            let Some(h) = all.get_mut(&self.tag) else {
+                return Ok(());
+            };
+            let scores = h.scores();
+            // Remember the new score before sending it, in case this future is dropped mid-flight.
+            if h.pending.len() < MAX_PENDING {
+                h.pending.push(renewed.clone());
+            }
+            scores
+        };
+        if retry_idempotent(|| self.settle_script(&scores, &renewed)).await? {
+            if let Some(h) = self.outstanding.lock().get_mut(&self.tag) {
+                h.score = renewed;
+                h.pending.clear();
+            }
+        }
+        Ok(())
+    }
+}

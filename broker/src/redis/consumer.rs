@@ -1,0 +1,474 @@
+//! The Redis consumer: batched atomic fetch into kombu's ack emulation, and a prefetch window.
+//!
+//! `next()` hands out a buffered delivery if it has one. Otherwise it takes a prefetch slot (plus any
+//! other free ones, up to [`MAX_BATCH`]) and runs `fetch.lua`. In one atomic step that script pops up to
+//! that many messages, priority-major over the queues (kombu's key order), and records each one in
+//! `unacked` / `unacked_index` exactly as kombu does. A consumer killed at any instant therefore
+//! loses nothing: a message is either still in its list or recorded where any restore sweep (ours or
+//! a Python worker's) finds it after the visibility timeout. Queues served by a batch are rotated to
+//! the end of the order for the next one (kombu's round-robin). When nothing is there, the consumer
+//! waits on its [`Waiters`] (see that module) and fetches again when woken.
+//!
+//! `next()` is cancel-safe: the in-flight fetch (and the idle waits) are futures kept in the consumer,
+//! so a caller that stops waiting (a `select!`, a timeout) leaves the reply to the next call instead of
+//! stranding what it fetched. They are polled in place, with no task hop on the latency path.
+//!
+//! Malformed messages are never lost and never stop the consumer. An envelope the script cannot read
+//! (not JSON, or no delivery tag) is pushed by the script to `<queue>.celerity.dead`. One that parses
+//! but does not decode (bad base64, unknown body encoding, wrong field types) is moved there from
+//! `unacked`, byte for byte. Both are logged at error level; the dead-letter lists keep the bytes for
+//! inspection and replay.
+//!
+//! Settling deliveries is `ack.rs`'s. `close()`, or dropping the consumer, gives the still-unacked
+//! deliveries (and anything a cancelled fetch brought) back to the front of their queues, marked
+//! redelivered. Connection errors are retried with a backoff; `next()` fails only on errors that
+//! retrying cannot fix.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::future::BoxFuture;
+use redis::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::ack::Outstanding;
+use super::backoff::Backoff;
+use super::envelope;
+use super::restore::{self, unix_now, Side};
+use super::scripts::FETCH;
+use super::waiter::Waiters;
+use super::Shared;
+use crate::error::{BrokerError, Result};
+use crate::transport::{Consumer, Delivery};
+
+/// The most messages one fetch pops.
+const MAX_BATCH: usize = 64;
+/// How often an idle consumer looks for itself, in case a wake-up was missed.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
+/// One message popped by `fetch.lua`.
+struct Fetched {
+    /// False when the script dead-lettered it.
+    recorded: bool,
+    /// Position in the queue order the fetch used.
+    pos: usize,
+    tag: String,
+    raw: Vec<u8>,
+}
+
+/// A fetch whose reply has not been taken yet (it survives a cancelled `next()`).
+struct PendingFetch {
+    reply: BoxFuture<'static, Result<Vec<Fetched>>>,
+    /// The `unacked_index` score the fetched messages were recorded with.
+    score: String,
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// A consumer of one or more queues (see the module doc).
+pub(crate) struct RedisConsumer {
+    shared: Arc<Shared>,
+    outstanding: Arc<Outstanding>,
+    queues: Vec<String>,
+    /// The five keys of each queue: priority steps 0, 3, 6, 9, then the dead-letter list.
+    queue_keys: Vec<[String; 5]>,
+    /// Queue positions in the order the next fetch visits them.
+    order: Vec<usize>,
+    buffer: VecDeque<Delivery>,
+    pending: Option<PendingFetch>,
+    window: Arc<Semaphore>,
+    prefetch: usize,
+    cancel: CancellationToken,
+    waiters: Waiters,
+    sweeper: Option<JoinHandle<()>>,
+    closed: bool,
+}
+
+impl RedisConsumer {
+    pub(crate) async fn start(
+        shared: Arc<Shared>,
+        queues: Vec<String>,
+        prefetch: usize,
+    ) -> Result<Self> {
+        let prefetch = prefetch.max(1);
+        let queue_keys: Vec<[String; 5]> = queues
+            .iter()
+            .map(|q| {
+                let [k0, k3, k6, k9] = shared.keys.priority_keys(q);
+                [k0, k3, k6, k9, shared.keys.dead(q)]
+            })
+            .collect();
+        let cancel = shared.closed.child_token();
+        let wait_keys: Vec<String> = queue_keys
+            .iter()
+            .flat_map(|k| k[..4].iter().cloned())
+            .collect();
+        let waiters = Waiters::new(&shared.client, wait_keys);
+        // kombu restores at poll start; a failure here is not fatal (the periodic sweep retries).
+        if let Err(e) = restore::sweep(&shared).await {
+            tracing::warn!(error = %e, "initial restore sweep failed");
+        }
+        let sweeper = tokio::spawn(sweep_periodically(shared.clone(), cancel.clone()));
+        Ok(RedisConsumer {
+            outstanding: Outstanding::new(shared.clone()),
+            shared,
+            order: (0..queues.len()).collect(),
+            queues,
+            queue_keys,
+            buffer: VecDeque::new(),
+            pending: None,
+            window: Arc::new(Semaphore::new(prefetch)),
+            prefetch,
+            cancel,
+            waiters,
+            sweeper: Some(sweeper),
+            closed: false,
+        })
+    }
+
+    /// Starts `fetch.lua` for as many messages as `permits` allows (sent when first polled).
+    fn start_fetch(&self, permits: Vec<OwnedSemaphorePermit>) -> PendingFetch {
+        let keys = &self.shared.keys;
+        let mut inv = FETCH.prepare_invoke();
+        inv.key(keys.unacked()).key(keys.unacked_index());
+        for &i in &self.order {
+            for k in &self.queue_keys[i] {
+                inv.key(k);
+            }
+        }
+        let score = format!("{:.6}", unix_now());
+        inv.arg(&score).arg(permits.len());
+        for &i in &self.order {
+            inv.arg(&self.queues[i]);
+        }
+        let mut conn = self.shared.conn.clone();
+        let nqueues = self.order.len();
+        let reply = Box::pin(async move {
+            let reply: Value = inv.invoke_async(&mut conn).await?;
+            parse_fetch(reply, nqueues)
+        });
+        PendingFetch {
+            reply,
+            score,
+            permits,
+        }
+    }
+
+    /// Turns a fetched batch into buffered deliveries, one permit each, and rotates the queue order.
+    fn accept(&mut self, batch: Vec<Fetched>, score: &str, mut permits: Vec<OwnedSemaphorePermit>) {
+        let mut served = Vec::new();
+        for f in batch {
+            let qi = self.order[f.pos];
+            if !served.contains(&qi) {
+                served.push(qi);
+            }
+            let queue = &self.queues[qi];
+            if !f.recorded {
+                tracing::error!(
+                    queue = %queue,
+                    dead_letter = %self.shared.keys.dead(queue),
+                    preview = %preview(&f.raw),
+                    "unreadable message (not a kombu envelope); moved to the dead-letter list"
+                );
+                continue;
+            }
+            match envelope::decode(&f.raw) {
+                Ok(d) => {
+                    let handle = self.outstanding.hand_out(f.tag, score);
+                    self.buffer.push_back(Delivery::new(
+                        d.message,
+                        queue.clone(),
+                        d.redelivered,
+                        Box::new(handle),
+                        permits.pop(),
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(queue = %queue, tag = %f.tag, error = %e, preview = %preview(&f.raw),
+                        "undecodable message; moving it to the dead-letter list");
+                    tokio::spawn(dead_letter(
+                        self.shared.clone(),
+                        queue.clone(),
+                        f.tag,
+                        score.to_owned(),
+                        f.raw,
+                    ));
+                }
+            }
+        }
+        // kombu's round-robin: the queues just served go to the end of the order.
+        let (mut hit, mut order): (Vec<usize>, Vec<usize>) =
+            self.order.iter().partition(|i| served.contains(i));
+        order.append(&mut hit);
+        self.order = order;
+    }
+
+    /// Waits while there is nothing to fetch. True if the consumer was closed meanwhile.
+    async fn wait_idle(&mut self) -> bool {
+        tokio::select! {
+            () = self.waiters.wait(IDLE_RECHECK) => false,
+            () = self.cancel.cancelled() => true,
+        }
+    }
+
+    /// Stops the background tasks and hands back every outstanding delivery. The giving back runs in
+    /// its own task, so it completes even if the caller stops waiting for it.
+    async fn shut_down(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let job = self.stop();
+        let restored = job.await.map_err(|e| BrokerError::Transport {
+            transport: "redis",
+            message: format!("giving back unacked deliveries: {e}"),
+        })??;
+        if restored > 0 {
+            tracing::debug!(restored, "consumer closed; unacked deliveries given back");
+        }
+        Ok(())
+    }
+
+    /// Marks the consumer closed, stops its tasks and spawns the giving back of what it holds.
+    fn stop(&mut self) -> JoinHandle<Result<usize>> {
+        self.closed = true;
+        self.cancel.cancel();
+        self.waiters = Waiters::new(&self.shared.client, Vec::new());
+        if let Some(s) = self.sweeper.take() {
+            s.abort();
+        }
+        self.window.close();
+        self.buffer.clear();
+        let held = self.outstanding.drain();
+        let pending = self.pending.take();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            // What an unfinished fetch brought was never handed out: it goes back first, so it ends up
+            // behind the deliveries that were.
+            let mut tags = Vec::new();
+            if let Some(p) = pending {
+                if let Ok(batch) = p.reply.await {
+                    tags.extend(
+                        batch
+                            .into_iter()
+                            .rev()
+                            .filter(|f| f.recorded)
+                            .map(|f| (f.tag, vec![p.score.clone()])),
+                    );
+                }
+            }
+            tags.extend(held);
+            restore::restore_tags(&shared, &tags, Side::Next).await
+        })
+    }
+}
+
+#[async_trait]
+impl Consumer for RedisConsumer {
+    async fn next(&mut self) -> Result<Option<Delivery>> {
+        let mut backoff = Backoff::default();
+        loop {
+            if self.closed {
+                return Ok(None);
+            }
+            if let Some(d) = self.buffer.pop_front() {
+                return Ok(Some(d));
+            }
+            // A fetch left by a cancelled call is finished before a new one starts.
+            if self.pending.is_none() {
+                let first = tokio::select! {
+                    p = self.window.clone().acquire_owned() => p.ok(),
+                    () = self.cancel.cancelled() => None,
+                };
+                let Some(first) = first else {
+                    self.shut_down().await?;
+                    return Ok(None);
+                };
+                let mut permits = vec![first];
+                while permits.len() < MAX_BATCH {
+                    match self.window.clone().try_acquire_owned() {
+                        Ok(p) => permits.push(p),
+                        Err(_) => break,
+                    }
+                }
+                self.pending = Some(self.start_fetch(permits));
+            }
+            let Some(pending) = self.pending.as_mut() else {
+                continue;
+            };
+            let fetched = pending.reply.as_mut().await;
+            let Some(PendingFetch { score, permits, .. }) = self.pending.take() else {
+                continue;
+            };
+            match fetched {
+                Ok(batch) if !batch.is_empty() => {
+                    backoff.reset();
+                    // Everything fetched may have been malformed: then the loop fetches again.
+                    self.accept(batch, &score, permits);
+                }
+                Ok(_) => {
+                    backoff.reset();
+                    drop(permits);
+                    if self.wait_idle().await {
+                        self.shut_down().await?;
+                        return Ok(None);
+                    }
+                }
+                Err(e) if e.is_connection() => {
+                    drop(permits);
+                    let delay = backoff.fail();
+                    tracing::warn!(error = %e, retry_in = ?delay, "redis fetch failed; retrying");
+                    let closed = tokio::select! {
+                        () = tokio::time::sleep(delay) => false,
+                        () = self.cancel.cancelled() => true,
+                    };
+                    if closed {
+                        // Best effort: Redis may be why we are here.
+                        if let Err(e) = self.shut_down().await {
+                            tracing::warn!(error = %e, "could not give back unacked deliveries on close");
+                        }
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn set_prefetch(&mut self, prefetch: usize) -> Result<()> {
+        let prefetch = prefetch.max(1);
+        if prefetch > self.prefetch {
+            self.window.add_permits(prefetch - self.prefetch);
+        } else if prefetch < self.prefetch {
+            let shrink = u32::try_from(self.prefetch - prefetch).unwrap_or(u32::MAX);
+            let window = self.window.clone();
+            // Take the slots away as they free up, without blocking the caller.
+            tokio::spawn(async move {
+                if let Ok(p) = window.acquire_many_owned(shrink).await {
+                    p.forget();
+                }
+            });
+        }
+        self.prefetch = prefetch;
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.shut_down().await
+    }
+}
+
+impl Drop for RedisConsumer {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            self.cancel.cancel();
+            tracing::warn!(
+                "redis consumer dropped outside a runtime; its deliveries come back after the visibility timeout"
+            );
+            return;
+        }
+        // Dropped without close(): give the deliveries back in the background.
+        let job = self.stop();
+        tokio::spawn(async move {
+            match job.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not give back the deliveries of a dropped consumer")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "giving back the deliveries of a dropped consumer failed")
+                }
+            }
+        });
+    }
+}
+
+/// The periodic restore sweep of one consumer.
+async fn sweep_periodically(shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(shared.restore_interval) => {}
+            () = cancel.cancelled() => return,
+        }
+        if let Err(e) = restore::sweep(&shared).await {
+            tracing::warn!(error = %e, "restore sweep failed");
+        }
+    }
+}
+
+/// Moves a recorded delivery that does not decode from `unacked` to its queue's dead-letter list,
+/// byte for byte. On failure it stays unacked and comes back after the visibility timeout.
+async fn dead_letter(shared: Arc<Shared>, queue: String, tag: String, score: String, raw: Vec<u8>) {
+    let dead = shared.keys.dead(&queue);
+    let mut conn = shared.conn.clone();
+    let record: redis::RedisResult<Option<Vec<u8>>> = redis::cmd("HGET")
+        .arg(shared.keys.unacked())
+        .arg(&tag)
+        .query_async(&mut conn)
+        .await;
+    let moved = match record {
+        Ok(Some(record)) => restore::move_record(&shared, &tag, &[score], record, raw, dead).await,
+        Ok(None) => Ok(false),
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = moved {
+        tracing::warn!(tag, error = %e, "could not dead-letter the message; it stays unacked and comes back after the visibility timeout");
+    }
+}
+
+/// Reads `fetch.lua`'s flat reply.
+fn parse_fetch(reply: Value, nqueues: usize) -> Result<Vec<Fetched>> {
+    let items = match reply {
+        Value::Array(items) => items,
+        Value::Nil => Vec::new(),
+        other => {
+            return Err(BrokerError::malformed(format!(
+                "unexpected reply from fetch.lua: {other:?}"
+            )))
+        }
+    };
+    let bad = || BrokerError::malformed("unexpected item in the reply of fetch.lua");
+    let mut out = Vec::with_capacity(items.len() / 4);
+    let mut it = items.into_iter();
+    while let (Some(kind), Some(pos), Some(tag), Some(raw)) =
+        (it.next(), it.next(), it.next(), it.next())
+    {
+        let (Value::Int(kind), Value::Int(pos)) = (kind, pos) else {
+            return Err(bad());
+        };
+        let pos = usize::try_from(pos)
+            .ok()
+            .and_then(|p| p.checked_sub(1))
+            .filter(|p| *p < nqueues)
+            .ok_or_else(bad)?;
+        let tag = match tag {
+            Value::BulkString(b) => String::from_utf8(b).map_err(|_| bad())?,
+            _ => return Err(bad()),
+        };
+        let Value::BulkString(raw) = raw else {
+            return Err(bad());
+        };
+        out.push(Fetched {
+            recorded: kind == 1,
+            pos,
+            tag,
+            raw,
+        });
+    }
+    Ok(out)
+}
+
+/// The start of a message, for logs.
+fn preview(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&raw[..raw.len().min(200)]).into_owned();
+    if raw.len() > 200 {
+        format!("{text}… ({} bytes)", raw.len())
+    } else {
+        text
+    }
+}

@@ -1,0 +1,129 @@
+//! Every Redis key name the transport uses, in kombu's layout, with the `global_keyprefix` applied.
+//!
+//! Nothing outside this module formats a key. The names are kombu 5.x's: queues are lists named after
+//! the queue (one per priority step), bindings are sets `_kombu.binding.<exchange>`, and the ack
+//! emulation uses the hash `unacked`, the sorted set `unacked_index` and the lock `unacked_mutex`.
+//! Our own additions are only the dead-letter lists (`<queue>.celerity.dead`, `celerity.dead`).
+
+/// kombu's separator inside priority keys and binding members (bytes 0x06 0x16).
+pub(crate) const SEP: &str = "\x06\x16";
+
+/// kombu's `priority_steps`: one list per step; step 0 is the bare queue name and is served first.
+pub(crate) const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
+
+/// The step a message priority goes to: priorities are clamped to 0..=9, then rounded down to a step.
+pub(crate) fn step_for(priority: i64) -> u8 {
+    let p = priority.clamp(0, 9) as u8;
+    PRIORITY_STEPS
+        .iter()
+        .copied()
+        .rfind(|s| *s <= p)
+        .unwrap_or(0)
+}
+
+/// The member kombu stores in a binding set: `<routing_key>␆␖<pattern>␆␖<queue>`.
+pub(crate) fn binding_member(routing_key: &str, pattern: &str, queue: &str) -> String {
+    format!("{routing_key}{SEP}{pattern}{SEP}{queue}")
+}
+
+/// Key names for one `global_keyprefix`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The list that holds `queue`'s messages of `priority` (mapped to its step).
+    pub(crate) fn queue(&self, queue: &str, priority: i64) -> String {
+        match step_for(priority) {
+            0 => format!("{}{queue}", self.prefix),
+            step => format!("{}{queue}{SEP}{step}", self.prefix),
+        }
+    }
+
+    /// The lists of every priority step of `queue`, in serving order (step 0 first).
+    pub(crate) fn priority_keys(&self, queue: &str) -> [String; 4] {
+        PRIORITY_STEPS.map(|step| self.queue(queue, i64::from(step)))
+    }
+
+    /// The set of bindings of `exchange`.
+    pub(crate) fn binding(&self, exchange: &str) -> String {
+        format!("{}_kombu.binding.{exchange}", self.prefix)
+    }
+
+    /// The set marking `exchange`'s bindings as permanent (kombu 5.7's binding sweep keeps these).
+    pub(crate) fn binding_permanent(&self, exchange: &str) -> String {
+        format!("{}_kombu.binding_permanent.{exchange}", self.prefix)
+    }
+
+    /// Hash `delivery_tag -> [envelope, exchange, routing_key]` of delivered, unacked messages.
+    pub(crate) fn unacked(&self) -> String {
+        format!("{}unacked", self.prefix)
+    }
+
+    /// Sorted set `delivery_tag` scored by delivery time (unix seconds).
+    pub(crate) fn unacked_index(&self) -> String {
+        format!("{}unacked_index", self.prefix)
+    }
+
+    /// The lock held during a restore sweep.
+    pub(crate) fn unacked_mutex(&self) -> String {
+        format!("{}unacked_mutex", self.prefix)
+    }
+
+    /// Where undecodable envelopes popped from `queue` are kept (our addition; kombu has none).
+    pub(crate) fn dead(&self, queue: &str) -> String {
+        format!("{}{queue}.celerity.dead", self.prefix)
+    }
+
+    /// Where unacked records that cannot be parsed or routed back are kept (our addition).
+    pub(crate) fn dead_unroutable(&self) -> String {
+        format!("{}celerity.dead", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priorities_map_to_kombu_steps() {
+        let steps: Vec<u8> = (-3..=12).map(step_for).collect();
+        assert_eq!(steps, [0, 0, 0, 0, 0, 0, 3, 3, 3, 6, 6, 6, 9, 9, 9, 9]);
+    }
+
+    #[test]
+    fn key_names_match_kombu() {
+        let k = Keys::new("p1:");
+        assert_eq!(
+            k.priority_keys("celery"),
+            [
+                "p1:celery",
+                "p1:celery\x06\x163",
+                "p1:celery\x06\x166",
+                "p1:celery\x06\x169"
+            ]
+        );
+        assert_eq!(k.queue("q", 5), "p1:q\x06\x163");
+        assert_eq!(k.binding("celery"), "p1:_kombu.binding.celery");
+        assert_eq!(
+            k.binding_permanent("celery"),
+            "p1:_kombu.binding_permanent.celery"
+        );
+        assert_eq!(k.unacked(), "p1:unacked");
+        assert_eq!(k.unacked_index(), "p1:unacked_index");
+        assert_eq!(k.unacked_mutex(), "p1:unacked_mutex");
+        assert_eq!(k.dead("q"), "p1:q.celerity.dead");
+        assert_eq!(
+            binding_member("celery", "", "celery"),
+            "celery\x06\x16\x06\x16celery"
+        );
+        assert_eq!(Keys::new("").queue("celery", 0), "celery");
+    }
+}

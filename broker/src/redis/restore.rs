@@ -1,0 +1,340 @@
+//! Giving unacked messages back to their queues, the kombu way: the periodic visibility-timeout
+//! sweep (`restore_visible`), and the restores done by reject-with-requeue and consumer close.
+//!
+//! A restore reads the `unacked` record, rewrites its envelope in Rust with `redelivered: true` in
+//! `headers` and `properties.delivery_info` (kombu's `_do_restore_message`), works out the destination
+//! queue(s) as kombu's `_lookup` does, and then moves the message with `scripts/restore.lua`: a
+//! compare-and-swap that only acts if the record is still byte-for-byte what was read, so a message
+//! acked or restored concurrently (by us or by a Python worker) is never pushed twice.
+//!
+//! Records that cannot be parsed, or whose exchange routes nowhere and have no routing key, go to the
+//! dead-letter list `celerity.dead` (with the prefix) rather than being dropped as kombu would.
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures_util::future::join_all;
+use redis::aio::ConnectionManager;
+
+use super::envelope;
+use super::keys::SEP;
+use super::scripts::{FORGET_ORPHAN, RESTORE, UNLOCK};
+use super::Shared;
+use crate::error::Result;
+
+/// kombu's `unacked_mutex_expire`: the sweep lock is dropped by Redis after this long.
+const MUTEX_EXPIRE_MS: u64 = 300_000;
+/// Tags restored per round of a sweep.
+const SWEEP_BATCH: usize = 500;
+/// Rounds per sweep (bounds the time the lock is held; the next sweep goes on).
+const SWEEP_ROUNDS: usize = 20;
+
+/// Which end of the list a restored message goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// `RPUSH`: consumers pop from the right, so it is taken next (sweeps, close).
+    Next,
+    /// `LPUSH`: the back of the queue (kombu's reject with requeue).
+    Back,
+}
+
+/// Unix time in seconds, as kombu's `time()`.
+pub(crate) fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// One step of a restore, decided after reading the records.
+enum Op {
+    /// The index has the tag but `unacked` has no record: drop the index entry.
+    Forget { tag: String },
+    /// Move the message (if its record, and score when given, are unchanged) to `dests`.
+    Move {
+        tag: String,
+        /// Scores the caller may hold (empty: any).
+        scores: Vec<String>,
+        expected: Vec<u8>,
+        payload: Vec<u8>,
+        dests: Vec<String>,
+        side: Side,
+    },
+}
+
+/// kombu's `restore_visible`: under the `unacked_mutex` lock, restores every delivery older than the
+/// visibility timeout. Returns how many messages were moved back (0 if another process holds the lock).
+pub(crate) async fn sweep(shared: &Shared) -> Result<usize> {
+    let mut conn = shared.conn.clone();
+    let mutex = shared.keys.unacked_mutex();
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let locked: Option<String> = redis::cmd("SET")
+        .arg(&mutex)
+        .arg(&token)
+        .arg("NX")
+        .arg("PX")
+        .arg(MUTEX_EXPIRE_MS)
+        .query_async(&mut conn)
+        .await?;
+    if locked.is_none() {
+        tracing::debug!("restore sweep skipped: another process holds the unacked_mutex");
+        return Ok(0);
+    }
+    let result = sweep_locked(shared, &mut conn).await;
+    let released: redis::RedisResult<i64> =
+        UNLOCK.key(&mutex).arg(&token).invoke_async(&mut conn).await;
+    if let Err(e) = released {
+        tracing::warn!(error = %e, "could not release the unacked_mutex (it expires by itself)");
+    }
+    result
+}
+
+async fn sweep_locked(shared: &Shared, conn: &mut ConnectionManager) -> Result<usize> {
+    let ceil = unix_now() - shared.visibility_timeout;
+    let mut restored = 0;
+    for _ in 0..SWEEP_ROUNDS {
+        let tags: Vec<String> = redis::cmd("ZRANGE")
+            .arg(shared.keys.unacked_index())
+            .arg("-inf")
+            .arg(format!("{ceil:.6}"))
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(SWEEP_BATCH)
+            .query_async(conn)
+            .await?;
+        if tags.is_empty() {
+            break;
+        }
+        let tags: Vec<(String, Vec<String>)> = tags.into_iter().map(|t| (t, Vec::new())).collect();
+        restored += restore_tags(shared, &tags, Side::Next).await?;
+        if tags.len() < SWEEP_BATCH {
+            break;
+        }
+    }
+    if restored > 0 {
+        tracing::info!(
+            restored,
+            "restored unacked messages older than the visibility timeout"
+        );
+    }
+    Ok(restored)
+}
+
+/// Restores the deliveries `tags` (marked redelivered) to their queues. With scores, a tag is only
+/// restored if its `unacked_index` score is one of them (the caller's own delivery). Tags with no
+/// record are dropped from the index. Returns how many messages were moved back.
+pub(crate) async fn restore_tags(
+    shared: &Shared,
+    tags: &[(String, Vec<String>)],
+    side: Side,
+) -> Result<usize> {
+    if tags.is_empty() {
+        return Ok(0);
+    }
+    let mut conn = shared.conn.clone();
+    let records: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+        .arg(shared.keys.unacked())
+        .arg(tags.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>())
+        .query_async(&mut conn)
+        .await?;
+    let mut bindings = HashMap::new();
+    let mut ops = Vec::with_capacity(tags.len());
+    for ((tag, scores), record) in tags.iter().zip(records) {
+        let Some(record) = record else {
+            ops.push(Op::Forget { tag: tag.clone() });
+            continue;
+        };
+        let op = match envelope::restored(&record) {
+            Ok(r) => {
+                let queues =
+                    destinations(shared, &r.exchange, &r.routing_key, &mut bindings).await?;
+                let dests: Vec<String> = if queues.is_empty() {
+                    tracing::warn!(tag, exchange = %r.exchange, "unacked message routes nowhere; moved to the dead-letter list");
+                    vec![shared.keys.dead_unroutable()]
+                } else {
+                    queues
+                        .iter()
+                        .map(|q| shared.keys.queue(q, r.priority))
+                        .collect()
+                };
+                Op::Move {
+                    tag: tag.clone(),
+                    scores: scores.clone(),
+                    payload: r.payload,
+                    expected: record,
+                    dests,
+                    side,
+                }
+            }
+            Err(e) => {
+                tracing::error!(tag, error = %e, "unreadable unacked record; moved to the dead-letter list");
+                Op::Move {
+                    tag: tag.clone(),
+                    scores: scores.clone(),
+                    payload: record.clone(),
+                    expected: record,
+                    dests: vec![shared.keys.dead_unroutable()],
+                    side: Side::Back,
+                }
+            }
+        };
+        ops.push(op);
+    }
+    // Sent concurrently: the multiplexed connection pipelines them, in order.
+    let results = join_all(ops.iter().map(|op| apply(shared, op))).await;
+    let mut moved = 0;
+    for r in results {
+        moved += usize::from(r?);
+    }
+    Ok(moved)
+}
+
+/// Moves one recorded delivery to `dest` as it is (no redelivered flag), if its record is still
+/// `expected` and its score one of `scores`. Used to dead-letter an envelope that does not decode.
+pub(crate) async fn move_record(
+    shared: &Shared,
+    tag: &str,
+    scores: &[String],
+    expected: Vec<u8>,
+    payload: Vec<u8>,
+    dest: String,
+) -> Result<bool> {
+    let op = Op::Move {
+        tag: tag.to_owned(),
+        scores: scores.to_vec(),
+        expected,
+        payload,
+        dests: vec![dest],
+        side: Side::Back,
+    };
+    apply(shared, &op).await
+}
+
+async fn apply(shared: &Shared, op: &Op) -> Result<bool> {
+    let mut conn = shared.conn.clone();
+    let keys = &shared.keys;
+    let done: i64 = match op {
+        Op::Forget { tag } => {
+            FORGET_ORPHAN
+                .key(keys.unacked())
+                .key(keys.unacked_index())
+                .arg(tag)
+                .invoke_async(&mut conn)
+                .await?
+        }
+        Op::Move {
+            tag,
+            scores,
+            expected,
+            payload,
+            dests,
+            side,
+        } => {
+            let mut inv = RESTORE.prepare_invoke();
+            inv.key(keys.unacked()).key(keys.unacked_index());
+            for d in dests {
+                inv.key(d);
+            }
+            inv.arg(tag)
+                .arg(expected.as_slice())
+                .arg(payload.as_slice())
+                .arg(if *side == Side::Back { "L" } else { "R" });
+            for s in scores {
+                inv.arg(s);
+            }
+            inv.invoke_async(&mut conn).await?
+        }
+    };
+    Ok(done == 1 && matches!(op, Op::Move { .. }))
+}
+
+/// kombu's `_lookup`: the anonymous exchange routes to the queue named by the routing key; a named
+/// exchange to the queues of its stored bindings whose key matches (direct, or topic wildcards). If
+/// nothing matches, the routing key is used as the queue name (kombu would drop the message).
+async fn destinations(
+    shared: &Shared,
+    exchange: &str,
+    routing_key: &str,
+    cache: &mut HashMap<String, Vec<String>>,
+) -> Result<Vec<String>> {
+    if exchange.is_empty() {
+        return Ok(non_empty(routing_key));
+    }
+    if !cache.contains_key(exchange) {
+        let mut conn = shared.conn.clone();
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(shared.keys.binding(exchange))
+            .query_async(&mut conn)
+            .await?;
+        cache.insert(exchange.to_owned(), members);
+    }
+    let members = cache.get(exchange).map_or(&[][..], Vec::as_slice);
+    let mut queues: Vec<String> = Vec::new();
+    for member in members {
+        let mut parts = member.splitn(3, SEP);
+        let (Some(key), Some(_pattern), Some(queue)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if (key == routing_key || topic_match(key, routing_key))
+            && !queue.is_empty()
+            && !queues.iter().any(|q| q == queue)
+        {
+            queues.push(queue.to_owned());
+        }
+    }
+    if queues.is_empty() {
+        tracing::warn!(
+            exchange,
+            routing_key,
+            "no binding matches; restoring to the queue named by the routing key"
+        );
+        return Ok(non_empty(routing_key));
+    }
+    Ok(queues)
+}
+
+fn non_empty(queue: &str) -> Vec<String> {
+    if queue.is_empty() {
+        Vec::new()
+    } else {
+        vec![queue.to_owned()]
+    }
+}
+
+/// AMQP topic matching: words split on `.`, `*` matches one word, `#` zero or more.
+fn topic_match(pattern: &str, key: &str) -> bool {
+    if !pattern.contains(['*', '#']) {
+        return false;
+    }
+    fn go(p: &[&str], k: &[&str]) -> bool {
+        match p.split_first() {
+            None => k.is_empty(),
+            Some((&"#", rest)) => (0..=k.len()).any(|i| go(rest, &k[i..])),
+            Some((&w, rest)) => k
+                .split_first()
+                .is_some_and(|(&kw, krest)| (w == "*" || w == kw) && go(rest, krest)),
+        }
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let k: Vec<&str> = key.split('.').collect();
+    go(&p, &k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::topic_match;
+
+    #[test]
+    fn topic_wildcards() {
+        assert!(topic_match("#", "a.b"));
+        assert!(topic_match("a.*", "a.b"));
+        assert!(!topic_match("a.*", "a.b.c"));
+        assert!(topic_match("a.#", "a"));
+        assert!(topic_match("*.b.#", "x.b.c.d"));
+        assert!(
+            !topic_match("a.b", "a.b"),
+            "plain keys are compared directly"
+        );
+    }
+}

@@ -1,0 +1,65 @@
+-- fetch.lua: pop up to N messages and record them as unacked, in one atomic step (kombu's ack
+-- emulation: a consumer killed at any instant loses nothing, the message is either still in its
+-- list or recorded in `unacked`, where a restore sweep finds it).
+--
+-- KEYS[1]  unacked          (hash  delivery_tag -> [envelope, exchange, routing_key])
+-- KEYS[2]  unacked_index    (zset  delivery_tag scored by delivery time)
+-- KEYS[3..] five keys per queue, queues in the consumer's current order: the lists of priority
+--           steps 0, 3, 6, 9, then the queue's dead-letter list.
+-- ARGV[1]  now, unix seconds as a decimal (the unacked_index score)
+-- ARGV[2]  N, the most messages to pop
+-- ARGV[3..] the queue names, in the same order (routing key for envelopes without delivery_info)
+--
+-- Lists are popped priority-major (every queue's step 0 before any queue's step 3, ...), RPOP from
+-- the right as producers LPUSH on the left. The envelope is never re-encoded: cjson only reads the
+-- delivery tag, exchange and routing key, and the record is built by string concatenation.
+-- An envelope that is not a JSON object with a string `properties.delivery_tag` goes to its queue's
+-- dead-letter list instead (LPUSH) and is reported, so nothing is lost silently.
+--
+-- Returns a flat array, four items per popped message:
+--   kind (1 = recorded as unacked, 0 = dead-lettered), queue position (1-based), delivery tag
+--   ("" when dead-lettered), envelope.
+local nqueues = #ARGV - 2
+local want = tonumber(ARGV[2])
+local out = {}
+local got = 0
+for step = 1, 4 do
+  for q = 1, nqueues do
+    if got >= want then return out end
+    local base = 2 + (q - 1) * 5
+    local items = redis.call('RPOP', KEYS[base + step], want - got)
+    if items then
+      for _, item in ipairs(items) do
+        got = got + 1
+        local ok, env = pcall(cjson.decode, item)
+        local tag, ex, rk
+        if ok and type(env) == 'table' and type(env['properties']) == 'table' then
+          local props = env['properties']
+          tag = props['delivery_tag']
+          local info = props['delivery_info']
+          if type(info) == 'table' then
+            ex = info['exchange']
+            rk = info['routing_key']
+          end
+        end
+        if type(tag) == 'string' and tag ~= '' then
+          if type(ex) ~= 'string' then ex = '' end
+          if type(rk) ~= 'string' then rk = ARGV[2 + q] end
+          local record = '[' .. item .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']'
+          redis.call('ZADD', KEYS[2], ARGV[1], tag)
+          redis.call('HSET', KEYS[1], tag, record)
+          out[#out + 1] = 1
+          out[#out + 1] = q
+          out[#out + 1] = tag
+        else
+          redis.call('LPUSH', KEYS[base + 5], item)
+          out[#out + 1] = 0
+          out[#out + 1] = q
+          out[#out + 1] = ''
+        end
+        out[#out + 1] = item
+      end
+    end
+  end
+end
+return out
