@@ -44,6 +44,15 @@ pub trait ResultBackend: Send + Sync + 'static {
     /// The current state of a task; `PENDING` (with a null result) when nothing is stored.
     async fn get(&self, task_id: &str) -> Result<TaskMeta>;
 
+    /// The current states of many tasks, in order, in as few round trips as the backend allows.
+    async fn get_many(&self, task_ids: &[String]) -> Result<Vec<TaskMeta>> {
+        let mut out = Vec::with_capacity(task_ids.len());
+        for id in task_ids {
+            out.push(self.get(id).await?);
+        }
+        Ok(out)
+    }
+
     /// Waits until the task is in a ready state (SUCCESS, FAILURE, REVOKED) and returns it.
     /// Uses the backend's notifications, with a slow poll as a safety net; never a busy loop.
     /// `None` waits forever; on timeout returns [`crate::BrokerError::Timeout`].

@@ -255,6 +255,10 @@ impl ResultBackend for RedisBackend {
         decode(task_id, value)
     }
 
+    async fn get_many(&self, task_ids: &[String]) -> Result<Vec<TaskMeta>> {
+        RedisBackend::get_many(self, task_ids).await
+    }
+
     async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<TaskMeta> {
         self.check_open()?;
         let deadline = timeout.map(|t| Instant::now() + t);

@@ -1,0 +1,200 @@
+//! The worker against the real Redis and RabbitMQ (results on Redis): a batch of jobs all succeed
+//! with the right values, failures and retries behave as on memory://, and a cold shutdown gives the
+//! unfinished job back to the broker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Map};
+
+use celerity_broker::{connect_backend, connect_broker, Broker, State};
+use celerity_client::{Client, SendOptions};
+use celerity_worker::{demo, run, Registry, Shutdown, WorkerConfig};
+
+const REDIS: &str = "redis://127.0.0.1:6379/0";
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+async fn exercise(broker_url: &str, prefix: &str, queue: &str) {
+    let broker = connect_broker(broker_url).await.unwrap();
+    let backend = connect_backend(&format!("{REDIS}?global_keyprefix={prefix}"))
+        .await
+        .unwrap();
+    let client = Client::new(broker.clone(), Some(backend.clone()));
+    let mut registry = Registry::new();
+    demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    let config = WorkerConfig {
+        queues: vec![queue.to_owned()],
+        concurrency: 8,
+        grace: Duration::from_secs(5),
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(run(
+        registry.clone(),
+        broker.clone(),
+        Some(backend.clone()),
+        config.clone(),
+        shutdown.clone(),
+    ));
+
+    let options = SendOptions::new().queue(queue);
+    let batch: Vec<_> = (0..500)
+        .map(|i| {
+            options
+                .build(
+                    "demo.add",
+                    vec![json!(i), json!(1)],
+                    Map::new(),
+                    chrono::Utc::now(),
+                )
+                .unwrap()
+        })
+        .collect();
+    client.send_batch(&batch, queue).await.unwrap();
+    let unknown = client
+        .send_task("nobody.knows", vec![], Map::new(), &options)
+        .await
+        .unwrap();
+    let flaky = client
+        .send_task(
+            "demo.flaky",
+            vec![json!("k"), json!(2)],
+            Map::new(),
+            &options,
+        )
+        .await
+        .unwrap();
+
+    for (i, m) in batch.iter().enumerate() {
+        let meta = backend
+            .wait(m.id(), Some(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        assert_eq!(
+            (meta.status, meta.result),
+            (State::Success, json!(i + 1)),
+            "job {i}"
+        );
+    }
+    let meta = unknown
+        .wait_meta(Some(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(
+        meta.exception().map(|e| e.exc_type),
+        Some("NotRegistered".into())
+    );
+    assert_eq!(
+        flaky.get(Some(Duration::from_secs(30))).await.unwrap(),
+        json!({"key": "k", "runs": 3})
+    );
+    shutdown.warm.cancel();
+    let summary = worker.await.unwrap().unwrap();
+    assert_eq!(
+        (summary.succeeded, summary.failed, summary.retried),
+        (501, 1, 2)
+    );
+    assert_eq!(broker.queue_len(queue).await.unwrap(), 0);
+
+    // Cold shutdown while a job runs: it goes back to the queue, no result is stored.
+    let shutdown = Shutdown::default();
+    let worker = tokio::spawn(run(
+        registry,
+        broker.clone(),
+        Some(backend.clone()),
+        config,
+        shutdown.clone(),
+    ));
+    let long = client
+        .send_task("demo.sleep_ms", vec![json!(30_000)], Map::new(), &options)
+        .await
+        .unwrap();
+    wait_for_state_or_running(&broker, queue).await;
+    shutdown.warm.cancel();
+    shutdown.cold.cancel();
+    worker.await.unwrap().unwrap();
+    assert_eq!(backend.get(long.id()).await.unwrap().status, State::Pending);
+    let mut back = 0;
+    for _ in 0..50 {
+        back = broker.queue_len(queue).await.unwrap();
+        if back == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(back, 1, "the interrupted job is back in its queue");
+    broker.purge(queue).await.unwrap();
+    broker.close().await.unwrap();
+    backend.close().await.unwrap();
+}
+
+/// Waits until the job has left the ready queue (a worker took it).
+async fn wait_for_state_or_running(broker: &Arc<dyn Broker>, queue: &str) {
+    for _ in 0..100 {
+        if broker.queue_len(queue).await.unwrap() == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the worker never took the job");
+}
+
+fn unique() -> String {
+    format!("wtest-{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn cleanup_redis(prefix: &str) {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_on_redis() {
+    let id = unique();
+    let prefix = format!("{id}:");
+    exercise(
+        &format!("{REDIS}?global_keyprefix={prefix}"),
+        &prefix,
+        "jobs",
+    )
+    .await;
+    cleanup_redis(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_on_rabbitmq() {
+    let id = unique();
+    let prefix = format!("{id}:");
+    exercise(AMQP, &prefix, &id).await;
+    cleanup_redis(&prefix).await;
+    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let _ = ch
+        .queue_delete(
+            id.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await;
+    let _ = ch
+        .exchange_delete(
+            id.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = conn.close(0, "done".into()).await;
+}
