@@ -28,6 +28,8 @@ pub mod url;
 pub mod amqp;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use backend::{ResultBackend, State, TaskMeta};
 pub use error::{BrokerError, Result};

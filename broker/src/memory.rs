@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use async_trait::async_trait;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
-use crate::transport::{AckHandle, Broker, Consumer, Delivery};
+use crate::transport::{AckHandle, Broker, Consumer, Delivery, PrefetchWindow};
 use crate::url::BrokerUrl;
 
 const PRIORITY_LEVELS: usize = 10;
@@ -136,8 +136,7 @@ impl Broker for MemoryBroker {
             shared: self.shared.clone(),
             queues: queues.to_vec(),
             next_queue: 0,
-            window: Arc::new(Semaphore::new(prefetch.max(1))),
-            prefetch: prefetch.max(1),
+            window: PrefetchWindow::new(prefetch),
             unacked: Arc::new(Unacked::default()),
             closed: false,
         }))
@@ -176,8 +175,7 @@ struct MemoryConsumer {
     shared: Arc<Shared>,
     queues: Vec<String>,
     next_queue: usize,
-    window: Arc<Semaphore>,
-    prefetch: usize,
+    window: PrefetchWindow,
     unacked: Arc<Unacked>,
     closed: bool,
 }
@@ -220,6 +218,7 @@ impl Consumer for MemoryConsumer {
         }
         let permit = self
             .window
+            .permits()
             .clone()
             .acquire_owned()
             .await
@@ -253,20 +252,7 @@ impl Consumer for MemoryConsumer {
     }
 
     async fn set_prefetch(&mut self, prefetch: usize) -> Result<()> {
-        let prefetch = prefetch.max(1);
-        if prefetch > self.prefetch {
-            self.window.add_permits(prefetch - self.prefetch);
-        } else if prefetch < self.prefetch {
-            let shrink = (self.prefetch - prefetch) as u32;
-            let window = self.window.clone();
-            // Take the slots away as they free up, without blocking the caller.
-            tokio::spawn(async move {
-                if let Ok(p) = window.acquire_many_owned(shrink).await {
-                    p.forget();
-                }
-            });
-        }
-        self.prefetch = prefetch;
+        self.window.resize(prefetch);
         Ok(())
     }
 

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::Result;
 use crate::message::Message;
@@ -134,3 +134,46 @@ impl Delivery {
 
 /// A shared broker handle.
 pub type SharedBroker = Arc<dyn Broker>;
+
+/// A prefetch window kept on our side, for transports whose server has none (memory, Redis): at most
+/// `size` deliveries unsettled at once. Each delivery holds one permit until it is acked, rejected or
+/// dropped.
+#[derive(Debug)]
+pub struct PrefetchWindow {
+    permits: Arc<Semaphore>,
+    size: usize,
+}
+
+impl PrefetchWindow {
+    /// A window of `size` (at least 1).
+    pub fn new(size: usize) -> Self {
+        let size = size.max(1);
+        PrefetchWindow {
+            permits: Arc::new(Semaphore::new(size)),
+            size,
+        }
+    }
+
+    /// The permits deliveries take.
+    pub fn permits(&self) -> &Arc<Semaphore> {
+        &self.permits
+    }
+
+    /// Changes the size. Growing takes effect at once; shrinking takes slots away as deliveries
+    /// settle, without blocking the caller.
+    pub fn resize(&mut self, size: usize) {
+        let size = size.max(1);
+        if size > self.size {
+            self.permits.add_permits(size - self.size);
+        } else if size < self.size {
+            let shrink = u32::try_from(self.size - size).unwrap_or(u32::MAX);
+            let permits = self.permits.clone();
+            tokio::spawn(async move {
+                if let Ok(p) = permits.acquire_many_owned(shrink).await {
+                    p.forget();
+                }
+            });
+        }
+        self.size = size;
+    }
+}

@@ -7,10 +7,11 @@
 //! understood. Set `CELERITY_NO_PYTHON=1` to skip (the test then only prints a note).
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use celerity_broker::protocol::time::parse_iso;
+use celerity_broker::testkit::celery_python;
 use redis::Commands;
 use serde_json::{json, Value};
 
@@ -31,27 +32,6 @@ fn unique() -> String {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// The pinned Celery venv's python, or `None` when `CELERITY_NO_PYTHON` is set.
-fn celery_python() -> Option<PathBuf> {
-    if std::env::var_os("CELERITY_NO_PYTHON").is_some() {
-        eprintln!("CELERITY_NO_PYTHON is set: not asking Python Celery");
-        return None;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/celery-venv.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(out.status.success(), "{} failed", script.display());
-    let stdout = text(&out.stdout);
-    let path = stdout
-        .lines()
-        .last()
-        .expect("celery-venv.sh printed no path");
-    Some(PathBuf::from(path.trim()))
 }
 
 fn celerity(broker: &str, args: &[&str]) -> Output {

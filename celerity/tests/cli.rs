@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use celerity_broker::backend::ExceptionInfo;
 use celerity_broker::protocol::TaskMessage;
+use celerity_broker::testkit::{delete_amqp_queue, delete_redis_prefix};
 use celerity_broker::{connect_backend, connect_broker, TaskMeta};
 use serde_json::json;
 
@@ -188,7 +189,7 @@ async fn call_queues_purge_on_redis() {
     let q = unique();
     let url = format!("{REDIS}?global_keyprefix={q}:");
     call_and_read_back(&url, &q).await;
-    cleanup_redis(&q).await;
+    delete_redis_prefix(&q).await;
 }
 
 #[tokio::test]
@@ -282,36 +283,5 @@ async fn wait_and_result_print_values_and_failures() {
         "timed out",
     );
     consumer.close().await.unwrap();
-    cleanup_redis(&q).await;
-}
-
-async fn cleanup_redis(prefix: &str) {
-    let client = redis::Client::open(REDIS).unwrap();
-    let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut c)
-            .await
-            .unwrap();
-    }
-}
-
-async fn delete_amqp_queue(q: &str) {
-    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let _ = ch
-        .queue_delete(q.into(), lapin::options::QueueDeleteOptions::default())
-        .await;
-    let _ = ch
-        .exchange_delete(q.into(), lapin::options::ExchangeDeleteOptions::default())
-        .await;
-    let _ = conn.close(0, "done".into()).await;
+    delete_redis_prefix(&q).await;
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map};
 
+use celerity_broker::testkit::{delete_amqp_queue, delete_redis_prefix};
 use celerity_broker::{connect_backend, connect_broker, Broker, State};
 use celerity_client::{Client, SendOptions};
 use celerity_worker::{demo, run, Registry, Shutdown, WorkerConfig};
@@ -144,23 +145,6 @@ fn unique() -> String {
     format!("wtest-{}", uuid::Uuid::new_v4().simple())
 }
 
-async fn cleanup_redis(prefix: &str) {
-    let client = redis::Client::open(REDIS).unwrap();
-    let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut c)
-            .await
-            .unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_on_redis() {
     let id = unique();
@@ -171,7 +155,7 @@ async fn worker_on_redis() {
         "jobs",
     )
     .await;
-    cleanup_redis(&prefix).await;
+    delete_redis_prefix(&prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,22 +163,6 @@ async fn worker_on_rabbitmq() {
     let id = unique();
     let prefix = format!("{id}:");
     exercise(AMQP, &prefix, &id).await;
-    cleanup_redis(&prefix).await;
-    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let _ = ch
-        .queue_delete(
-            id.as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
-        )
-        .await;
-    let _ = ch
-        .exchange_delete(
-            id.as_str().into(),
-            lapin::options::ExchangeDeleteOptions::default(),
-        )
-        .await;
-    let _ = conn.close(0, "done".into()).await;
+    delete_redis_prefix(&prefix).await;
+    delete_amqp_queue(&id).await;
 }

@@ -31,7 +31,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::BoxFuture;
 use redis::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -43,7 +43,7 @@ use super::scripts::FETCH;
 use super::waiter::Waiters;
 use super::Shared;
 use crate::error::{BrokerError, Result};
-use crate::transport::{Consumer, Delivery};
+use crate::transport::{Consumer, Delivery, PrefetchWindow};
 
 /// The most messages one fetch pops.
 const MAX_BATCH: usize = 64;
@@ -79,8 +79,7 @@ pub(crate) struct RedisConsumer {
     order: Vec<usize>,
     buffer: VecDeque<Delivery>,
     pending: Option<PendingFetch>,
-    window: Arc<Semaphore>,
-    prefetch: usize,
+    window: PrefetchWindow,
     cancel: CancellationToken,
     waiters: Waiters,
     sweeper: Option<JoinHandle<()>>,
@@ -120,8 +119,7 @@ impl RedisConsumer {
             queue_keys,
             buffer: VecDeque::new(),
             pending: None,
-            window: Arc::new(Semaphore::new(prefetch)),
-            prefetch,
+            window: PrefetchWindow::new(prefetch),
             cancel,
             waiters,
             sweeper: Some(sweeper),
@@ -239,7 +237,7 @@ impl RedisConsumer {
         if let Some(s) = self.sweeper.take() {
             s.abort();
         }
-        self.window.close();
+        self.window.permits().close();
         self.buffer.clear();
         let held = self.outstanding.drain();
         let pending = self.pending.take();
@@ -279,7 +277,7 @@ impl Consumer for RedisConsumer {
             // A fetch left by a cancelled call is finished before a new one starts.
             if self.pending.is_none() {
                 let first = tokio::select! {
-                    p = self.window.clone().acquire_owned() => p.ok(),
+                    p = self.window.permits().clone().acquire_owned() => p.ok(),
                     () = self.cancel.cancelled() => None,
                 };
                 let Some(first) = first else {
@@ -288,7 +286,7 @@ impl Consumer for RedisConsumer {
                 };
                 let mut permits = vec![first];
                 while permits.len() < MAX_BATCH {
-                    match self.window.clone().try_acquire_owned() {
+                    match self.window.permits().clone().try_acquire_owned() {
                         Ok(p) => permits.push(p),
                         Err(_) => break,
                     }
@@ -338,20 +336,7 @@ impl Consumer for RedisConsumer {
     }
 
     async fn set_prefetch(&mut self, prefetch: usize) -> Result<()> {
-        let prefetch = prefetch.max(1);
-        if prefetch > self.prefetch {
-            self.window.add_permits(prefetch - self.prefetch);
-        } else if prefetch < self.prefetch {
-            let shrink = u32::try_from(self.prefetch - prefetch).unwrap_or(u32::MAX);
-            let window = self.window.clone();
-            // Take the slots away as they free up, without blocking the caller.
-            tokio::spawn(async move {
-                if let Ok(p) = window.acquire_many_owned(shrink).await {
-                    p.forget();
-                }
-            });
-        }
-        self.prefetch = prefetch;
+        self.window.resize(prefetch);
         Ok(())
     }
 

@@ -1,0 +1,69 @@
+//! Helpers for this workspace's integration tests (feature `testkit`, off by default): the pinned
+//! Python Celery venv, and cleanup of what a test left on the real Redis and RabbitMQ.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The python of the pinned Celery venv (made on first use by `scripts/celery-venv.sh`), or `None`
+/// when `CELERITY_NO_PYTHON` is set (machines without Python). Panics if the script fails: a test
+/// that needs Celery must not pass without it.
+pub fn celery_python() -> Option<PathBuf> {
+    if std::env::var_os("CELERITY_NO_PYTHON").is_some() {
+        eprintln!("CELERITY_NO_PYTHON is set: not asking Python Celery");
+        return None;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/celery-venv.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(out.status.success(), "{} failed", script.display());
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let path = stdout
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("{} printed no path", script.display()));
+    Some(PathBuf::from(path.trim()))
+}
+
+/// Deletes every key of the local Redis (127.0.0.1:6379, db 0) that starts with `prefix`.
+#[cfg(feature = "redis")]
+pub async fn delete_redis_prefix(prefix: &str) {
+    assert!(!prefix.is_empty(), "refusing to delete every key");
+    let client = ::redis::Client::open("redis://127.0.0.1:6379/0").expect("redis url");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut c)
+        .await
+        .expect("KEYS");
+    if !keys.is_empty() {
+        let _: () = ::redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut c)
+            .await
+            .expect("DEL");
+    }
+}
+
+/// Deletes a queue and its same-named exchange (as Celery declares them) on the local RabbitMQ.
+#[cfg(feature = "amqp")]
+pub async fn delete_amqp_queue(queue: &str) {
+    use ::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let conn = ::lapin::Connection::connect(url, ::lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to rabbitmq");
+    let ch = conn.create_channel().await.expect("channel");
+    let _ = ch
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .exchange_delete(queue.into(), ExchangeDeleteOptions::default())
+        .await;
+    let _ = conn.close(0, "test cleanup".into()).await;
+}
