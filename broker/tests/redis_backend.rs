@@ -473,11 +473,28 @@ async fn python_celery_reads_what_we_store() {
     let p = prefix();
     let b = Arc::new(backend(&p, "").await);
     let tid = id();
+    // Failures stored before Python asks: `get()` must raise them, Celery's way.
+    let failed = id();
+    let exc = ExceptionInfo::new("ValueError", "bad value", "builtins");
+    b.store(&TaskMeta::failure(
+        &failed,
+        &exc,
+        Some("Traceback ...".into()),
+    ))
+    .await
+    .unwrap();
+    let custom = id();
+    let exc = ExceptionInfo::new("FlakyError", "run 1 of 3", "celerity.tasks");
+    b.store(&TaskMeta::failure(&custom, &exc, None))
+        .await
+        .unwrap();
     let script = format!(
         "from celery import Celery\n\
          app = Celery(backend='{REDIS}', broker='memory://')\n\
          app.conf.result_backend_transport_options = {{'global_keyprefix': '{p}'}}\n\
-         print(repr(app.AsyncResult('{tid}').get(timeout=20)))\n"
+         print(repr(app.AsyncResult('{tid}').get(timeout=20)))\n\
+         try:\n    app.AsyncResult('{failed}').get(timeout=20)\nexcept ValueError as e:\n    print('raised', type(e).__name__, e)\n\
+         try:\n    app.AsyncResult('{custom}').get(timeout=20)\nexcept Exception as e:\n    print('raised', type(e).__name__, e)\n"
     );
     let child = tokio::process::Command::new(&python)
         .env("PYTHONIOENCODING", "utf-8")
@@ -505,7 +522,11 @@ async fn python_celery_reads_what_we_store() {
         "python failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout.trim(), "{'answer': [42, 'två']}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "{'answer': [42, 'två']}");
+    assert_eq!(lines[1], "raised ValueError bad value");
+    // An exception class Python cannot import comes back as Celery's stand-in of the same name.
+    assert_eq!(lines[2], "raised FlakyError run 1 of 3");
     cleanup(&p).await;
 }
 
