@@ -56,11 +56,17 @@ fn main() -> ExitCode {
             Command::Worker(args) => {
                 let mut registry = Registry::new();
                 celerity_worker::demo::register(&mut registry);
-                let summary = run_worker(registry, args, &cli.conn).await?;
-                eprintln!(
-                    "worker stopped: {} succeeded, {} failed, {} retried, {} revoked, {} dead-lettered",
-                    summary.succeeded, summary.failed, summary.retried, summary.revoked, summary.rejected
-                );
+                if let Some(s) = run_worker(registry, args, &cli.conn).await? {
+                    eprintln!(
+                        "worker {} stopped: {} succeeded, {} failed, {} retried, {} revoked, {} dead-lettered",
+                        std::process::id(),
+                        s.succeeded,
+                        s.failed,
+                        s.retried,
+                        s.revoked,
+                        s.rejected
+                    );
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Command::Demo(args) => {

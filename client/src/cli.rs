@@ -79,6 +79,12 @@ pub struct CallArgs {
     /// Use this task id
     #[arg(long)]
     pub task_id: Option<String>,
+    /// Hard time limit in seconds (the worker process running it is killed)
+    #[arg(long)]
+    pub time_limit: Option<f64>,
+    /// Soft time limit in seconds (the job is cancelled and fails)
+    #[arg(long)]
+    pub soft_time_limit: Option<f64>,
     /// Wait for the result and print it
     #[arg(long)]
     pub wait: bool,
@@ -215,6 +221,14 @@ pub fn call_request(a: &CallArgs) -> Result<(Vec<Value>, Map<String, Value>, Sen
     }
     o.priority = a.priority;
     o.task_id = a.task_id.clone();
+    o.time_limit = a
+        .time_limit
+        .map(|t| seconds("--time-limit", t).map(|d| d.as_secs_f64()))
+        .transpose()?;
+    o.soft_time_limit = a
+        .soft_time_limit
+        .map(|t| seconds("--soft-time-limit", t).map(|d| d.as_secs_f64()))
+        .transpose()?;
     if a.count == 0 {
         return Err(ClientError::InvalidArgument(
             "--count must be at least 1".into(),

@@ -17,8 +17,10 @@ use celerity_client::cli::ConnectionArgs;
 use celerity_client::{Client, SendOptions};
 
 use crate::error::{Result, WorkerError};
+use crate::executor::Reporter;
 use crate::registry::Registry;
 use crate::server::{run, Shutdown, Summary, WorkerConfig};
+use crate::supervisor;
 
 /// `celerity worker`.
 #[derive(Debug, Clone, Args)]
@@ -35,6 +37,15 @@ pub struct WorkerArgs {
     /// Seconds a warm shutdown waits for running jobs before giving them back
     #[arg(long, default_value_t = 30.0)]
     pub grace: f64,
+    /// Worker processes under a supervisor (0: run in this process, unsupervised)
+    #[arg(short = 'P', long, default_value_t = 1)]
+    pub processes: usize,
+    /// Replace a worker process after it took this many jobs
+    #[arg(long)]
+    pub max_tasks_per_child: Option<u64>,
+    /// Replace a worker process once its resident memory is above this many MiB
+    #[arg(long)]
+    pub max_memory_per_child: Option<u64>,
 }
 
 impl WorkerArgs {
@@ -56,25 +67,40 @@ impl WorkerArgs {
                 .hostname
                 .replace("%h", celerity_broker::protocol::node::hostname()),
             grace,
+            max_tasks: self.max_tasks_per_child,
+            max_memory_kib: self.max_memory_per_child.map(|mb| mb.saturating_mul(1024)),
+            reporter: None,
         })
     }
 }
 
-/// Runs a worker until SIGINT/SIGTERM (first: warm shutdown; second: cold).
+/// Runs a worker until SIGINT/SIGTERM (first: warm shutdown; second: cold): a supervisor with
+/// `--processes` children, or (with `--processes 0`, and inside each child) the worker itself.
+/// Returns what the worker did, or `None` for a supervisor (its children report for themselves).
 pub async fn run_worker(
     registry: Registry,
     args: &WorkerArgs,
     conn: &ConnectionArgs,
-) -> Result<Summary> {
-    let config = args.config()?;
-    let broker = connect_broker(&conn.broker).await?;
-    let backend = backend_for(conn).await?;
+) -> Result<Option<Summary>> {
+    let mut config = args.config()?;
     let shutdown = Shutdown::default();
     let signals = tokio::spawn(forward_signals(shutdown.clone()));
-    let summary = run(registry, broker.clone(), backend, config, shutdown).await;
+    let is_child = std::env::var_os(supervisor::CHILD_ENV).is_some();
+    let outcome = if args.processes > 0 && !is_child {
+        let backend = backend_for(conn).await?;
+        supervisor::supervise(args.processes, backend, shutdown)
+            .await
+            .map(|()| None)
+    } else {
+        config.reporter = is_child.then_some(Reporter);
+        let broker = connect_broker(&conn.broker).await?;
+        let backend = backend_for(conn).await?;
+        let summary = run(registry, broker.clone(), backend, config, shutdown).await;
+        let _ = broker.close().await;
+        summary.map(Some)
+    };
     signals.abort();
-    let _ = broker.close().await;
-    summary
+    outcome
 }
 
 async fn backend_for(conn: &ConnectionArgs) -> Result<Option<Arc<dyn ResultBackend>>> {

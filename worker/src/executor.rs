@@ -57,7 +57,45 @@ pub(crate) struct Executor {
     /// Fired on cold shutdown: running jobs stop and are given back.
     pub abort: CancellationToken,
     pub counters: Arc<Counters>,
+    /// In a supervised child: where to report jobs that have a hard time limit, so the supervisor can
+    /// kill this process when one overruns.
+    pub reporter: Option<Reporter>,
 }
+
+/// Writes [`JobEvent`]s to this process's stdout, one JSON line each, for the supervisor.
+///
+/// The write is synchronous on purpose: it must reach the supervisor before the job starts, even
+/// when the job then blocks the thread it runs on (the case hard time limits exist for).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reporter;
+
+impl Reporter {
+    pub fn send(&self, event: &JobEvent) {
+        use std::io::Write;
+        let Ok(mut line) = serde_json::to_vec(event) else {
+            return;
+        };
+        line.push(b'\n');
+        let mut out = std::io::stdout().lock();
+        if out.write_all(&line).and_then(|()| out.flush()).is_err() {
+            tracing::warn!("cannot report to the supervisor (stdout closed)");
+        }
+    }
+}
+
+/// What a supervised child tells its supervisor about jobs with a hard time limit.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JobEvent {
+    /// A job started and must be done within `hard` seconds.
+    Started { id: String, task: String, hard: f64 },
+    /// That job is over (whatever the outcome).
+    Finished { id: String },
+}
+
+/// How often a running job renews its broker lease (Redis visibility), well inside the default
+/// visibility timeout.
+const RUNNING_KEEP_ALIVE_EVERY: Duration = Duration::from_secs(30);
 
 fn bump(c: &std::sync::atomic::AtomicU64) {
     c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -71,6 +109,21 @@ impl Executor {
             Ok(m) => m,
             Err(e) => return self.dead_letter(delivery, e.to_string()).await,
         };
+        tracing::info!(
+            id = message.id(),
+            task = message.task(),
+            queue = delivery.queue,
+            redelivered = delivery.redelivered,
+            "received"
+        );
+        if delivery.redelivered && self.already_finished(message.id()).await {
+            tracing::warn!(
+                id = message.id(),
+                task = message.task(),
+                "redelivered but already finished; not running it again"
+            );
+            return self.settle(delivery, Settle::Ack).await;
+        }
         let Some(task) = self.registry.get(message.task()).cloned() else {
             tracing::error!(
                 id = message.id(),
@@ -146,13 +199,47 @@ impl Executor {
             .and_then(|s| Duration::try_from_secs_f64(s).ok())
             .or(task.options.soft_time_limit);
         let started = Instant::now();
-        tracing::debug!(id = message.id(), task = message.task(), "started");
-        let run = AssertUnwindSafe(task.handler.call(
+        let hard = message
+            .headers
+            .timelimit
+            .0
+            .or(task.options.time_limit.map(|d| d.as_secs_f64()))
+            .filter(|h| *h > 0.0);
+        if let (Some(hard), Some(r)) = (hard, &self.reporter) {
+            r.send(&JobEvent::Started {
+                id: message.id().to_owned(),
+                task: message.task().to_owned(),
+                hard,
+            });
+        }
+        let _report_finish = hard
+            .and(self.reporter)
+            .map(|r| FinishReport(r, message.id().to_owned()));
+        let handler = AssertUnwindSafe(task.handler.call(
             ctx,
             message.args.clone(),
             message.kwargs.clone(),
         ))
         .catch_unwind();
+        // Renew the delivery's lease while the job runs, so a long job is never handed to another worker.
+        let lease = delivery.as_ref();
+        let run = async move {
+            let keep_alive = async {
+                let Some(d) = lease else {
+                    return std::future::pending().await;
+                };
+                loop {
+                    tokio::time::sleep(RUNNING_KEEP_ALIVE_EVERY).await;
+                    if let Err(e) = d.keep_alive().await {
+                        tracing::warn!(error = %e, "could not renew the lease of a running job");
+                    }
+                }
+            };
+            tokio::select! {
+                r = handler => r,
+                never = keep_alive => never,
+            }
+        };
         let outcome = tokio::select! {
             // Checked first: a job stopped by a cold shutdown is given back, whatever it returned.
             biased;
@@ -270,6 +357,15 @@ impl Executor {
         self.broker.publish(queue, &next.encode()).await
     }
 
+    /// True if the backend already holds a final state for this id (a redelivery of a job that ended,
+    /// e.g. one whose process was killed for its hard time limit, or whose ack was lost).
+    async fn already_finished(&self, id: &str) -> bool {
+        let Some(backend) = &self.backend else {
+            return false;
+        };
+        matches!(backend.get(id).await, Ok(m) if m.status.is_ready())
+    }
+
     async fn store(&self, meta: TaskMeta) {
         let Some(backend) = &self.backend else { return };
         // A lost result write is retried a few times; the message stays unacked meanwhile.
@@ -317,6 +413,17 @@ impl Executor {
         if let Err(e) = r {
             tracing::warn!(error = %e, "could not settle a delivery; the broker will deliver it again");
         }
+    }
+}
+
+/// Reports a job's end to the supervisor when dropped (whatever way the job ended).
+struct FinishReport(Reporter, String);
+
+impl Drop for FinishReport {
+    fn drop(&mut self) {
+        self.0.send(&JobEvent::Finished {
+            id: std::mem::take(&mut self.1),
+        });
     }
 }
 

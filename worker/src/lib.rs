@@ -11,6 +11,7 @@
 //! - [`retry`]: retry-or-fail decisions and backoff (pure).
 //! - [`limits`]: rate limits.
 //! - [`server`]: the fetch loop and the warm/cold stop of one worker process.
+//! - [`supervisor`]: the parent of a pool of worker processes (restart, recycle, hard time limits).
 //! - [`demo`]: the built-in `demo.*` tasks.
 //! - [`error`]: the crate's error type, [`WorkerError`].
 
@@ -23,6 +24,7 @@ pub mod limits;
 pub mod registry;
 pub mod retry;
 pub mod server;
+pub mod supervisor;
 pub mod task;
 
 pub use error::WorkerError;

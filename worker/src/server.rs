@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use celerity_broker::{Broker, ResultBackend};
 
 use crate::error::{Result, WorkerError};
-use crate::executor::{Counters, Executor};
+use crate::executor::{Counters, Executor, Reporter};
 use crate::limits::TokenBucket;
 use crate::registry::Registry;
 
@@ -34,6 +34,12 @@ pub struct WorkerConfig {
     pub hostname: String,
     /// How long a warm shutdown waits for running jobs.
     pub grace: Duration,
+    /// Stop (warm) after taking this many jobs, so the supervisor starts a fresh process.
+    pub max_tasks: Option<u64>,
+    /// Stop (warm) once the resident memory of this process is above this many KiB.
+    pub max_memory_kib: Option<u64>,
+    /// In a supervised child: where jobs with a hard time limit are reported.
+    pub reporter: Option<Reporter>,
 }
 
 impl Default for WorkerConfig {
@@ -43,6 +49,9 @@ impl Default for WorkerConfig {
             concurrency: 16,
             hostname: format!("celerity@{}", celerity_broker::protocol::node::hostname()),
             grace: Duration::from_secs(30),
+            max_tasks: None,
+            max_memory_kib: None,
+            reporter: None,
         }
     }
 }
@@ -102,6 +111,7 @@ pub async fn run(
         window: window_tx,
         abort: shutdown.cold.clone(),
         counters: counters.clone(),
+        reporter: config.reporter,
     });
 
     let mut consumer = broker.consume(&config.queues, config.concurrency).await?;
@@ -109,10 +119,24 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let mut window = config.concurrency as isize;
     let mut failures = 0u32;
+    let mut taken = 0u64;
+    let mut memory_check = tokio::time::interval(Duration::from_secs(1));
+    memory_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if config.max_tasks.is_some_and(|max| taken >= max) {
+            tracing::info!(taken, "max tasks per process reached; recycling");
+            break;
+        }
         tokio::select! {
             biased;
             _ = shutdown.warm.cancelled() => break,
+            _ = memory_check.tick(), if config.max_memory_kib.is_some() => {
+                let (Some(max), Some(rss)) = (config.max_memory_kib, resident_kib()) else { continue };
+                if rss > max {
+                    tracing::warn!(rss_kib = rss, max_kib = max, "memory above the limit per process; recycling");
+                    break;
+                }
+            }
             Some(delta) = window_rx.recv() => {
                 window = (window + delta).max(config.concurrency as isize);
                 if let Err(e) = consumer.set_prefetch(window as usize).await {
@@ -122,6 +146,7 @@ pub async fn run(
             next = consumer.next() => match next {
                 Ok(Some(delivery)) => {
                     failures = 0;
+                    taken += 1;
                     let ex = executor.clone();
                     tracker.spawn(async move { ex.handle(delivery).await });
                 }
@@ -166,4 +191,11 @@ pub async fn run(
         revoked: c.revoked.load(Ordering::Relaxed),
         rejected: c.rejected.load(Ordering::Relaxed),
     })
+}
+
+/// Resident memory of this process in KiB (Linux `/proc/self/statm`), if it can be read.
+pub fn resident_kib() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4)
 }

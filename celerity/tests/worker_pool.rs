@@ -1,0 +1,271 @@
+//! The supervised worker pool (`celerity worker -P N`) as a user runs it: real processes, real
+//! Redis and RabbitMQ. A killed process loses no job, a hard time limit ends a job that never
+//! yields and the pool keeps serving, SIGTERM finishes running jobs, recycled processes are replaced.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use celerity_broker::testkit::{delete_amqp_queue, delete_redis_prefix};
+use celerity_broker::{connect_backend, State};
+use celerity_client::{Client, SendOptions};
+
+const REDIS: &str = "redis://127.0.0.1:6379/0";
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn unique() -> String {
+    format!("pooltest-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A running `celerity worker` supervisor; killed (with its process group's children) on drop.
+struct Pool {
+    child: Child,
+}
+
+impl Pool {
+    fn start(broker: &str, backend: &str, queue: &str, extra: &[&str]) -> Pool {
+        let child = Command::new(env!("CARGO_BIN_EXE_celerity"))
+            .args([
+                "--broker",
+                broker,
+                "--backend",
+                backend,
+                "worker",
+                "-Q",
+                queue,
+            ])
+            .args(extra)
+            .env("CELERITY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start celerity worker");
+        Pool { child }
+    }
+
+    fn children(&self) -> Vec<i32> {
+        let out = Command::new("pgrep")
+            .arg("-P")
+            .arg(self.child.id().to_string())
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    fn wait_for_children(&self, n: usize) -> Vec<i32> {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let c = self.children();
+            if c.len() == n || Instant::now() > until {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with a pid and a signal number.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for pid in self.children() {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn client(broker: &str, backend: &str) -> Client {
+    let b = celerity_broker::connect_broker(broker).await.unwrap();
+    Client::new(b, Some(connect_backend(backend).await.unwrap()))
+}
+
+/// Sends `n` short jobs, SIGKILLs one worker process while they run, and checks every job still
+/// finishes exactly with its value.
+async fn killed_process_loses_nothing(broker: &str, backend: &str, queue: &str) {
+    let pool = Pool::start(broker, backend, queue, &["-P", "2", "-c", "4"]);
+    let before = pool.wait_for_children(2);
+    assert_eq!(before.len(), 2, "pool did not start 2 processes");
+    let c = client(broker, backend).await;
+    let opts = SendOptions::new().queue(queue);
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(
+            c.send_task(
+                "demo.sleep_ms",
+                vec![json!(30 + i % 3)],
+                Default::default(),
+                &opts,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        c.broker().queue_len(queue).await.unwrap() > 0,
+        "the batch must still be running when a process is killed"
+    );
+    unsafe { libc::kill(before[0], libc::SIGKILL) };
+    for (i, h) in ids.iter().enumerate() {
+        let m = h
+            .wait_meta(Some(Duration::from_secs(60)))
+            .await
+            .unwrap_or_else(|e| panic!("job {i}: {e}"));
+        assert_eq!(
+            (m.status, m.result),
+            (State::Success, json!(30 + i % 3)),
+            "job {i}"
+        );
+    }
+    let after = pool.wait_for_children(2);
+    assert_eq!(after.len(), 2, "the killed process was not replaced");
+    assert!(!after.contains(&before[0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_loses_no_job_on_rabbitmq() {
+    let q = unique();
+    let backend = format!("{REDIS}?global_keyprefix={q}:");
+    killed_process_loses_nothing(AMQP, &backend, &q).await;
+    delete_amqp_queue(&q).await;
+    delete_redis_prefix(&q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_loses_no_job_on_redis() {
+    let q = unique();
+    // A short visibility timeout so the dead process's jobs come back within the test.
+    let broker = format!("{REDIS}?global_keyprefix={q}:&visibility_timeout=2&restore_interval=1");
+    let backend = format!("{REDIS}?global_keyprefix={q}:");
+    killed_process_loses_nothing(&broker, &backend, &q).await;
+    delete_redis_prefix(&q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_time_limit_ends_a_spinning_job_and_the_pool_keeps_serving() {
+    let q = unique();
+    let backend = format!("{REDIS}?global_keyprefix={q}:");
+    let pool = Pool::start(AMQP, &backend, &q, &["-P", "2", "-c", "2"]);
+    assert_eq!(pool.wait_for_children(2).len(), 2);
+    let c = client(AMQP, &backend).await;
+    let spin = c
+        .send_task(
+            "demo.spin_ms",
+            vec![json!(60_000)],
+            Default::default(),
+            &SendOptions::new().queue(&q).time_limits(Some(1.0), None),
+        )
+        .await
+        .unwrap();
+    let m = spin.wait_meta(Some(Duration::from_secs(30))).await.unwrap();
+    assert_eq!(m.status, State::Failure);
+    assert_eq!(
+        m.exception().map(|e| e.exc_type),
+        Some("TimeLimitExceeded".to_owned())
+    );
+    let add = c
+        .send_task(
+            "demo.add",
+            vec![json!(2), json!(3)],
+            Default::default(),
+            &SendOptions::new().queue(&q),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        add.get(Some(Duration::from_secs(20))).await.unwrap(),
+        json!(5)
+    );
+    // RabbitMQ gave the spinning job back when its process died; the pool must drop it, not run it again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(c.broker().queue_len(&q).await.unwrap(), 0);
+    assert_eq!(pool.wait_for_children(2).len(), 2);
+    assert_eq!(
+        c.backend().unwrap().get(spin.id()).await.unwrap().status,
+        State::Failure
+    );
+    drop(pool);
+    delete_amqp_queue(&q).await;
+    delete_redis_prefix(&q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_running_jobs_and_recycled_processes_are_replaced() {
+    let q = unique();
+    let url = format!("{REDIS}?global_keyprefix={q}:");
+    let mut pool = Pool::start(
+        &url,
+        &url,
+        &q,
+        &["-P", "1", "-c", "4", "--max-tasks-per-child", "5"],
+    );
+    let first = pool.wait_for_children(1);
+    let c = client(&url, &url).await;
+    let opts = SendOptions::new().queue(&q);
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        ids.push(
+            c.send_task(
+                "demo.add",
+                vec![json!(i), json!(1)],
+                Default::default(),
+                &opts,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for (i, h) in ids.iter().enumerate() {
+        assert_eq!(
+            h.get(Some(Duration::from_secs(30))).await.unwrap(),
+            json!(i + 1)
+        );
+    }
+    let now = pool.wait_for_children(1);
+    assert_ne!(
+        first, now,
+        "after 12 jobs at 5 per process the first process must have been replaced"
+    );
+
+    let long = c
+        .send_task(
+            "demo.sleep_ms",
+            vec![json!(1500)],
+            Default::default(),
+            &opts,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    pool.signal(libc::SIGTERM);
+    let status = pool
+        .wait_exit(Duration::from_secs(20))
+        .expect("pool did not stop");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        c.backend().unwrap().get(long.id()).await.unwrap().status,
+        State::Success
+    );
+    delete_redis_prefix(&q).await;
+}

@@ -1,0 +1,253 @@
+//! The parent process of a worker pool.
+//!
+//! It starts `processes` children — this same binary with the same arguments and
+//! [`CHILD_ENV`] set — each a full worker with its own broker connection, and keeps them running:
+//! - a child that dies is restarted, with a backoff when it keeps dying soon after starting;
+//! - a child that stops by itself with status 0 (recycled after `--max-tasks-per-child` or
+//!   `--max-memory-per-child`) is replaced at once;
+//! - a child running a job past its hard time limit is killed (a job that never yields cannot be
+//!   stopped any other way); the job is stored as FAILURE (`TimeLimitExceeded`) and, when the broker
+//!   delivers it again, the worker sees it is finished and drops it. The child's other unacked jobs are
+//!   delivered again by the broker.
+//! - the first SIGTERM/SIGINT asks every child for a warm shutdown, a second one for a cold one.
+//!
+//! Children run in their own process group, so a Ctrl-C in a terminal reaches only the supervisor,
+//! which forwards it once. Children report jobs that carry a hard time limit as JSON lines
+//! ([`JobEvent`]) on their stdout.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use celerity_broker::backend::ExceptionInfo;
+use celerity_broker::{ResultBackend, TaskMeta};
+
+use crate::error::{Result, WorkerError};
+use crate::executor::JobEvent;
+use crate::server::Shutdown;
+
+/// Set in a child's environment (to its slot number); a worker that sees it runs as a child.
+pub const CHILD_ENV: &str = "CELERITY_WORKER_CHILD";
+
+/// A child that lived at least this long resets the restart backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs `processes` children until `shutdown`, then waits for all of them to exit.
+pub async fn supervise(
+    processes: usize,
+    backend: Option<Arc<dyn ResultBackend>>,
+    shutdown: Shutdown,
+) -> Result<()> {
+    if processes == 0 {
+        return Err(WorkerError::Config(
+            "a pool needs at least one process".into(),
+        ));
+    }
+    let exe = std::env::current_exe().map_err(|e| {
+        WorkerError::Config(format!("cannot find this program to start children: {e}"))
+    })?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let slots: Vec<_> = (0..processes)
+        .map(|slot| {
+            let slot_args = SlotArgs {
+                slot,
+                exe: exe.clone(),
+                args: args.clone(),
+                backend: backend.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tokio::spawn(run_slot(slot_args))
+        })
+        .collect();
+    tracing::info!(processes, "supervisor started");
+    for s in slots {
+        if let Err(e) = s.await {
+            tracing::error!(error = %e, "a pool slot ended abnormally");
+        }
+    }
+    tracing::info!("all worker processes stopped");
+    Ok(())
+}
+
+struct SlotArgs {
+    slot: usize,
+    exe: std::path::PathBuf,
+    args: Vec<std::ffi::OsString>,
+    backend: Option<Arc<dyn ResultBackend>>,
+    shutdown: Shutdown,
+}
+
+/// Keeps one child alive until shutdown.
+async fn run_slot(a: SlotArgs) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        if a.shutdown.warm.is_cancelled() {
+            return;
+        }
+        let mut child = match Command::new(&a.exe)
+            .args(&a.args)
+            .env(CHILD_ENV, a.slot.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(slot = a.slot, error = %e, "cannot start a worker process; retrying");
+                if wait_or_shutdown(&a.shutdown, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let pid = child.id();
+        tracing::info!(slot = a.slot, pid, "worker process started");
+        let started = Instant::now();
+        let end = watch_child(&a, &mut child).await;
+        let lived = started.elapsed();
+        match end {
+            End::Shutdown => return,
+            End::Recycled => {
+                tracing::info!(
+                    slot = a.slot,
+                    pid,
+                    "worker process recycled; starting a new one"
+                );
+                backoff = Duration::from_secs(1);
+            }
+            End::Killed => backoff = Duration::from_secs(1),
+            End::Died(status) => {
+                if lived >= STABLE_AFTER {
+                    backoff = Duration::from_secs(1);
+                }
+                tracing::error!(slot = a.slot, pid, %status, restart_in_s = backoff.as_secs_f64(), "worker process died; restarting it");
+                if wait_or_shutdown(&a.shutdown, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+enum End {
+    Shutdown,
+    Recycled,
+    Killed,
+    Died(std::process::ExitStatus),
+}
+
+/// Follows one child until it exits: reads its job reports, enforces hard time limits, forwards
+/// shutdown signals.
+async fn watch_child(a: &SlotArgs, child: &mut Child) -> End {
+    let pid = child.id().and_then(|p| i32::try_from(p).ok());
+    let mut lines = child.stdout.take().map(|out| BufReader::new(out).lines());
+    let mut running: HashMap<String, (String, f64, Instant)> = HashMap::new();
+    let mut warm_sent = false;
+    let mut cold_sent = false;
+    loop {
+        let next_deadline = running.values().map(|(_, _, d)| *d).min();
+        tokio::select! {
+            status = child.wait() => {
+                let Ok(status) = status else { return End::Died(std::process::ExitStatus::default()) };
+                if warm_sent || a.shutdown.warm.is_cancelled() {
+                    return End::Shutdown;
+                }
+                return if status.success() { End::Recycled } else { End::Died(status) };
+            }
+            line = next_line(&mut lines) => match line {
+                Some(line) => match serde_json::from_str::<JobEvent>(&line) {
+                    Ok(JobEvent::Started { id, task, hard }) => {
+                        let deadline = Instant::now() + Duration::try_from_secs_f64(hard).unwrap_or(Duration::MAX / 4);
+                        running.insert(id, (task, hard, deadline));
+                    }
+                    Ok(JobEvent::Finished { id }) => { running.remove(&id); }
+                    Err(_) => tracing::debug!(line, "ignoring a line a worker process printed"),
+                },
+                None => lines = None,
+            },
+            _ = sleep_until_opt(next_deadline) => {
+                let now = Instant::now();
+                let overdue: Vec<(String, String, f64)> = running
+                    .iter()
+                    .filter(|(_, (_, _, d))| *d <= now)
+                    .map(|(id, (task, hard, _))| (id.clone(), task.clone(), *hard))
+                    .collect();
+                for (id, task, hard) in &overdue {
+                    tracing::error!(id, task, hard_limit_s = hard, pid, "hard time limit exceeded; killing the worker process");
+                }
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                for (id, _, hard) in overdue {
+                    store_time_limit(a.backend.as_deref(), &id, hard).await;
+                }
+                return End::Killed;
+            }
+            _ = a.shutdown.warm.cancelled(), if !warm_sent => {
+                warm_sent = true;
+                signal(pid, libc::SIGTERM);
+            }
+            _ = a.shutdown.cold.cancelled(), if !cold_sent => {
+                cold_sent = true;
+                signal(pid, libc::SIGTERM);
+            }
+        }
+    }
+}
+
+async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut Option<tokio::io::Lines<R>>,
+) -> Option<String> {
+    match lines {
+        Some(l) => l.next_line().await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// True if shutdown came first.
+async fn wait_or_shutdown(shutdown: &Shutdown, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = shutdown.warm.cancelled() => true,
+    }
+}
+
+fn signal(pid: Option<i32>, sig: libc::c_int) {
+    if let Some(pid) = pid {
+        // SAFETY: kill(2) takes a pid and a signal number and touches no memory of ours.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// Stores the FAILURE Celery stores for a job killed at its hard time limit.
+async fn store_time_limit(backend: Option<&dyn ResultBackend>, id: &str, hard: f64) {
+    let Some(backend) = backend else { return };
+    let exc = ExceptionInfo {
+        exc_type: "TimeLimitExceeded".into(),
+        exc_message: vec![json!(hard)],
+        exc_module: "billiard.exceptions".into(),
+    };
+    let tb = format!("Traceback (most recent call last):\n  celerity worker process killed at the hard time limit\nTimeLimitExceeded: {hard}\n");
+    if let Err(e) = backend.store(&TaskMeta::failure(id, &exc, Some(tb))).await {
+        tracing::error!(id, error = %e, "could not store the time-limit failure");
+    }
+}
