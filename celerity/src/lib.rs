@@ -6,6 +6,8 @@
 //! - [`broker`]: Celery protocol v2 messages, the `memory://`, `redis://` and `amqp://` transports, and
 //!   the result backends.
 //! - [`client`]: the producer API ([`Client`], [`SendOptions`], [`AsyncResult`], typed [`Task`]s).
+//! - [`worker`]: the task registry and the worker; [`worker_main`] turns a registry into a worker
+//!   program with the same flags as `celerity worker`.
 //!
 //! ```no_run
 //! use celerity::prelude::*;
@@ -19,6 +21,9 @@
 
 pub use celerity_broker as broker;
 pub use celerity_client as client;
+pub use celerity_worker as worker;
+
+use std::process::ExitCode;
 
 pub use celerity_client::{AsyncResult, Client, ClientError, Expires, SendOptions, Task};
 
@@ -28,4 +33,55 @@ pub mod prelude {
     pub use celerity_client::{
         AsyncResult, Client, ClientError, Expires, SendOptions, Task, TaskArgs,
     };
+    pub use celerity_worker::{Registry, Run, TaskContext, TaskError, TaskOptions};
+}
+
+/// The command line of an application's own worker: the same flags as `celerity worker`.
+#[derive(Debug, clap::Parser)]
+#[command(about = "A Celerity worker")]
+struct WorkerCli {
+    #[command(flatten)]
+    conn: celerity_client::cli::ConnectionArgs,
+    #[command(flatten)]
+    worker: celerity_worker::cli::WorkerArgs,
+}
+
+/// Runs a worker over `registry`, configured from the command line and environment exactly like
+/// `celerity worker` (`--broker`, `-Q`, `-c`, `-P`, …). Logs go to stderr (`CELERITY_LOG` sets the
+/// level, default `info`). Returns the process exit code.
+pub fn worker_main(registry: celerity_worker::Registry) -> ExitCode {
+    use clap::Parser;
+    let cli = WorkerCli::parse();
+    init_logging("info");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(celerity_worker::cli::run_worker(
+        registry,
+        &cli.worker,
+        &cli.conn,
+    )) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Sends `tracing` logs to stderr, filtered by `CELERITY_LOG` (else `default`).
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CELERITY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
