@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
 /// The python of the pinned Celery venv (made on first use by `scripts/celery-venv.sh`), or `None`
 /// when `CELERITY_NO_PYTHON` is set (machines without Python). Panics if the script fails: a test
 /// that needs Celery must not pass without it.
@@ -66,4 +69,50 @@ pub async fn delete_amqp_queue(queue: &str) {
         .exchange_delete(queue.into(), ExchangeDeleteOptions::default())
         .await;
     let _ = conn.close(0, "test cleanup".into()).await;
+}
+
+/// A TCP proxy in front of a local server whose connections a test can cut, to play a broker
+/// restart or a network drop for one client without touching anyone else's connections.
+pub struct TcpProxy {
+    port: u16,
+    cuts: watch::Sender<u64>,
+}
+
+impl TcpProxy {
+    /// Listens on a free local port and forwards every connection to `target` (`host:port`).
+    pub async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a local port");
+        let port = listener.local_addr().expect("local address").port();
+        let (cuts, watch) = watch::channel(0u64);
+        let target = target.to_owned();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut = watch.clone();
+                cut.mark_unchanged();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        TcpProxy { port, cuts }
+    }
+
+    /// The local port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Drops every open connection; new ones are accepted.
+    pub fn cut(&self) {
+        self.cuts.send_modify(|n| *n += 1);
+    }
 }

@@ -8,6 +8,8 @@
 
 mod support;
 
+use celerity_broker::testkit::TcpProxy;
+
 use std::collections::HashSet;
 use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
@@ -783,51 +785,15 @@ async fn bad_urls_and_unreachable_servers() {
     .is_ok());
 }
 
-/// A TCP proxy to Redis whose connections can be cut, to play a network failure.
-struct Proxy {
-    port: u16,
-    cuts: tokio::sync::watch::Sender<u64>,
-}
-
-impl Proxy {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (cuts, _) = tokio::sync::watch::channel(0u64);
-        let watch = cuts.subscribe();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut cut = watch.clone();
-                cut.mark_unchanged();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:6379").await
-                    else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
-            }
-        });
-        Proxy { port, cuts }
-    }
-
-    /// Drops every open connection (new ones are accepted).
-    fn cut(&self) {
-        self.cuts.send_modify(|n| *n += 1);
-    }
-}
-
 #[tokio::test]
 async fn consumer_survives_a_connection_drop() {
     let s = Space::new().await;
     let direct = s.broker("&restore_interval=3600").await;
-    let proxy = Proxy::start().await;
+    let proxy = TcpProxy::start("127.0.0.1:6379").await;
     let url = format!(
         "redis://127.0.0.1:{}/0?global_keyprefix={}&restore_interval=3600",
-        proxy.port, s.prefix
+        proxy.port(),
+        s.prefix
     );
     let b = RedisBroker::connect(&BrokerUrl::parse(&url).unwrap())
         .await

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map};
 
-use celerity_broker::testkit::{delete_amqp_queue, delete_redis_prefix};
+use celerity_broker::testkit::{delete_amqp_queue, delete_redis_prefix, TcpProxy};
 use celerity_broker::{connect_backend, connect_broker, Broker, State};
 use celerity_client::{Client, SendOptions};
 use celerity_worker::{demo, run, Registry, Shutdown, WorkerConfig};
@@ -163,6 +163,101 @@ async fn worker_on_rabbitmq() {
     let id = unique();
     let prefix = format!("{id}:");
     exercise(AMQP, &prefix, &id).await;
+    delete_redis_prefix(&prefix).await;
+    delete_amqp_queue(&id).await;
+}
+
+/// Cuts the worker's broker connections several times while it drains a batch: it reconnects on its
+/// own and every job still ends with its value (producer and results talk to the brokers directly).
+async fn survives_connection_drops(
+    worker_broker: &str,
+    direct_broker: &str,
+    prefix: &str,
+    queue: &str,
+    proxy: &TcpProxy,
+) {
+    let worker_side = connect_broker(worker_broker).await.unwrap();
+    let producer = connect_broker(direct_broker).await.unwrap();
+    let backend = connect_backend(&format!("{REDIS}?global_keyprefix={prefix}"))
+        .await
+        .unwrap();
+    let client = Client::new(producer.clone(), Some(backend.clone()));
+    let mut registry = Registry::new();
+    demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    let config = WorkerConfig {
+        queues: vec![queue.to_owned()],
+        concurrency: 8,
+        grace: Duration::from_secs(5),
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(run(
+        registry,
+        worker_side.clone(),
+        Some(backend.clone()),
+        config,
+        shutdown.clone(),
+    ));
+
+    let options = SendOptions::new().queue(queue);
+    let mut handles = Vec::new();
+    for round in 0..4 {
+        for i in 0..100 {
+            let n = round * 100 + i;
+            handles.push((
+                n,
+                client
+                    .send_task(
+                        "demo.sleep_ms",
+                        vec![json!(1 + n % 5)],
+                        Map::new(),
+                        &options,
+                    )
+                    .await
+                    .unwrap(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        proxy.cut();
+    }
+    for (n, h) in &handles {
+        let m = h
+            .wait_meta(Some(Duration::from_secs(60)))
+            .await
+            .unwrap_or_else(|e| panic!("job {n}: {e}"));
+        assert_eq!(
+            (m.status, m.result),
+            (State::Success, json!(1 + n % 5)),
+            "job {n}"
+        );
+    }
+    shutdown.warm.cancel();
+    worker.await.unwrap().unwrap();
+    worker_side.close().await.unwrap();
+    producer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_reconnects_to_redis_and_resumes() {
+    let id = unique();
+    let prefix = format!("{id}:");
+    let proxy = TcpProxy::start("127.0.0.1:6379").await;
+    let through = format!(
+        "redis://127.0.0.1:{}/0?global_keyprefix={prefix}&visibility_timeout=5&restore_interval=1",
+        proxy.port()
+    );
+    let direct = format!("{REDIS}?global_keyprefix={prefix}");
+    survives_connection_drops(&through, &direct, &prefix, "jobs", &proxy).await;
+    delete_redis_prefix(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_reconnects_to_rabbitmq_and_resumes() {
+    let id = unique();
+    let prefix = format!("{id}:");
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let through = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port());
+    survives_connection_drops(&through, AMQP, &prefix, &id, &proxy).await;
     delete_redis_prefix(&prefix).await;
     delete_amqp_queue(&id).await;
 }
