@@ -73,6 +73,19 @@ pub trait AckHandle: Send + Sync + 'static {
     async fn keep_alive(&self) -> Result<()> {
         Ok(())
     }
+    /// True if [`AckHandle::park`] can keep the message on the broker until it is due.
+    fn can_park(&self) -> bool {
+        false
+    }
+    /// Hands the message to a broker-side schedule until `due` and settles the delivery; the broker
+    /// puts it back on its queue when due. Only called when [`AckHandle::can_park`] is true.
+    async fn park(self: Box<Self>, due: std::time::SystemTime) -> Result<()> {
+        let _ = due;
+        Err(crate::error::BrokerError::Transport {
+            transport: "broker",
+            message: "this transport cannot park messages".into(),
+        })
+    }
 }
 
 /// One message handed to a consumer, not yet acked.
@@ -124,6 +137,17 @@ impl Delivery {
     /// Rejects the message; with `requeue` it goes back to its queue to be delivered again.
     pub async fn reject(self, requeue: bool) -> Result<()> {
         self.handle.reject(requeue).await
+    }
+
+    /// True if the transport can keep this message until a due time ([`Delivery::park`]).
+    pub fn can_park(&self) -> bool {
+        self.handle.can_park()
+    }
+
+    /// Moves the message to the broker's schedule until `due`: it leaves this worker (nothing held
+    /// unacked in memory) and comes back to its queue when due. Redis only, for now.
+    pub async fn park(self, due: std::time::SystemTime) -> Result<()> {
+        self.handle.park(due).await
     }
 
     /// Renews the delivery's visibility lease (Redis); keeps a long job from being delivered twice.

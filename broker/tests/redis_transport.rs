@@ -951,3 +951,43 @@ else:
     assert_eq!(s.unacked().await, (0, 0));
     c.close().await.unwrap();
 }
+
+/// A parked delivery leaves `unacked` (no visibility timeout can hand it out early, no worker holds
+/// it) for `celerity.scheduled`, and a consumer's forwarder puts it back on its queue when due.
+#[tokio::test]
+async fn parked_messages_wait_in_redis_and_come_back_when_due() {
+    let s = Space::new().await;
+    let b = s.broker("").await;
+    b.publish("later", &message(7, 0)).await.unwrap();
+    let mut c = b.consume(&queue("later"), 4).await.unwrap();
+    let d = next(&mut c).await;
+    assert!(d.can_park());
+    let due = std::time::SystemTime::now() + Duration::from_millis(1500);
+    d.park(due).await.unwrap();
+    assert_eq!(s.unacked().await, (0, 0));
+    let mut raw = s.raw.clone();
+    let parked: usize = raw
+        .zcard(s.key("celerity.scheduled").as_str())
+        .await
+        .unwrap();
+    assert_eq!(parked, 1);
+    assert_eq!(b.queue_len("later").await.unwrap(), 0);
+    // Not before it is due...
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1000), c.next())
+            .await
+            .is_err(),
+        "came back early"
+    );
+    // ...and then it is delivered again.
+    let again = next(&mut c).await;
+    assert!(std::time::SystemTime::now() >= due);
+    assert_eq!(task_id(&again), "task-7");
+    again.ack().await.unwrap();
+    let parked: usize = raw
+        .zcard(s.key("celerity.scheduled").as_str())
+        .await
+        .unwrap();
+    assert_eq!(parked, 0);
+    c.close().await.unwrap();
+}

@@ -70,6 +70,7 @@ impl WorkerArgs {
             max_tasks: self.max_tasks_per_child,
             max_memory_kib: self.max_memory_per_child.map(|mb| mb.saturating_mul(1024)),
             reporter: None,
+            park_after: WorkerConfig::default().park_after,
         })
     }
 }

@@ -60,6 +60,8 @@ pub(crate) struct Executor {
     /// In a supervised child: where to report jobs that have a hard time limit, so the supervisor can
     /// kill this process when one overruns.
     pub reporter: Option<Reporter>,
+    /// A job due later than this is parked on the broker (where it can) instead of held here.
+    pub park_after: Duration,
 }
 
 /// Writes [`JobEvent`]s to this process's stdout, one JSON line each, for the supervisor.
@@ -154,6 +156,18 @@ impl Executor {
             }
         }
         if let Some(eta) = message.headers.eta {
+            let wait = (eta.to_utc() - Utc::now()).to_std().unwrap_or_default();
+            if wait > self.park_after && delivery.can_park() {
+                let due = std::time::SystemTime::now() + wait;
+                return match delivery.park(due).await {
+                    Ok(()) => {
+                        tracing::info!(id = message.id(), task = message.task(), eta = %eta, "not due yet; parked on the broker")
+                    }
+                    Err(e) => {
+                        tracing::warn!(id = message.id(), error = %e, "could not park a job that is not due; the broker will deliver it again")
+                    }
+                };
+            }
             if !self.hold_until_due(&delivery, eta.to_utc()).await {
                 return self.settle(delivery, Settle::Requeue).await;
             }

@@ -40,6 +40,9 @@ pub struct WorkerConfig {
     pub max_memory_kib: Option<u64>,
     /// In a supervised child: where jobs with a hard time limit are reported.
     pub reporter: Option<Reporter>,
+    /// A job whose ETA is further away than this is parked on the broker (Redis) rather than held
+    /// unacked in this process; nearer ones are held, their lease renewed.
+    pub park_after: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -52,6 +55,7 @@ impl Default for WorkerConfig {
             max_tasks: None,
             max_memory_kib: None,
             reporter: None,
+            park_after: Duration::from_secs(10),
         }
     }
 }
@@ -112,6 +116,7 @@ pub async fn run(
         abort: shutdown.cold.clone(),
         counters: counters.clone(),
         reporter: config.reporter,
+        park_after: config.park_after,
     });
 
     let mut consumer = broker.consume(&config.queues, config.concurrency).await?;

@@ -261,3 +261,90 @@ async fn worker_reconnects_to_rabbitmq_and_resumes() {
     delete_redis_prefix(&prefix).await;
     delete_amqp_queue(&id).await;
 }
+
+/// A job due later than `park_after` is not held by the worker: it waits in Redis's schedule (not in
+/// `unacked`, not in memory) and runs once, on time, when forwarded back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn far_off_eta_waits_on_redis_not_in_the_worker() {
+    let id = unique();
+    let prefix = format!("{id}:");
+    let url = format!("{REDIS}?global_keyprefix={prefix}");
+    let broker = connect_broker(&url).await.unwrap();
+    let backend = connect_backend(&url).await.unwrap();
+    let client = Client::new(broker.clone(), Some(backend.clone()));
+    let mut registry = Registry::new();
+    demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    let config = WorkerConfig {
+        queues: vec!["jobs".into()],
+        concurrency: 2,
+        park_after: Duration::from_millis(300),
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(run(
+        registry,
+        broker.clone(),
+        Some(backend.clone()),
+        config,
+        shutdown.clone(),
+    ));
+
+    let sent = chrono::Utc::now();
+    let later = client
+        .send_task(
+            "demo.add",
+            vec![json!(20), json!(22)],
+            Map::new(),
+            &SendOptions::new()
+                .queue("jobs")
+                .countdown(Duration::from_millis(2500)),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let raw = redis::Client::open(REDIS).unwrap();
+    let mut c = raw.get_multiplexed_async_connection().await.unwrap();
+    let unacked: usize = redis::cmd("HLEN")
+        .arg(format!("{prefix}unacked"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let parked: usize = redis::cmd("ZCARD")
+        .arg(format!("{prefix}celerity.scheduled"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(
+        (unacked, parked),
+        (0, 1),
+        "the not-yet-due job must wait in Redis, not unacked in the worker"
+    );
+    // A due job is not blocked meanwhile.
+    let now = client
+        .send_task(
+            "demo.add",
+            vec![json!(1), json!(1)],
+            Map::new(),
+            &SendOptions::new().queue("jobs"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        now.get(Some(Duration::from_secs(10))).await.unwrap(),
+        json!(2)
+    );
+
+    let m = later
+        .wait_meta(Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!((m.status, m.result.clone()), (State::Success, json!(42)));
+    assert!(
+        m.date_done.unwrap() >= sent + chrono::Duration::milliseconds(2500),
+        "ran early"
+    );
+    shutdown.warm.cancel();
+    let summary = worker.await.unwrap().unwrap();
+    assert_eq!(summary.succeeded, 2, "the parked job ran exactly once");
+    delete_redis_prefix(&prefix).await;
+}

@@ -157,6 +157,29 @@ impl AckHandle for RedisAck {
         self.settle(requeue).await
     }
 
+    fn can_park(&self) -> bool {
+        true
+    }
+
+    /// Moves the message into `celerity.scheduled` until `due`; the consumers' forwarder puts it back.
+    async fn park(self: Box<Self>, due: std::time::SystemTime) -> Result<()> {
+        let due = due
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let Some(held) = self.outstanding.take(&self.tag) else {
+            return Ok(());
+        };
+        let scores = held.scores();
+        let shared = &self.outstanding.shared;
+        match retry_idempotent(|| restore::park_tag(shared, &self.tag, &scores, due)).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.outstanding.put_back(&self.tag, held);
+                Err(e)
+            }
+        }
+    }
+
     /// Renews the delivery's lease: its `unacked_index` score becomes now (if it is still ours).
     async fn keep_alive(&self) -> Result<()> {
         let renewed = format!("{:.6}", unix_now());

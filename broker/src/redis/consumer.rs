@@ -373,18 +373,38 @@ impl Drop for RedisConsumer {
     }
 }
 
-/// The periodic restore sweep of one consumer.
+/// The periodic restore sweep of one consumer, and the forwarding of parked messages that are due
+/// (every second, so a parked job runs at most about a second late).
 async fn sweep_periodically(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut next_sweep = tokio::time::Instant::now() + shared.restore_interval;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(shared.restore_interval) => {}
+            () = tokio::time::sleep(FORWARD_EVERY) => {}
             () = cancel.cancelled() => return,
         }
-        if let Err(e) = restore::sweep(&shared).await {
-            tracing::warn!(error = %e, "restore sweep failed");
+        loop {
+            match restore::forward_due(&shared, FORWARD_BATCH).await {
+                Ok(n) if n == FORWARD_BATCH => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "forwarding due parked messages failed");
+                    break;
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= next_sweep {
+            next_sweep = tokio::time::Instant::now() + shared.restore_interval;
+            if let Err(e) = restore::sweep(&shared).await {
+                tracing::warn!(error = %e, "restore sweep failed");
+            }
         }
     }
 }
+
+/// How often due parked messages are moved back to their queues.
+const FORWARD_EVERY: Duration = Duration::from_secs(1);
+/// Most parked messages moved per script call.
+const FORWARD_BATCH: usize = 500;
 
 /// Moves a recorded delivery that does not decode from `unacked` to its queue's dead-letter list,
 /// byte for byte. On failure it stays unacked and comes back after the visibility timeout.

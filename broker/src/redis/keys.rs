@@ -82,6 +82,12 @@ impl Keys {
         format!("{}{queue}.celerity.dead", self.prefix)
     }
 
+    /// Sorted set of messages parked until they are due (`"<list>\n<envelope>"` scored by due time;
+    /// our addition, so far-off ETAs wait in Redis instead of unacked in a worker).
+    pub(crate) fn scheduled(&self) -> String {
+        format!("{}celerity.scheduled", self.prefix)
+    }
+
     /// Where unacked records that cannot be parsed or routed back are kept (our addition).
     pub(crate) fn dead_unroutable(&self) -> String {
         format!("{}celerity.dead", self.prefix)

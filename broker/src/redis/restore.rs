@@ -18,7 +18,7 @@ use redis::aio::ConnectionManager;
 
 use super::envelope;
 use super::keys::SEP;
-use super::scripts::{FORGET_ORPHAN, RESTORE, UNLOCK};
+use super::scripts::{FORGET_ORPHAN, FORWARD, PARK, RESTORE, UNLOCK};
 use super::Shared;
 use crate::error::Result;
 
@@ -187,6 +187,62 @@ pub(crate) async fn restore_tags(
         moved += usize::from(r?);
     }
     Ok(moved)
+}
+
+/// Parks the delivery `tag` (if its score is one of `scores`) in the schedule until `due` (unix
+/// seconds): its envelope, marked redelivered, goes back to its queue when due (see `forward_due`).
+/// Returns false if the delivery was no longer ours or its record changed (nothing done).
+pub(crate) async fn park_tag(
+    shared: &Shared,
+    tag: &str,
+    scores: &[String],
+    due: f64,
+) -> Result<bool> {
+    let mut conn = shared.conn.clone();
+    let record: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(shared.keys.unacked())
+        .arg(tag)
+        .query_async(&mut conn)
+        .await?;
+    let Some(record) = record else {
+        return Ok(false);
+    };
+    let r = envelope::restored(&record)?;
+    let queues = destinations(shared, &r.exchange, &r.routing_key, &mut HashMap::new()).await?;
+    let Some(queue) = queues.first() else {
+        return Err(crate::error::BrokerError::malformed(format_args!(
+            "delivery {tag} routes to no queue; cannot park it"
+        )));
+    };
+    let mut member = shared.keys.queue(queue, r.priority).into_bytes();
+    member.push(b'\n');
+    member.extend_from_slice(&r.payload);
+    let mut inv = PARK.prepare_invoke();
+    inv.key(shared.keys.unacked())
+        .key(shared.keys.unacked_index())
+        .key(shared.keys.scheduled());
+    inv.arg(tag)
+        .arg(record.as_slice())
+        .arg(member.as_slice())
+        .arg(format!("{due:.6}"));
+    for s in scores {
+        inv.arg(s);
+    }
+    let done: i64 = inv.invoke_async(&mut conn).await?;
+    Ok(done == 1)
+}
+
+/// Moves parked messages that are due back to their queues, at most `batch` per call. Safe to run
+/// from every consumer at once. Returns how many were moved.
+pub(crate) async fn forward_due(shared: &Shared, batch: usize) -> Result<usize> {
+    let mut conn = shared.conn.clone();
+    let moved: i64 = FORWARD
+        .key(shared.keys.scheduled())
+        .arg(format!("{:.6}", unix_now()))
+        .arg(batch)
+        .invoke_async(&mut conn)
+        .await?;
+    Ok(usize::try_from(moved).unwrap_or(0))
 }
 
 /// Moves one recorded delivery to `dest` as it is (no redelivered flag), if its record is still

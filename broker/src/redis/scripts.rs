@@ -24,3 +24,11 @@ pub(crate) static FORGET_ORPHAN: LazyLock<Script> =
 /// Releases `unacked_mutex` if we hold it (`scripts/unlock.lua`).
 pub(crate) static UNLOCK: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/unlock.lua")));
+
+/// Moves an unacked message into the schedule of messages not due yet (`scripts/park.lua`).
+pub(crate) static PARK: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/park.lua")));
+
+/// Moves due parked messages back to their queues (`scripts/forward.lua`).
+pub(crate) static FORWARD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/forward.lua")));

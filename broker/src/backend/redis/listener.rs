@@ -261,6 +261,9 @@ async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver<Command>) 
         reconnect = true;
         match serve(&inner, &mut sink, &mut stream, &mut commands).await {
             Stop::Shutdown => return,
+            // After close() the connection may die under an in-flight command (the runtime is going
+            // away): that is not a loss to report or repair.
+            Stop::Lost(_) if inner.shutdown.is_cancelled() => return,
             Stop::Lost(reason) => {
                 tracing::warn!(server = %inner.server, %reason, "result backend pub/sub: connection lost, reconnecting");
             }
