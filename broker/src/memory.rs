@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
-use crate::transport::{AckHandle, Broker, Consumer, Delivery, PrefetchWindow};
+use crate::transport::{AckHandle, Broker, Consumer, Delivery, PrefetchWindow, Subscription};
 use crate::url::BrokerUrl;
 
 const PRIORITY_LEVELS: usize = 10;
@@ -28,6 +28,8 @@ pub struct MemoryBroker {
 
 struct Shared {
     queues: Mutex<HashMap<String, Queue>>,
+    /// Fanout exchanges: every subscriber gets a copy of each message (with its routing key).
+    fanout: Mutex<HashMap<String, tokio::sync::broadcast::Sender<(String, Message)>>>,
     /// Woken on every publish and requeue.
     arrived: Notify,
     closed: AtomicBool,
@@ -81,6 +83,7 @@ impl MemoryBroker {
             .or_insert_with(|| {
                 Arc::new(Shared {
                     queues: Mutex::default(),
+                    fanout: Mutex::default(),
                     arrived: Notify::new(),
                     closed: AtomicBool::new(false),
                 })
@@ -160,7 +163,56 @@ impl Broker for MemoryBroker {
     async fn close(&self) -> Result<()> {
         self.shared.closed.store(true, Ordering::SeqCst);
         self.shared.arrived.notify_waiters();
+        lock(&self.shared.fanout).clear();
         Ok(())
+    }
+
+    async fn broadcast(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<()> {
+        if let Some(tx) = lock(&self.shared.fanout).get(exchange) {
+            // No receivers is fine: a broadcast nobody listens to is dropped.
+            let _ = tx.send((routing_key.to_owned(), message.clone()));
+        }
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        exchange: &str,
+        binding_key: &str,
+        _name: &str,
+    ) -> Result<Box<dyn Subscription>> {
+        let rx = lock(&self.shared.fanout)
+            .entry(exchange.to_owned())
+            .or_insert_with(|| tokio::sync::broadcast::channel(1024).0)
+            .subscribe();
+        Ok(Box::new(MemorySubscription {
+            rx,
+            binding_key: binding_key.to_owned(),
+        }))
+    }
+}
+
+struct MemorySubscription {
+    rx: tokio::sync::broadcast::Receiver<(String, Message)>,
+    binding_key: String,
+}
+
+#[async_trait]
+impl Subscription for MemorySubscription {
+    async fn next(&mut self) -> Result<Option<Message>> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match self.rx.recv().await {
+                Ok((key, m)) if crate::transport::binding_matches(&self.binding_key, &key) => {
+                    return Ok(Some(m))
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "a slow subscriber missed broadcasts")
+                }
+                Err(RecvError::Closed) => return Ok(None),
+            }
+        }
     }
 }
 

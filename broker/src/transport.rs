@@ -43,6 +43,29 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Closes connections. Outstanding consumers stop.
     async fn close(&self) -> Result<()>;
+
+    /// Publishes `message` on fanout exchange `exchange` with `routing_key` (Celery's remote control
+    /// `celery.pidbox` uses `""`, events `celeryev` use e.g. `task.succeeded`): every current
+    /// subscriber whose binding matches gets a copy; nothing is kept for absent ones.
+    async fn broadcast(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<()>;
+
+    /// Starts receiving what is broadcast on `exchange` with a routing key matching `binding_key`
+    /// (`""` for all of a plain fanout, `#`/`*` wildcards as in AMQP topics). `name` names this
+    /// subscriber: on AMQP it is its exclusive, auto-deleted queue (`<node>.celery.pidbox`).
+    async fn subscribe(
+        &self,
+        exchange: &str,
+        binding_key: &str,
+        name: &str,
+    ) -> Result<Box<dyn Subscription>>;
+}
+
+/// Messages broadcast on a fanout exchange. Nothing is acked: a copy missed is gone.
+#[async_trait]
+pub trait Subscription: Send {
+    /// The next message; `Ok(None)` once the subscription or its broker is closed. Connection
+    /// trouble is retried inside (messages broadcast meanwhile are missed, as with Celery).
+    async fn next(&mut self) -> Result<Option<Message>>;
 }
 
 /// A stream of deliveries from one or more queues.
@@ -199,5 +222,41 @@ impl PrefetchWindow {
             });
         }
         self.size = size;
+    }
+}
+
+/// Whether a routing key matches a binding key: `""` and `#` match everything, otherwise AMQP topic
+/// rules (words split on `.`, `*` one word, `#` zero or more).
+pub fn binding_matches(binding: &str, key: &str) -> bool {
+    fn go(p: &[&str], k: &[&str]) -> bool {
+        match (p.first(), k.first()) {
+            (None, None) => true,
+            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
+            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &k[1..]),
+            _ => false,
+        }
+    }
+    if binding.is_empty() || binding == "#" {
+        return true;
+    }
+    let p: Vec<&str> = binding.split('.').collect();
+    let k: Vec<&str> = key.split('.').collect();
+    go(&p, &k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::binding_matches;
+
+    #[test]
+    fn bindings_match_like_amqp_topics() {
+        assert!(binding_matches("", "anything"));
+        assert!(binding_matches("#", "task.succeeded"));
+        assert!(binding_matches("task.*", "task.succeeded"));
+        assert!(!binding_matches("task.*", "worker.heartbeat"));
+        assert!(binding_matches("task.#", "task.a.b"));
+        assert!(binding_matches("task.succeeded", "task.succeeded"));
+        assert!(!binding_matches("task.succeeded", "task.failed"));
     }
 }

@@ -115,4 +115,22 @@ impl Broker for AmqpBroker {
         self.publisher.close().await;
         Ok(())
     }
+
+    async fn broadcast(
+        &self,
+        _exchange: &str,
+        _routing_key: &str,
+        _message: &crate::message::Message,
+    ) -> Result<()> {
+        Err(crate::error::BrokerError::NotCompiled("amqp fanout"))
+    }
+
+    async fn subscribe(
+        &self,
+        _exchange: &str,
+        _binding_key: &str,
+        _name: &str,
+    ) -> Result<Box<dyn crate::transport::Subscription>> {
+        Err(crate::error::BrokerError::NotCompiled("amqp fanout"))
+    }
 }
