@@ -48,6 +48,19 @@ pub enum ProducerCommand {
     Purge(PurgeArgs),
     /// Show how many messages wait in the given queues.
     Queues(QueuesArgs),
+    /// Revoke jobs on every worker: not started → skipped (REVOKED); with --terminate also stopped if running.
+    Revoke(RevokeArgs),
+}
+
+/// `celerity revoke`.
+#[derive(Debug, Clone, Args)]
+pub struct RevokeArgs {
+    /// Task ids
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+    /// Also stop the jobs if they are running
+    #[arg(long)]
+    pub terminate: bool,
 }
 
 /// `celerity call`.
@@ -140,6 +153,15 @@ pub async fn run(command: &ProducerCommand, conn: &ConnectionArgs) -> Result<Exi
                 let n = client.broker().purge(q).await?;
                 println!("purged {n} message(s) from {q}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        ProducerCommand::Revoke(a) => {
+            client.revoke(&a.ids, a.terminate).await?;
+            println!(
+                "revoke{} sent for {} job(s)",
+                if a.terminate { " (terminate)" } else { "" },
+                a.ids.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         ProducerCommand::Queues(a) => {

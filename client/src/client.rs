@@ -6,6 +6,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use serde_json::{Map, Value};
 
+use celerity_broker::protocol::control::{ControlRequest, PIDBOX_EXCHANGE};
 use celerity_broker::protocol::TaskMessage;
 use celerity_broker::url::{BrokerUrl, Scheme};
 use celerity_broker::{connect_backend, connect_broker, Broker, ResultBackend};
@@ -14,6 +15,9 @@ use crate::error::Result;
 use crate::options::SendOptions;
 use crate::result::AsyncResult;
 use crate::task::{Task, TaskArgs};
+
+/// This process's Lamport clock for control messages.
+static CLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Most messages one broker round trip carries in [`Client::send_batch`].
 const BATCH_CHUNK: usize = 1000;
@@ -94,6 +98,28 @@ impl Client {
             let encoded: Vec<_> = chunk.iter().map(TaskMessage::encode).collect();
             self.broker.publish_batch(queue, &encoded).await?;
         }
+        Ok(())
+    }
+
+    /// Revokes jobs on every worker (Celery's `app.control.revoke`): a job not started yet is skipped
+    /// and stored as REVOKED; with `terminate`, a running one is stopped too. Workers keep the ids in
+    /// memory; a worker started after this does not know them.
+    pub async fn revoke(&self, task_ids: &[String], terminate: bool) -> Result<()> {
+        let mut args = Map::new();
+        args.insert(
+            "task_id".into(),
+            match task_ids {
+                [one] => Value::String(one.clone()),
+                many => Value::Array(many.iter().cloned().map(Value::String).collect()),
+            },
+        );
+        args.insert("terminate".into(), Value::Bool(terminate));
+        args.insert("signal".into(), Value::String("SIGTERM".into()));
+        let request = ControlRequest::cast("revoke", args);
+        let clock = CLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.broker
+            .broadcast(PIDBOX_EXCHANGE, "", &request.to_message(clock))
+            .await?;
         Ok(())
     }
 

@@ -22,6 +22,7 @@ use celerity_broker::backend::ExceptionInfo;
 use celerity_broker::protocol::TaskMessage;
 use celerity_broker::{Broker, Delivery, ResultBackend, State, TaskMeta};
 
+use crate::control::ControlState;
 use crate::limits::TokenBucket;
 use crate::registry::{Registered, Registry};
 use crate::retry::{decide, random_unit, Decision};
@@ -62,6 +63,8 @@ pub(crate) struct Executor {
     pub reporter: Option<Reporter>,
     /// A job due later than this is parked on the broker (where it can) instead of held here.
     pub park_after: Duration,
+    /// Revoked ids and running jobs, shared with remote control.
+    pub control: Arc<ControlState>,
 }
 
 /// Writes [`JobEvent`]s to this process's stdout, one JSON line each, for the supervisor.
@@ -126,6 +129,9 @@ impl Executor {
             );
             return self.settle(delivery, Settle::Ack).await;
         }
+        if self.control.is_revoked(message.id()) {
+            return self.skip_revoked(delivery, &message, "revoked").await;
+        }
         let Some(task) = self.registry.get(message.task()).cloned() else {
             tracing::error!(
                 id = message.id(),
@@ -181,6 +187,10 @@ impl Executor {
         let Ok(_slot) = self.slots.clone().acquire_owned().await else {
             return self.settle(delivery, Settle::Requeue).await;
         };
+        // Checked again now: a revoke may have come while the job waited for its ETA or a slot.
+        if self.control.is_revoked(message.id()) {
+            return self.skip_revoked(delivery, &message, "revoked").await;
+        }
         self.run(delivery, message, task).await;
     }
 
@@ -201,6 +211,7 @@ impl Executor {
                 .await;
         }
         let cancel = self.abort.child_token();
+        let _running = self.control.started(message.id(), cancel.clone());
         let ctx = TaskContext {
             headers: Arc::new(message.headers.clone()),
             cancel: cancel.clone(),
@@ -261,6 +272,14 @@ impl Executor {
                 tracing::warn!(id = message.id(), task = message.task(), "interrupted by shutdown; giving it back");
                 if let Some(d) = delivery.take() {
                     self.settle(d, Settle::Requeue).await;
+                }
+                return;
+            }
+            // Only a revoke with terminate cancels the job's own token while it runs.
+            _ = cancel.cancelled() => {
+                tracing::warn!(id = message.id(), task = message.task(), "terminated by revoke");
+                if let Some(d) = delivery.take() {
+                    self.skip_revoked(d, &message, "terminated").await;
                 }
                 return;
             }
@@ -369,6 +388,21 @@ impl Executor {
         );
         let queue = queue.unwrap_or(celerity_client::DEFAULT_QUEUE);
         self.broker.publish(queue, &next.encode()).await
+    }
+
+    /// Stores REVOKED for a job that will not run (or was stopped) and acks it.
+    async fn skip_revoked(&self, delivery: Delivery, message: &TaskMessage, why: &str) {
+        tracing::info!(
+            id = message.id(),
+            task = message.task(),
+            why,
+            "revoked; not running it"
+        );
+        let exc = ExceptionInfo::new("TaskRevokedError", why, "celery.exceptions");
+        self.store(meta(message, State::Revoked, exc.to_value(), None))
+            .await;
+        bump(&self.counters.revoked);
+        self.settle(delivery, Settle::Ack).await;
     }
 
     /// True if the backend already holds a final state for this id (a redelivery of a job that ended,

@@ -11,12 +11,14 @@
 //! - [`retry`]: retry-or-fail decisions and backoff (pure).
 //! - [`limits`]: rate limits.
 //! - [`server`]: the fetch loop and the warm/cold stop of one worker process.
+//! - [`control`]: remote control on Celery's pidbox (revoke, terminate, shutdown).
 //! - [`supervisor`]: the parent of a pool of worker processes (restart, recycle, hard time limits).
 //! - [`demo`]: the built-in `demo.*` tasks.
 //! - [`error`]: the crate's error type, [`WorkerError`].
 
 pub mod args;
 pub mod cli;
+pub mod control;
 pub mod demo;
 pub mod error;
 mod executor;

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use celerity_broker::{Broker, ResultBackend};
 
+use crate::control::ControlState;
 use crate::error::{Result, WorkerError};
 use crate::executor::{Counters, Executor, Reporter};
 use crate::limits::TokenBucket;
@@ -105,6 +106,16 @@ pub async fn run(
         .collect();
     let (window_tx, mut window_rx) = mpsc::unbounded_channel::<isize>();
     let counters = Arc::new(Counters::default());
+    let control = Arc::new(ControlState::default());
+    // Remote control (revoke, shutdown) runs beside the fetch loop and stops with it.
+    let control_stop = CancellationToken::new();
+    let control_task = tokio::spawn(crate::control::listen(
+        broker.clone(),
+        config.hostname.clone(),
+        control.clone(),
+        control_stop.clone(),
+        shutdown.warm.clone(),
+    ));
     let executor = Arc::new(Executor {
         registry: Arc::new(registry),
         broker: broker.clone(),
@@ -117,6 +128,7 @@ pub async fn run(
         counters: counters.clone(),
         reporter: config.reporter,
         park_after: config.park_after,
+        control: control.clone(),
     });
 
     let mut consumer = broker.consume(&config.queues, config.concurrency).await?;
@@ -169,6 +181,7 @@ pub async fn run(
         }
     }
     tracker.close();
+    control_stop.cancel();
     tracing::info!(
         running = tracker.len(),
         "stopping: no longer fetching; waiting for running jobs"
@@ -185,6 +198,7 @@ pub async fn run(
         // Jobs see the cancellation and requeue themselves; wait briefly for that.
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     }
+    let _ = control_task.await;
     if let Err(e) = consumer.close().await {
         tracing::warn!(error = %e, "closing the consumer failed; the broker will redeliver what was unacked");
     }

@@ -301,3 +301,68 @@ async fn cold_shutdown_gives_unfinished_jobs_back() {
         "the interrupted job is back in its queue"
     );
 }
+
+#[tokio::test]
+async fn revoked_jobs_are_skipped_and_terminate_stops_running_ones() {
+    let h = start(1);
+    // The worker is up (and its remote control subscribed) once it has run a job.
+    let warm_up = h.call("demo.add", json!([1, 1]), SendOptions::new()).await;
+    h.wait(&warm_up).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // One slot: the long job holds it, so the second one is still waiting when it is revoked.
+    let long = h
+        .call("demo.sleep_ms", json!([10_000]), SendOptions::new())
+        .await;
+    let queued = h.call("demo.add", json!([2, 2]), SendOptions::new()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.client
+        .revoke(std::slice::from_ref(&queued), false)
+        .await
+        .unwrap();
+    h.client
+        .revoke(std::slice::from_ref(&long), true)
+        .await
+        .unwrap();
+
+    let m = h.wait(&long).await;
+    assert_eq!(m.status, State::Revoked);
+    assert_eq!(
+        m.exception().map(|e| e.message()),
+        Some("terminated".into())
+    );
+    let m = h.wait(&queued).await;
+    assert_eq!(m.status, State::Revoked);
+    let s = h.stop().await;
+    assert_eq!((s.succeeded, s.revoked), (1, 2));
+}
+
+#[tokio::test]
+async fn remote_shutdown_stops_the_worker_warm() {
+    let h = start(2);
+    let warm_up = h.call("demo.add", json!([1, 1]), SendOptions::new()).await;
+    h.wait(&warm_up).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let running = h
+        .call("demo.sleep_ms", json!([300]), SendOptions::new())
+        .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let shutdown = celerity_broker::protocol::control::ControlRequest::cast("shutdown", Map::new());
+    h.broker
+        .broadcast("celery.pidbox", "", &shutdown.to_message(1))
+        .await
+        .unwrap();
+    let s = tokio::time::timeout(Duration::from_secs(10), h.worker)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        s.succeeded, 2,
+        "the running job finished before the worker stopped"
+    );
+    assert_eq!(
+        h.backend.get(&running).await.unwrap().status,
+        State::Success
+    );
+}

@@ -5,6 +5,7 @@
 //! [`TaskMessage::decode`] reads any [`Message`](crate::Message) and returns a typed error naming
 //! what is wrong, and [`TaskMessage::encode`] writes what Celery 5.x writes.
 
+pub mod control;
 mod fields;
 pub mod node;
 pub mod repr;
