@@ -46,6 +46,13 @@ pub struct WorkerArgs {
     /// Replace a worker process once its resident memory is above this many MiB
     #[arg(long)]
     pub max_memory_per_child: Option<u64>,
+    /// Limit how often a task starts, e.g. `demo.add=100/s` (repeatable; per process unless
+    /// --global-rate-limits)
+    #[arg(long, value_name = "TASK=RATE")]
+    pub rate_limit: Vec<String>,
+    /// Share rate limits across every worker through Redis (the broker, else the result backend)
+    #[arg(long)]
+    pub global_rate_limits: bool,
 }
 
 impl WorkerArgs {
@@ -54,6 +61,21 @@ impl WorkerArgs {
         let grace = Duration::try_from_secs_f64(self.grace).map_err(|_| {
             WorkerError::Config(format!("--grace {}: not a number of seconds", self.grace))
         })?;
+        let rate_limits = self
+            .rate_limit
+            .iter()
+            .map(|spec| {
+                let (task, rate) = spec.split_once('=').ok_or_else(|| {
+                    WorkerError::Config(format!(
+                        "--rate-limit {spec}: expected TASK=RATE, e.g. demo.add=100/s"
+                    ))
+                })?;
+                let limit = rate
+                    .parse()
+                    .map_err(|e| WorkerError::Config(format!("--rate-limit {spec}: {e}")))?;
+                Ok((task.trim().to_owned(), limit))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let queues: Vec<String> = self
             .queues
             .iter()
@@ -69,8 +91,8 @@ impl WorkerArgs {
             grace,
             max_tasks: self.max_tasks_per_child,
             max_memory_kib: self.max_memory_per_child.map(|mb| mb.saturating_mul(1024)),
-            reporter: None,
-            park_after: WorkerConfig::default().park_after,
+            rate_limits,
+            ..WorkerConfig::default()
         })
     }
 }
@@ -94,6 +116,9 @@ pub async fn run_worker(
             .map(|()| None)
     } else {
         config.reporter = is_child.then_some(Reporter);
+        if args.global_rate_limits {
+            config.global_rate_limits = Some(global_limiter(conn).await?);
+        }
         let broker = connect_broker(&conn.broker).await?;
         let backend = backend_for(conn).await?;
         let summary = run(registry, broker.clone(), backend, config, shutdown).await;
@@ -102,6 +127,24 @@ pub async fn run_worker(
     };
     signals.abort();
     outcome
+}
+
+/// The Redis that holds cluster-wide rate limits: the broker if it is Redis, else the backend.
+async fn global_limiter(conn: &ConnectionArgs) -> Result<celerity_broker::redis::RedisRateLimiter> {
+    let is_redis = |u: &str| {
+        celerity_broker::BrokerUrl::parse(u)
+            .is_ok_and(|u| u.scheme == celerity_broker::url::Scheme::Redis)
+    };
+    let url = [Some(conn.broker.as_str()), conn.backend.as_deref()]
+        .into_iter()
+        .flatten()
+        .find(|u| is_redis(u))
+        .ok_or_else(|| {
+            WorkerError::Config(
+                "--global-rate-limits needs a redis:// broker or result backend".into(),
+            )
+        })?;
+    Ok(celerity_broker::redis::RedisRateLimiter::connect(url).await?)
 }
 
 async fn backend_for(conn: &ConnectionArgs) -> Result<Option<Arc<dyn ResultBackend>>> {

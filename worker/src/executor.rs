@@ -23,7 +23,7 @@ use celerity_broker::protocol::TaskMessage;
 use celerity_broker::{Broker, Delivery, ResultBackend, State, TaskMeta};
 
 use crate::control::ControlState;
-use crate::limits::TokenBucket;
+use crate::limits::Limiter;
 use crate::registry::{Registered, Registry};
 use crate::retry::{decide, random_unit, Decision};
 use crate::task::{TaskContext, TaskError};
@@ -52,7 +52,7 @@ pub(crate) struct Executor {
     pub hostname: String,
     /// Running jobs at once.
     pub slots: Arc<Semaphore>,
-    pub buckets: HashMap<String, TokenBucket>,
+    pub buckets: HashMap<String, Limiter>,
     /// Asks the fetcher to widen (+1) or narrow (-1) the prefetch window while a job waits for its ETA.
     pub window: mpsc::UnboundedSender<isize>,
     /// Fired on cold shutdown: running jobs stop and are given back.

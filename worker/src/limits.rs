@@ -1,4 +1,5 @@
-//! Rate limits: Celery's `"100/s"`, `"10/m"`, `"5/h"` strings and a per-process token bucket.
+//! Rate limits: Celery's `"100/s"`, `"10/m"`, `"5/h"` strings, a per-process token bucket, and a
+//! bucket shared by the whole fleet through Redis (an option; Celery only limits per worker).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -68,6 +69,40 @@ impl TokenBucket {
                 Duration::from_secs_f64((1.0 - st.0) / rate)
             };
             tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// The limit of one task: in this process, or shared by every worker through Redis.
+#[derive(Debug)]
+pub enum Limiter {
+    Local(TokenBucket),
+    Global {
+        redis: celerity_broker::redis::RedisRateLimiter,
+        task: String,
+        limit: RateLimit,
+    },
+}
+
+impl Limiter {
+    /// Waits until the task may start once more.
+    pub async fn acquire(&self) {
+        match self {
+            Limiter::Local(bucket) => bucket.acquire().await,
+            Limiter::Global { redis, task, limit } => {
+                let per_second = limit.count / limit.per.as_secs_f64();
+                loop {
+                    match redis.try_take(task, limit.count, per_second).await {
+                        Ok(wait) if wait.is_zero() => return,
+                        Ok(wait) => tokio::time::sleep(wait).await,
+                        Err(e) => {
+                            // Never run past the limit because Redis is away: wait and ask again.
+                            tracing::warn!(task, error = %e, "cluster-wide rate limit unavailable; waiting");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }
         }
     }
 }

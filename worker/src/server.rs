@@ -21,7 +21,7 @@ use celerity_broker::{Broker, ResultBackend};
 use crate::control::ControlState;
 use crate::error::{Result, WorkerError};
 use crate::executor::{Counters, Executor, Reporter};
-use crate::limits::TokenBucket;
+use crate::limits::{Limiter, RateLimit, TokenBucket};
 use crate::registry::Registry;
 
 /// Settings of one worker process.
@@ -41,6 +41,10 @@ pub struct WorkerConfig {
     pub max_memory_kib: Option<u64>,
     /// In a supervised child: where jobs with a hard time limit are reported.
     pub reporter: Option<Reporter>,
+    /// Rate limits set at start (`--rate-limit TASK=RATE`), over those the tasks declare.
+    pub rate_limits: Vec<(String, RateLimit)>,
+    /// Share every rate limit across the fleet through this Redis instead of per process.
+    pub global_rate_limits: Option<celerity_broker::redis::RedisRateLimiter>,
     /// A job whose ETA is further away than this is parked on the broker (Redis) rather than held
     /// unacked in this process; nearer ones are held, their lease renewed.
     pub park_after: Duration,
@@ -57,6 +61,8 @@ impl Default for WorkerConfig {
             max_memory_kib: None,
             reporter: None,
             park_after: Duration::from_secs(10),
+            rate_limits: Vec::new(),
+            global_rate_limits: None,
         }
     }
 }
@@ -94,14 +100,29 @@ pub async fn run(
     if config.queues.is_empty() {
         return Err(WorkerError::Config("no queues to consume from".into()));
     }
-    let buckets: HashMap<String, TokenBucket> = registry
+    let mut limits: HashMap<String, RateLimit> = registry
         .names()
         .into_iter()
         .filter_map(|n| {
             registry
                 .get(n)
                 .and_then(|r| r.options.rate_limit)
-                .map(|l| (n.to_owned(), TokenBucket::new(l)))
+                .map(|l| (n.to_owned(), l))
+        })
+        .collect();
+    limits.extend(config.rate_limits.iter().cloned());
+    let buckets: HashMap<String, Limiter> = limits
+        .into_iter()
+        .map(|(task, limit)| {
+            let limiter = match &config.global_rate_limits {
+                Some(redis) => Limiter::Global {
+                    redis: redis.clone(),
+                    task: task.clone(),
+                    limit,
+                },
+                None => Limiter::Local(TokenBucket::new(limit)),
+            };
+            (task, limiter)
         })
         .collect();
     let (window_tx, mut window_rx) = mpsc::unbounded_channel::<isize>();

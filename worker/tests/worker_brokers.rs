@@ -348,3 +348,70 @@ async fn far_off_eta_waits_on_redis_not_in_the_worker() {
     assert_eq!(summary.succeeded, 2, "the parked job ran exactly once");
     delete_redis_prefix(&prefix).await;
 }
+
+/// Two workers with a cluster-wide limit of 10 starts/s on `demo.add`: 30 jobs cannot finish in less
+/// than about 2 s (10 at once from the full bucket, then 10/s). Per-process limits would let the pair
+/// run 20/s and finish in about half that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_rate_limit_holds_across_workers() {
+    let id = unique();
+    let prefix = format!("{id}:");
+    let url = format!("{REDIS}?global_keyprefix={prefix}");
+    let broker = connect_broker(&url).await.unwrap();
+    let backend = connect_backend(&url).await.unwrap();
+    let limiter = celerity_broker::redis::RedisRateLimiter::connect(&url)
+        .await
+        .unwrap();
+    let shutdown = Shutdown::default();
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let mut registry = Registry::new();
+        demo::register(&mut registry);
+        let config = WorkerConfig {
+            queues: vec!["jobs".into()],
+            concurrency: 8,
+            rate_limits: vec![("demo.add".into(), "10/s".parse().unwrap())],
+            global_rate_limits: Some(limiter.clone()),
+            ..WorkerConfig::default()
+        };
+        workers.push(tokio::spawn(run(
+            registry,
+            broker.clone(),
+            Some(backend.clone()),
+            config,
+            shutdown.clone(),
+        )));
+    }
+    let client = Client::new(broker.clone(), Some(backend.clone()));
+    let mut handles = Vec::new();
+    for i in 0..30 {
+        handles.push(
+            client
+                .send_task(
+                    "demo.add",
+                    vec![json!(i), json!(0)],
+                    Map::new(),
+                    &SendOptions::new().queue("jobs"),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    let mut done = Vec::new();
+    for h in &handles {
+        let m = h.wait_meta(Some(Duration::from_secs(30))).await.unwrap();
+        assert_eq!(m.status, State::Success);
+        done.push(m.date_done.unwrap());
+    }
+    done.sort();
+    let spread = done[done.len() - 1] - done[0];
+    assert!(
+        spread >= chrono::Duration::milliseconds(1800),
+        "30 jobs at 10/s across two workers took only {spread}"
+    );
+    shutdown.warm.cancel();
+    for w in workers {
+        w.await.unwrap().unwrap();
+    }
+    delete_redis_prefix(&prefix).await;
+}

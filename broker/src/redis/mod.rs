@@ -20,9 +20,12 @@ mod backoff;
 mod consumer;
 mod envelope;
 mod keys;
+mod rate_limit;
 mod restore;
 mod scripts;
 mod waiter;
+
+pub use rate_limit::RedisRateLimiter;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
