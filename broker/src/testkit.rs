@@ -116,3 +116,100 @@ impl TcpProxy {
         self.cuts.send_modify(|n| *n += 1);
     }
 }
+
+#[cfg(feature = "redis")]
+pub use private_redis::PrivateRedis;
+
+#[cfg(feature = "redis")]
+mod private_redis {
+    use std::path::PathBuf;
+    use std::process::{Command, Stdio};
+
+    /// A `redis-server` of the test's own on a free port, with an append-only file, so a test can kill
+    /// and restart it (a real broker restart) without touching the shared Redis.
+    pub struct PrivateRedis {
+        child: Option<std::process::Child>,
+        port: u16,
+        dir: PathBuf,
+    }
+
+    impl PrivateRedis {
+        /// Starts one; `None` if `redis-server` cannot be run here.
+        pub async fn start() -> Option<PrivateRedis> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .ok()?
+                .local_addr()
+                .ok()?
+                .port();
+            let dir =
+                std::env::temp_dir().join(format!("celerity-redis-{port}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).ok()?;
+            let mut server = PrivateRedis {
+                child: None,
+                port,
+                dir,
+            };
+            server.spawn().await.then_some(server)
+        }
+
+        async fn spawn(&mut self) -> bool {
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ])
+                .arg("--dir")
+                .arg(&self.dir)
+                .stdout(Stdio::null())
+                .spawn();
+            let Ok(child) = child else { return false };
+            self.child = Some(child);
+            for _ in 0..400 {
+                if let Ok(client) = ::redis::Client::open(self.url().as_str()) {
+                    if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                        if ::redis::cmd("PING")
+                            .query_async::<String>(&mut c)
+                            .await
+                            .is_ok()
+                        {
+                            return true;
+                        }
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            false
+        }
+
+        /// `redis://127.0.0.1:<port>/0`.
+        pub fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/0", self.port)
+        }
+
+        /// Kills the server (SIGKILL) and starts it again on the same port and data; true once it answers.
+        pub async fn restart(&mut self, down_for: std::time::Duration) -> bool {
+            self.kill();
+            tokio::time::sleep(down_for).await;
+            self.spawn().await
+        }
+
+        fn kill(&mut self) {
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    impl Drop for PrivateRedis {
+        fn drop(&mut self) {
+            self.kill();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -6,6 +6,8 @@
 
 mod support;
 
+use celerity_broker::testkit::PrivateRedis;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -596,62 +598,6 @@ async fn keyprefix_without_separator_gets_an_underscore() {
     cleanup(&raw_prefix).await;
 }
 
-/// A throwaway `redis-server` of this test's own, so its connections can be killed without
-/// touching anyone else's. Stopped on drop.
-struct PrivateRedis {
-    child: std::process::Child,
-    url: String,
-}
-
-impl PrivateRedis {
-    async fn start() -> Option<PrivateRedis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        let server = PrivateRedis {
-            child,
-            url: format!("redis://127.0.0.1:{port}/0"),
-        };
-        let client = redis::Client::open(server.url.as_str()).ok()?;
-        for _ in 0..200 {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                if redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-                {
-                    return Some(server);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        None
-    }
-
-    async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Waits (bounded) until `channel` has `want` subscribers; returns the last count seen.
 async fn subscribers_reach(
     conn: &mut redis::aio::MultiplexedConnection,
@@ -690,13 +636,17 @@ async fn waiters_survive_a_lost_pubsub_connection() {
         eprintln!("skipped: cannot start a private redis-server");
         return;
     };
-    let url = format!("{}?global_keyprefix=t:{NO_POLL}", server.url);
+    let url = format!("{}?global_keyprefix=t:{NO_POLL}", server.url());
     let b = Arc::new(
         RedisBackend::connect(&BrokerUrl::parse(&url).unwrap())
             .await
             .unwrap(),
     );
-    let mut admin = server.conn().await;
+    let mut admin = redis::Client::open(server.url().as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let kill_pubsub = || {
         redis::cmd("CLIENT")
             .arg("KILL")

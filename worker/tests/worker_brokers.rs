@@ -415,3 +415,70 @@ async fn global_rate_limit_holds_across_workers() {
     }
     delete_redis_prefix(&prefix).await;
 }
+
+/// A real broker restart under load: the worker's Redis (a private server with an append-only file)
+/// is killed and started again while a batch runs. The worker reconnects on its own and every job
+/// ends with its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_resumes_after_its_redis_restarts_under_load() {
+    let Some(mut server) = celerity_broker::testkit::PrivateRedis::start().await else {
+        panic!("cannot start a private redis-server");
+    };
+    let url = format!("{}?visibility_timeout=3&restore_interval=1", server.url());
+    let broker = connect_broker(&url).await.unwrap();
+    let backend = connect_backend(&server.url()).await.unwrap();
+    let client = Client::new(broker.clone(), Some(backend.clone()));
+    let mut registry = Registry::new();
+    demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    let config = WorkerConfig {
+        queues: vec!["jobs".into()],
+        concurrency: 8,
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(run(
+        registry,
+        broker.clone(),
+        Some(backend.clone()),
+        config,
+        shutdown.clone(),
+    ));
+
+    let options = SendOptions::new().queue("jobs");
+    let batch: Vec<_> = (0..300)
+        .map(|i| {
+            options
+                .build(
+                    "demo.sleep_ms",
+                    vec![json!(3 + i % 4)],
+                    Map::new(),
+                    chrono::Utc::now(),
+                )
+                .unwrap()
+        })
+        .collect();
+    client.send_batch(&batch, "jobs").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        broker.queue_len("jobs").await.unwrap() > 0,
+        "the batch must still be running when Redis goes down"
+    );
+    assert!(
+        server.restart(Duration::from_millis(500)).await,
+        "redis did not come back"
+    );
+
+    for (i, m) in batch.iter().enumerate() {
+        let meta = backend
+            .wait(m.id(), Some(Duration::from_secs(60)))
+            .await
+            .unwrap_or_else(|e| panic!("job {i}: {e}"));
+        assert_eq!(
+            (meta.status, meta.result),
+            (State::Success, json!(3 + i % 4)),
+            "job {i}"
+        );
+    }
+    shutdown.warm.cancel();
+    worker.await.unwrap().unwrap();
+}
