@@ -100,10 +100,16 @@ pub trait AckHandle: Send + Sync + 'static {
     fn can_park(&self) -> bool {
         false
     }
-    /// Hands the message to a broker-side schedule until `due` and settles the delivery; the broker
-    /// puts it back on its queue when due. Only called when [`AckHandle::can_park`] is true.
-    async fn park(self: Box<Self>, due: std::time::SystemTime) -> Result<()> {
-        let _ = due;
+    /// Hands the message (delivered from `queue`) to a broker-side schedule until `due` and settles
+    /// the delivery; the broker puts it back on its queue when due, or in hops towards it. Only
+    /// called when [`AckHandle::can_park`] is true.
+    async fn park(
+        self: Box<Self>,
+        message: &Message,
+        queue: &str,
+        due: std::time::SystemTime,
+    ) -> Result<()> {
+        let _ = (message, queue, due);
         Err(crate::error::BrokerError::Transport {
             transport: "broker",
             message: "this transport cannot park messages".into(),
@@ -168,9 +174,10 @@ impl Delivery {
     }
 
     /// Moves the message to the broker's schedule until `due`: it leaves this worker (nothing held
-    /// unacked in memory) and comes back to its queue when due. Redis only, for now.
+    /// unacked in memory) and comes back to its queue when due (on RabbitMQ, possibly in hops: a
+    /// message back early is parked again).
     pub async fn park(self, due: std::time::SystemTime) -> Result<()> {
-        self.handle.park(due).await
+        self.handle.park(&self.message, &self.queue, due).await
     }
 
     /// Renews the delivery's visibility lease (Redis); keeps a long job from being delivered twice.

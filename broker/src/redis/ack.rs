@@ -162,7 +162,12 @@ impl AckHandle for RedisAck {
     }
 
     /// Moves the message into `celerity.scheduled` until `due`; the consumers' forwarder puts it back.
-    async fn park(self: Box<Self>, due: std::time::SystemTime) -> Result<()> {
+    async fn park(
+        self: Box<Self>,
+        _message: &crate::message::Message,
+        _queue: &str,
+        due: std::time::SystemTime,
+    ) -> Result<()> {
         let due = due
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
