@@ -178,6 +178,9 @@ async fn forward_signals(shutdown: Shutdown) {
     }
 }
 
+/// The queue `celerity demo` uses.
+pub const DEMO_QUEUE: &str = "celerity.demo";
+
 /// `celerity demo`.
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -202,8 +205,10 @@ pub struct DemoReport {
 /// Producer + worker + result lookups in one process: sends `jobs` × `demo.add(i, i)`, waits for
 /// every result, checks each value, and reports the rate and latency percentiles.
 pub async fn run_demo(args: &DemoArgs, conn: &ConnectionArgs) -> Result<DemoReport> {
-    let queue = format!("celerity.demo.{}", uuid::Uuid::new_v4().simple());
+    // One fixed queue, emptied before and after, so repeated demos leave nothing behind.
+    let queue = DEMO_QUEUE.to_owned();
     let broker = connect_broker(&conn.broker).await?;
+    broker.purge(&queue).await?;
     let backend = match &conn.backend {
         Some(u) => Some(connect_backend(u).await?),
         None => Client::connect(&conn.broker, None)
