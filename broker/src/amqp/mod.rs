@@ -7,10 +7,13 @@
 //! - `table`, `props`: JSON headers ↔ AMQP tables, [`Message`] ↔ basic properties.
 //! - `publisher`: the shared confirm-mode publishing connection.
 //! - `consumer`: consumers with their own connection, prefetch via `basic.qos`, self-reconnecting.
+//! - `fanout`: broadcasts (remote control, events): a broadcasting connection, and subscriptions with
+//!   their own connection and exclusive queue, self-reconnecting.
 
 mod config;
 mod connection;
 mod consumer;
+mod fanout;
 mod props;
 mod publisher;
 mod table;
@@ -23,17 +26,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
-use crate::transport::{Broker, Consumer};
+use crate::transport::{Broker, Consumer, Subscription};
 use crate::url::BrokerUrl;
 
 use config::AmqpConfig;
 use consumer::AmqpConsumer;
 use publisher::Publisher;
 
-/// A RabbitMQ broker: one shared publishing connection, plus one connection per consumer.
+/// A RabbitMQ broker: one shared publishing connection, plus one connection per consumer (and, once
+/// used, one for broadcasting and one per subscription).
 pub struct AmqpBroker {
     config: Arc<AmqpConfig>,
     publisher: Publisher,
+    broadcaster: fanout::Broadcaster,
     /// Stops every consumer opened from this handle when it is closed.
     shutdown: CancellationToken,
 }
@@ -56,6 +61,7 @@ impl AmqpBroker {
         let publisher = Publisher::new(config.clone());
         publisher.start().await?;
         Ok(AmqpBroker {
+            broadcaster: fanout::Broadcaster::new(config.clone()),
             config,
             publisher,
             shutdown: CancellationToken::new(),
@@ -113,24 +119,34 @@ impl Broker for AmqpBroker {
     async fn close(&self) -> Result<()> {
         self.shutdown.cancel();
         self.publisher.close().await;
+        self.broadcaster.close().await;
         Ok(())
     }
 
-    async fn broadcast(
-        &self,
-        _exchange: &str,
-        _routing_key: &str,
-        _message: &crate::message::Message,
-    ) -> Result<()> {
-        Err(crate::error::BrokerError::NotCompiled("amqp fanout"))
+    /// Declares the exchange as Celery does and publishes the message to it, transient
+    /// (`fanout.rs`, `topology.rs`).
+    async fn broadcast(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<()> {
+        self.broadcaster
+            .broadcast(exchange, routing_key, message)
+            .await
     }
 
+    /// Declares the exchange and an exclusive, auto-deleted queue `name` bound with `binding_key`,
+    /// and consumes it without acks on a connection of its own (`fanout.rs`).
     async fn subscribe(
         &self,
-        _exchange: &str,
-        _binding_key: &str,
-        _name: &str,
-    ) -> Result<Box<dyn crate::transport::Subscription>> {
-        Err(crate::error::BrokerError::NotCompiled("amqp fanout"))
+        exchange: &str,
+        binding_key: &str,
+        name: &str,
+    ) -> Result<Box<dyn Subscription>> {
+        let subscription = fanout::subscribe(
+            self.config.clone(),
+            exchange,
+            binding_key,
+            name,
+            &self.shutdown,
+        )
+        .await?;
+        Ok(Box::new(subscription))
     }
 }

@@ -4,6 +4,7 @@
 //! the queue (one per priority step), bindings are sets `_kombu.binding.<exchange>`, and the ack
 //! emulation uses the hash `unacked`, the sorted set `unacked_index` and the lock `unacked_mutex`.
 //! Our own additions are only the dead-letter lists (`<queue>.celerity.dead`, `celerity.dead`).
+//! Broadcasts use pub/sub channels named the kombu way (`/<db>.<exchange>[/<routing_key>]`).
 
 /// kombu's separator inside priority keys and binding members (bytes 0x06 0x16).
 pub(crate) const SEP: &str = "\x06\x16";
@@ -92,6 +93,44 @@ impl Keys {
     pub(crate) fn dead_unroutable(&self) -> String {
         format!("{}celerity.dead", self.prefix)
     }
+
+    /// The pub/sub channel of a broadcast on `exchange` with `routing_key` in Redis db `db`: kombu's
+    /// `_get_publish_topic` with its `keyprefix_fanout` `/{db}.`, and the global prefix kombu's
+    /// prefixed client puts before PUBLISH's channel (`<prefix>/0.celery.pidbox`,
+    /// `<prefix>/0.celeryev/task.succeeded`).
+    pub(crate) fn fanout_channel(&self, db: i64, exchange: &str, routing_key: &str) -> String {
+        if routing_key.is_empty() {
+            format!("{}/{db}.{exchange}", self.prefix)
+        } else {
+            format!("{}/{db}.{exchange}/{routing_key}", self.prefix)
+        }
+    }
+
+    /// The PSUBSCRIBE pattern of a subscriber bound with `binding_key` (kombu's
+    /// `_get_subscribe_topic`): the binding key with `#` turned into `*` after the exchange's
+    /// channel, or the bare channel for an empty key. Unlike kombu, glob characters in the prefix and
+    /// the exchange name are escaped, so they match only themselves; for ordinary names the pattern
+    /// is kombu's, byte for byte.
+    pub(crate) fn fanout_pattern(&self, db: i64, exchange: &str, binding_key: &str) -> String {
+        let base = glob_escape(&self.fanout_channel(db, exchange, ""));
+        if binding_key.is_empty() {
+            base
+        } else {
+            format!("{base}/{}", binding_key.replace('#', "*"))
+        }
+    }
+}
+
+/// Escapes Redis glob characters (`*`, `?`, `[`, `]`, `\`) so a pattern matches `text` literally.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -131,5 +170,28 @@ mod tests {
             "celery\x06\x16\x06\x16celery"
         );
         assert_eq!(Keys::new("").queue("celery", 0), "celery");
+    }
+
+    #[test]
+    fn fanout_channels_match_kombu() {
+        let k = Keys::new("p1:");
+        assert_eq!(
+            k.fanout_channel(0, "celery.pidbox", ""),
+            "p1:/0.celery.pidbox"
+        );
+        assert_eq!(
+            k.fanout_channel(3, "celeryev", "task.succeeded"),
+            "p1:/3.celeryev/task.succeeded"
+        );
+        assert_eq!(
+            k.fanout_pattern(0, "celery.pidbox", ""),
+            "p1:/0.celery.pidbox"
+        );
+        assert_eq!(k.fanout_pattern(0, "celeryev", "#"), "p1:/0.celeryev/*");
+        assert_eq!(
+            k.fanout_pattern(0, "celeryev", "task.#"),
+            "p1:/0.celeryev/task.*"
+        );
+        assert_eq!(Keys::new("").fanout_pattern(1, "a*b", ""), "/1.a\\*b");
     }
 }

@@ -10,6 +10,8 @@
 //!   deliveries are settled by `ack.rs`.
 //! - Unacked deliveries older than the visibility timeout are restored by a periodic, kombu-compatible
 //!   sweep (`restore.rs`); a closed consumer gives its deliveries back at once.
+//! - Broadcasts (remote control, events) are kombu's PUBLISH / PSUBSCRIBE on `/<db>.<exchange>`
+//!   channels (`fanout.rs`).
 //!
 //! URL options: `global_keyprefix` (prefix of every key, as kombu's), `visibility_timeout` (seconds,
 //! default 3600), `restore_interval` (seconds between sweeps, default 10). Needs Redis ≥ 6.2 (`BLMOVE`,
@@ -19,6 +21,7 @@ mod ack;
 mod backoff;
 mod consumer;
 mod envelope;
+mod fanout;
 mod keys;
 mod rate_limit;
 mod restore;
@@ -37,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
-use crate::transport::{Broker, Consumer};
+use crate::transport::{Broker, Consumer, Subscription};
 use crate::url::BrokerUrl;
 use keys::Keys;
 
@@ -314,21 +317,22 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn broadcast(
-        &self,
-        _exchange: &str,
-        _routing_key: &str,
-        _message: &crate::message::Message,
-    ) -> Result<()> {
-        Err(crate::error::BrokerError::NotCompiled("redis fanout"))
+    /// `PUBLISH`es the message on kombu's channel for the exchange and routing key (`fanout.rs`).
+    async fn broadcast(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<()> {
+        self.check_open()?;
+        fanout::broadcast(&self.shared, exchange, routing_key, message).await
     }
 
+    /// `PSUBSCRIBE`s kombu's pattern for the binding key on a connection of its own (`fanout.rs`).
+    /// `name` only names the subscriber in logs: Redis pub/sub has no queues.
     async fn subscribe(
         &self,
-        _exchange: &str,
-        _binding_key: &str,
-        _name: &str,
-    ) -> Result<Box<dyn crate::transport::Subscription>> {
-        Err(crate::error::BrokerError::NotCompiled("redis fanout"))
+        exchange: &str,
+        binding_key: &str,
+        name: &str,
+    ) -> Result<Box<dyn Subscription>> {
+        self.check_open()?;
+        let subscription = fanout::subscribe(&self.shared, exchange, binding_key, name).await?;
+        Ok(Box::new(subscription))
     }
 }
