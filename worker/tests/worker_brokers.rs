@@ -482,3 +482,92 @@ async fn worker_resumes_after_its_redis_restarts_under_load() {
     shutdown.warm.cancel();
     worker.await.unwrap().unwrap();
 }
+
+/// `Client::revoke` reaches a worker over the broker's pidbox: a queued job is skipped (REVOKED) and
+/// a running one is stopped with `terminate`.
+async fn revoke_over(broker_url: &str, prefix: &str, queue: &str) {
+    let broker = connect_broker(broker_url).await.unwrap();
+    let backend = connect_backend(&format!("{REDIS}?global_keyprefix={prefix}"))
+        .await
+        .unwrap();
+    let client = Client::new(broker.clone(), Some(backend.clone()));
+    let mut registry = Registry::new();
+    demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    let config = WorkerConfig {
+        queues: vec![queue.to_owned()],
+        concurrency: 1,
+        hostname: format!("celerity@{queue}"),
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(run(
+        registry,
+        broker.clone(),
+        Some(backend.clone()),
+        config,
+        shutdown.clone(),
+    ));
+    let opts = SendOptions::new().queue(queue);
+    let warm_up = client
+        .send_task("demo.add", vec![json!(1), json!(1)], Map::new(), &opts)
+        .await
+        .unwrap();
+    warm_up.get(Some(Duration::from_secs(20))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await; // the pidbox subscription is up by now
+
+    let long = client
+        .send_task("demo.sleep_ms", vec![json!(30_000)], Map::new(), &opts)
+        .await
+        .unwrap();
+    let queued = client
+        .send_task("demo.add", vec![json!(2), json!(2)], Map::new(), &opts)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client
+        .revoke(&[queued.id().to_owned()], false)
+        .await
+        .unwrap();
+    client.revoke(&[long.id().to_owned()], true).await.unwrap();
+    let m = long.wait_meta(Some(Duration::from_secs(20))).await.unwrap();
+    assert_eq!(
+        m.status,
+        State::Revoked,
+        "terminate did not stop the running job"
+    );
+    let m = queued
+        .wait_meta(Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(
+        m.status,
+        State::Revoked,
+        "the queued job ran although revoked"
+    );
+    shutdown.warm.cancel();
+    let s = worker.await.unwrap().unwrap();
+    assert_eq!((s.succeeded, s.revoked), (1, 2));
+    broker.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_and_terminate_on_redis() {
+    let id = unique();
+    let prefix = format!("{id}:");
+    revoke_over(
+        &format!("{REDIS}?global_keyprefix={prefix}"),
+        &prefix,
+        "jobs",
+    )
+    .await;
+    delete_redis_prefix(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_and_terminate_on_rabbitmq() {
+    let id = unique();
+    let prefix = format!("{id}:");
+    revoke_over(AMQP, &prefix, &id).await;
+    delete_redis_prefix(&prefix).await;
+    delete_amqp_queue(&id).await;
+}
