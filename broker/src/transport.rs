@@ -96,8 +96,9 @@ pub trait AckHandle: Send + Sync + 'static {
     async fn keep_alive(&self) -> Result<()> {
         Ok(())
     }
-    /// True if [`AckHandle::park`] can keep the message on the broker until it is due.
-    fn can_park(&self) -> bool {
+    /// True if [`AckHandle::park`] can keep the message on the broker until `due`.
+    fn can_park(&self, due: std::time::SystemTime) -> bool {
+        let _ = due;
         false
     }
     /// Hands the message (delivered from `queue`) to a broker-side schedule until `due` and settles
@@ -168,9 +169,9 @@ impl Delivery {
         self.handle.reject(requeue).await
     }
 
-    /// True if the transport can keep this message until a due time ([`Delivery::park`]).
-    pub fn can_park(&self) -> bool {
-        self.handle.can_park()
+    /// True if the transport can keep this message until `due` ([`Delivery::park`]).
+    pub fn can_park(&self, due: std::time::SystemTime) -> bool {
+        self.handle.can_park(due)
     }
 
     /// Moves the message to the broker's schedule until `due`: it leaves this worker (nothing held

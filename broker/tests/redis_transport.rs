@@ -961,8 +961,8 @@ async fn parked_messages_wait_in_redis_and_come_back_when_due() {
     b.publish("later", &message(7, 0)).await.unwrap();
     let mut c = b.consume(&queue("later"), 4).await.unwrap();
     let d = next(&mut c).await;
-    assert!(d.can_park());
     let due = std::time::SystemTime::now() + Duration::from_millis(1500);
+    assert!(d.can_park(due));
     d.park(due).await.unwrap();
     assert_eq!(s.unacked().await, (0, 0));
     let mut raw = s.raw.clone();

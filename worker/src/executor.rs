@@ -163,8 +163,8 @@ impl Executor {
         }
         if let Some(eta) = message.headers.eta {
             let wait = (eta.to_utc() - Utc::now()).to_std().unwrap_or_default();
-            if wait > self.park_after && delivery.can_park() {
-                let due = std::time::SystemTime::now() + wait;
+            let due = std::time::SystemTime::now() + wait;
+            if wait > self.park_after && delivery.can_park(due) {
                 return match delivery.park(due).await {
                     Ok(()) => {
                         tracing::info!(id = message.id(), task = message.task(), eta = %eta, "not due yet; parked on the broker")

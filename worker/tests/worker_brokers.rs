@@ -571,3 +571,65 @@ async fn revoke_and_terminate_on_rabbitmq() {
     delete_redis_prefix(&prefix).await;
     delete_amqp_queue(&id).await;
 }
+
+/// On RabbitMQ a job due later than `park_after` hops through Celerity's delay levels
+/// (`celerity.delay.<s>`, fixed TTL, dead-lettered back to its queue) instead of sitting unacked in the
+/// worker, and runs once, not early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn far_off_eta_hops_through_rabbitmq_delay_levels() {
+    let q = unique();
+    let prefix = format!("{q}:");
+    let broker = connect_broker(AMQP).await.unwrap();
+    let backend = connect_backend(&format!("{REDIS}?global_keyprefix={prefix}"))
+        .await
+        .unwrap();
+    let client = Client::new(broker.clone(), Some(backend.clone()));
+    let mut registry = Registry::new();
+    demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    let config = WorkerConfig {
+        queues: vec![q.clone()],
+        concurrency: 2,
+        park_after: Duration::from_millis(300),
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(run(
+        registry,
+        broker.clone(),
+        Some(backend.clone()),
+        config,
+        shutdown.clone(),
+    ));
+
+    let sent = chrono::Utc::now();
+    let later = client
+        .send_task(
+            "demo.add",
+            vec![json!(40), json!(2)],
+            Map::new(),
+            &SendOptions::new()
+                .queue(&q)
+                .countdown(Duration::from_millis(2500)),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        broker.queue_len("celerity.delay.1").await.unwrap() >= 1,
+        "the job should be parked in a delay level"
+    );
+    let m = later
+        .wait_meta(Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!((m.status, m.result.clone()), (State::Success, json!(42)));
+    assert!(
+        m.date_done.unwrap() >= sent + chrono::Duration::milliseconds(2500),
+        "ran early"
+    );
+    shutdown.warm.cancel();
+    let summary = worker.await.unwrap().unwrap();
+    assert_eq!(summary.succeeded, 1, "the parked job ran exactly once");
+    delete_redis_prefix(&prefix).await;
+    delete_amqp_queue(&q).await;
+}

@@ -28,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 use super::config::AmqpConfig;
 use super::connection::{connect, lapin_err, Backoff, Failure};
 use super::props::to_message;
+use super::publisher::Publisher;
 use super::topology::declare_task_queue;
 use crate::error::{BrokerError, Result};
+use crate::message::Message;
 use crate::transport::{AckHandle, Consumer, Delivery};
 
 /// Bound on the polite shutdown steps (cancel, channel close, connection close, draining).
@@ -62,6 +64,8 @@ impl Session {
 
 pub(crate) struct AmqpConsumer {
     config: Arc<AmqpConfig>,
+    /// Used to park deliveries that are not due yet.
+    publisher: Arc<Publisher>,
     queues: Vec<(Arc<str>, ShortString)>,
     prefetch: u16,
     session: Option<Session>,
@@ -84,12 +88,14 @@ impl AmqpConsumer {
     /// Connects and starts consuming; any failure here is returned (no retry).
     pub async fn start(
         config: Arc<AmqpConfig>,
+        publisher: Arc<Publisher>,
         queues: Vec<(Arc<str>, ShortString)>,
         prefetch: usize,
         shutdown: CancellationToken,
     ) -> Result<Self> {
         let mut consumer = AmqpConsumer {
             config,
+            publisher,
             queues,
             prefetch: qos_count(prefetch),
             session: None,
@@ -198,13 +204,16 @@ impl AmqpConsumer {
         }
     }
 
-    fn delivery(queue: &str, d: LapinDelivery) -> Delivery {
+    fn delivery(&self, queue: &str, d: LapinDelivery) -> Delivery {
         let message = to_message(&d.properties, d.data);
         Delivery::new(
             message,
             queue.to_owned(),
             d.redelivered,
-            Box::new(AmqpAck { acker: d.acker }),
+            Box::new(AmqpAck {
+                acker: d.acker,
+                publisher: self.publisher.clone(),
+            }),
             None,
         )
     }
@@ -277,7 +286,7 @@ impl Consumer for AmqpConsumer {
                 return Ok(None);
             }
             if let Some((queue, d)) = self.pending.pop_front() {
-                return Ok(Some(Self::delivery(&queue, d)));
+                return Ok(Some(self.delivery(&queue, d)));
             }
             let Some(session) = self.session.as_mut() else {
                 self.session = self.reconnect().await?;
@@ -288,7 +297,7 @@ impl Consumer for AmqpConsumer {
                 item = session.stream().next() => item,
             };
             let reason = match item {
-                Some((queue, Some(Ok(d)))) => return Ok(Some(Self::delivery(&queue, d))),
+                Some((queue, Some(Ok(d)))) => return Ok(Some(self.delivery(&queue, d))),
                 Some((queue, Some(Err(e)))) => format!("consumer of `{queue}` failed: {e}"),
                 Some((queue, None)) => format!("consumer of `{queue}` was cancelled by the broker"),
                 None => "all consumers ended".to_owned(),
@@ -337,6 +346,7 @@ impl Consumer for AmqpConsumer {
 /// Settles one delivery through lapin's acker.
 struct AmqpAck {
     acker: Acker,
+    publisher: Arc<Publisher>,
 }
 
 fn settled(r: lapin::Result<bool>) -> Result<()> {
@@ -357,5 +367,50 @@ impl AckHandle for AmqpAck {
 
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
         settled(self.acker.reject(BasicRejectOptions { requeue }).await)
+    }
+
+    /// Only hops of a second or more exist; nearer jobs are held by the worker.
+    fn can_park(&self, due: std::time::SystemTime) -> bool {
+        let remaining = due
+            .duration_since(std::time::SystemTime::now())
+            .map_or(0.0, |d| d.as_secs_f64());
+        super::delay::hop_for(remaining).is_some()
+    }
+
+    /// Re-publishes the message to the longest delay level that does not pass `due` (confirmed),
+    /// then acks this delivery. Should the process die between the two, the message exists twice;
+    /// the worker drops the second run of a finished job only when it comes back redelivered.
+    async fn park(
+        self: Box<Self>,
+        message: &Message,
+        queue: &str,
+        due: std::time::SystemTime,
+    ) -> Result<()> {
+        let remaining = due
+            .duration_since(std::time::SystemTime::now())
+            .map_or(0.0, |d| d.as_secs_f64());
+        let Some(seconds) = super::delay::hop_for(remaining) else {
+            let _ = self
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await;
+            return Err(BrokerError::Transport {
+                transport: "amqp",
+                message: "due in under a second: nothing to park".into(),
+            });
+        };
+        if let Err(e) = self
+            .publisher
+            .publish_delayed(queue, message, seconds)
+            .await
+        {
+            // Not parked: give it back so it is delivered again rather than stuck unacked here.
+            let _ = self
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await;
+            return Err(e);
+        }
+        settled(self.acker.ack(BasicAckOptions::default()).await)
     }
 }

@@ -13,6 +13,7 @@
 mod config;
 mod connection;
 mod consumer;
+mod delay;
 mod fanout;
 mod props;
 mod publisher;
@@ -37,7 +38,7 @@ use publisher::Publisher;
 /// used, one for broadcasting and one per subscription).
 pub struct AmqpBroker {
     config: Arc<AmqpConfig>,
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     broadcaster: fanout::Broadcaster,
     /// Stops every consumer opened from this handle when it is closed.
     shutdown: CancellationToken,
@@ -58,7 +59,7 @@ impl AmqpBroker {
     /// broker cannot be reached or refuses us within `connect_timeout`.
     pub async fn connect(url: &BrokerUrl) -> Result<Self> {
         let config = Arc::new(AmqpConfig::from_url(url)?);
-        let publisher = Publisher::new(config.clone());
+        let publisher = Arc::new(Publisher::new(config.clone()));
         publisher.start().await?;
         Ok(AmqpBroker {
             broadcaster: fanout::Broadcaster::new(config.clone()),
@@ -100,6 +101,7 @@ impl Broker for AmqpBroker {
             .collect::<Result<Vec<_>>>()?;
         let consumer = AmqpConsumer::start(
             self.config.clone(),
+            self.publisher.clone(),
             names,
             prefetch,
             self.shutdown.child_token(),

@@ -227,6 +227,48 @@ impl Publisher {
         }
     }
 
+    /// Publishes `message` to delay level `seconds` (see `delay`), to come back to `queue` when the
+    /// hop is over. Returns once the broker holds it.
+    pub async fn publish_delayed(
+        &self,
+        queue: &str,
+        message: &Message,
+        seconds: u64,
+    ) -> Result<()> {
+        let rk = short_string(queue, "queue name")?;
+        let level = super::delay::level_name(seconds);
+        let exchange = short_string(&level, "delay exchange")?;
+        // The hop's own lifetime is the queue's; a per-message `expiration` would cut it short.
+        let mut hop = message.clone();
+        hop.properties.expiration = None;
+        let props = to_properties(&hop)?;
+        self.retry_once("park", |link| {
+            let (rk, exchange, props, level) = (&rk, &exchange, &props, &level);
+            let body = &message.body;
+            async move {
+                if !lock(&link.declared).contains(level.as_str()) {
+                    super::delay::declare_level(&link.channel, seconds)
+                        .await
+                        .map_err(lapin_err)?;
+                    lock(&link.declared).insert(level.clone());
+                }
+                let confirm = link
+                    .channel
+                    .basic_publish(
+                        exchange.clone(),
+                        rk.clone(),
+                        BasicPublishOptions::default(),
+                        body,
+                        props.clone(),
+                    )
+                    .await
+                    .map_err(lapin_err)?;
+                confirmed(confirm.await.map_err(lapin_err)?)
+            }
+        })
+        .await
+    }
+
     /// Ready messages removed from `queue` (0 if it does not exist).
     pub async fn purge(&self, queue: &str) -> Result<u64> {
         let name = short_string(queue, "queue name")?;

@@ -157,7 +157,7 @@ impl AckHandle for RedisAck {
         self.settle(requeue).await
     }
 
-    fn can_park(&self) -> bool {
+    fn can_park(&self, _due: std::time::SystemTime) -> bool {
         true
     }
 
