@@ -96,6 +96,12 @@ pub trait AckHandle: Send + Sync + 'static {
     async fn keep_alive(&self) -> Result<()> {
         Ok(())
     }
+    /// How long the broker keeps this delivery for us without news (Redis: the visibility timeout);
+    /// `None` when it keeps it as long as our connection lives. A holder renews it with
+    /// [`AckHandle::keep_alive`] well within this.
+    fn lease(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// True if [`AckHandle::park`] can keep the message on the broker until `due`.
     fn can_park(&self, due: std::time::SystemTime) -> bool {
         let _ = due;
@@ -167,6 +173,14 @@ impl Delivery {
     /// Rejects the message; with `requeue` it goes back to its queue to be delivered again.
     pub async fn reject(self, requeue: bool) -> Result<()> {
         self.handle.reject(requeue).await
+    }
+
+    /// How often a holder of this delivery should renew its lease ([`Delivery::keep_alive`]): a third
+    /// of the broker's lease, at least a second; `None` if it needs no renewing.
+    pub fn renew_every(&self) -> Option<std::time::Duration> {
+        self.handle
+            .lease()
+            .map(|l| (l / 3).max(std::time::Duration::from_secs(1)))
     }
 
     /// True if the transport can keep this message until `due` ([`Delivery::park`]).

@@ -31,9 +31,6 @@ use crate::task::{TaskContext, TaskError};
 /// Where undecodable messages are copied before they are acked.
 pub const DEAD_LETTER_QUEUE: &str = "celerity.deadletter";
 
-/// How often a job waiting for its ETA renews its broker lease.
-const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(60);
-
 /// Counters the executor keeps (read by the worker for its summary and by monitors).
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -97,10 +94,6 @@ pub enum JobEvent {
     /// That job is over (whatever the outcome).
     Finished { id: String },
 }
-
-/// How often a running job renews its broker lease (Redis visibility), well inside the default
-/// visibility timeout.
-const RUNNING_KEEP_ALIVE_EVERY: Duration = Duration::from_secs(30);
 
 fn bump(c: &std::sync::atomic::AtomicU64) {
     c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -250,11 +243,11 @@ impl Executor {
         let lease = delivery.as_ref();
         let run = async move {
             let keep_alive = async {
-                let Some(d) = lease else {
+                let Some((d, every)) = lease.and_then(|d| d.renew_every().map(|e| (d, e))) else {
                     return std::future::pending().await;
                 };
                 loop {
-                    tokio::time::sleep(RUNNING_KEEP_ALIVE_EVERY).await;
+                    tokio::time::sleep(every).await;
                     if let Err(e) = d.keep_alive().await {
                         tracing::warn!(error = %e, "could not renew the lease of a running job");
                     }
@@ -359,8 +352,9 @@ impl Executor {
         };
         let _ = self.window.send(1);
         let deadline = Instant::now() + wait;
+        let every = delivery.renew_every().unwrap_or(wait);
         let due = loop {
-            let tick = deadline.min(Instant::now() + KEEP_ALIVE_EVERY);
+            let tick = deadline.min(Instant::now() + every);
             tokio::select! {
                 _ = tokio::time::sleep_until(tick) => {
                     if tick >= deadline { break true; }

@@ -633,3 +633,61 @@ async fn far_off_eta_hops_through_rabbitmq_delay_levels() {
     delete_redis_prefix(&prefix).await;
     delete_amqp_queue(&q).await;
 }
+
+/// With a 2 s visibility timeout, a job that runs 4 s and one held 3 s for its ETA keep their
+/// leases fresh: neither is handed out again by the restore sweep, each runs exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_and_waiting_jobs_keep_their_redis_lease() {
+    let id = unique();
+    let prefix = format!("{id}:");
+    let url = format!("{REDIS}?global_keyprefix={prefix}&visibility_timeout=2&restore_interval=1");
+    let broker = connect_broker(&url).await.unwrap();
+    let backend = connect_backend(&format!("{REDIS}?global_keyprefix={prefix}"))
+        .await
+        .unwrap();
+    let client = Client::new(broker.clone(), Some(backend.clone()));
+    let mut registry = Registry::new();
+    demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    // A long park_after: the ETA job is held by the worker, not parked.
+    let config = WorkerConfig {
+        queues: vec!["jobs".into()],
+        concurrency: 4,
+        park_after: Duration::from_secs(60),
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(run(
+        registry,
+        broker.clone(),
+        Some(backend.clone()),
+        config,
+        shutdown.clone(),
+    ));
+    let opts = SendOptions::new().queue("jobs");
+    let long = client
+        .send_task("demo.sleep_ms", vec![json!(4000)], Map::new(), &opts)
+        .await
+        .unwrap();
+    let held = client
+        .send_task(
+            "demo.add",
+            vec![json!(1), json!(2)],
+            Map::new(),
+            &opts.clone().countdown(Duration::from_secs(3)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        long.get(Some(Duration::from_secs(30))).await.unwrap(),
+        json!(4000)
+    );
+    assert_eq!(
+        held.get(Some(Duration::from_secs(30))).await.unwrap(),
+        json!(3)
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await; // a duplicate would have started by now
+    shutdown.warm.cancel();
+    let s = worker.await.unwrap().unwrap();
+    assert_eq!(s.succeeded, 2, "a job whose lease lapsed ran twice");
+    delete_redis_prefix(&prefix).await;
+}

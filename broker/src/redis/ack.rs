@@ -157,6 +157,10 @@ impl AckHandle for RedisAck {
         self.settle(requeue).await
     }
 
+    fn lease(&self) -> Option<std::time::Duration> {
+        std::time::Duration::try_from_secs_f64(self.outstanding.shared.visibility_timeout).ok()
+    }
+
     fn can_park(&self, _due: std::time::SystemTime) -> bool {
         true
     }
