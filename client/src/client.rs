@@ -41,7 +41,7 @@ impl Client {
         let broker = connect_broker(broker_url).await?;
         let backend_url = match backend_url {
             Some(u) => Some(u.to_owned()),
-            None => default_backend_for(broker_url),
+            None => default_backend_url(broker_url),
         };
         let backend = match backend_url {
             Some(u) => Some(connect_backend(&u).await?),
@@ -142,8 +142,9 @@ impl Client {
     }
 }
 
-/// The backend a broker URL implies when none is given.
-fn default_backend_for(broker_url: &str) -> Option<String> {
+/// The result backend a broker URL implies when none is given: the same Redis (keeping its
+/// `global_keyprefix`) or the same `memory://`; none for AMQP.
+pub fn default_backend_url(broker_url: &str) -> Option<String> {
     match BrokerUrl::parse(broker_url).ok()?.scheme {
         Scheme::Memory => Some(broker_url.to_owned()),
         Scheme::Redis => {

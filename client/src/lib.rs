@@ -18,7 +18,7 @@ pub mod options;
 pub mod result;
 pub mod task;
 
-pub use client::Client;
+pub use client::{default_backend_url, Client};
 pub use error::ClientError;
 pub use options::{Expires, SendOptions};
 pub use result::AsyncResult;

@@ -14,7 +14,7 @@ use serde_json::{json, Map};
 use celerity_broker::protocol::TaskMessage;
 use celerity_broker::{connect_backend, connect_broker, ResultBackend, State};
 use celerity_client::cli::ConnectionArgs;
-use celerity_client::{Client, SendOptions};
+use celerity_client::{default_backend_url, Client, SendOptions};
 
 use crate::error::{Result, WorkerError};
 use crate::executor::Reporter;
@@ -147,10 +147,16 @@ async fn global_limiter(conn: &ConnectionArgs) -> Result<celerity_broker::redis:
     Ok(celerity_broker::redis::RedisRateLimiter::connect(url).await?)
 }
 
+/// The result backend: `--backend`, else what the broker implies (the client's rule).
 async fn backend_for(conn: &ConnectionArgs) -> Result<Option<Arc<dyn ResultBackend>>> {
-    // The same rule as the client: a Redis or memory broker doubles as the backend.
-    let client_default = Client::connect(&conn.broker, conn.backend.as_deref()).await?;
-    Ok(client_default.backend().cloned())
+    match conn
+        .backend
+        .clone()
+        .or_else(|| default_backend_url(&conn.broker))
+    {
+        Some(url) => Ok(Some(connect_backend(&url).await?)),
+        None => Ok(None),
+    }
 }
 
 /// First SIGINT/SIGTERM: warm shutdown. Second: cold.
@@ -209,14 +215,7 @@ pub async fn run_demo(args: &DemoArgs, conn: &ConnectionArgs) -> Result<DemoRepo
     let queue = DEMO_QUEUE.to_owned();
     let broker = connect_broker(&conn.broker).await?;
     broker.purge(&queue).await?;
-    let backend = match &conn.backend {
-        Some(u) => Some(connect_backend(u).await?),
-        None => Client::connect(&conn.broker, None)
-            .await?
-            .backend()
-            .cloned(),
-    };
-    let Some(backend) = backend else {
+    let Some(backend) = backend_for(conn).await? else {
         return Err(WorkerError::Config(
             "the demo reads results: give --backend redis://… with an AMQP broker".into(),
         ));
