@@ -141,6 +141,28 @@ async fn wait_for_state_or_running(broker: &Arc<dyn Broker>, queue: &str) {
     panic!("the worker never took the job");
 }
 
+/// Starts a worker with the demo tasks; returns its stop tokens and its task.
+fn spawn_worker(
+    broker: &Arc<dyn Broker>,
+    backend: &Arc<dyn celerity_broker::ResultBackend>,
+    config: WorkerConfig,
+) -> (
+    Shutdown,
+    tokio::task::JoinHandle<celerity_worker::error::Result<celerity_worker::Summary>>,
+) {
+    let mut registry = Registry::new();
+    demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    let worker = tokio::spawn(run(
+        registry,
+        broker.clone(),
+        Some(backend.clone()),
+        config,
+        shutdown.clone(),
+    ));
+    (shutdown, worker)
+}
+
 fn unique() -> String {
     format!("wtest-{}", uuid::Uuid::new_v4().simple())
 }
@@ -182,22 +204,16 @@ async fn survives_connection_drops(
         .await
         .unwrap();
     let client = Client::new(producer.clone(), Some(backend.clone()));
-    let mut registry = Registry::new();
-    demo::register(&mut registry);
-    let shutdown = Shutdown::default();
-    let config = WorkerConfig {
-        queues: vec![queue.to_owned()],
-        concurrency: 8,
-        grace: Duration::from_secs(5),
-        ..WorkerConfig::default()
-    };
-    let worker = tokio::spawn(run(
-        registry,
-        worker_side.clone(),
-        Some(backend.clone()),
-        config,
-        shutdown.clone(),
-    ));
+    let (shutdown, worker) = spawn_worker(
+        &worker_side,
+        &backend,
+        WorkerConfig {
+            queues: vec![queue.to_owned()],
+            concurrency: 8,
+            grace: Duration::from_secs(5),
+            ..WorkerConfig::default()
+        },
+    );
 
     let options = SendOptions::new().queue(queue);
     let mut handles = Vec::new();
@@ -272,22 +288,16 @@ async fn far_off_eta_waits_on_redis_not_in_the_worker() {
     let broker = connect_broker(&url).await.unwrap();
     let backend = connect_backend(&url).await.unwrap();
     let client = Client::new(broker.clone(), Some(backend.clone()));
-    let mut registry = Registry::new();
-    demo::register(&mut registry);
-    let shutdown = Shutdown::default();
-    let config = WorkerConfig {
-        queues: vec!["jobs".into()],
-        concurrency: 2,
-        park_after: Duration::from_millis(300),
-        ..WorkerConfig::default()
-    };
-    let worker = tokio::spawn(run(
-        registry,
-        broker.clone(),
-        Some(backend.clone()),
-        config,
-        shutdown.clone(),
-    ));
+    let (shutdown, worker) = spawn_worker(
+        &broker,
+        &backend,
+        WorkerConfig {
+            queues: vec!["jobs".into()],
+            concurrency: 2,
+            park_after: Duration::from_millis(300),
+            ..WorkerConfig::default()
+        },
+    );
 
     let sent = chrono::Utc::now();
     let later = client
@@ -428,21 +438,15 @@ async fn worker_resumes_after_its_redis_restarts_under_load() {
     let broker = connect_broker(&url).await.unwrap();
     let backend = connect_backend(&server.url()).await.unwrap();
     let client = Client::new(broker.clone(), Some(backend.clone()));
-    let mut registry = Registry::new();
-    demo::register(&mut registry);
-    let shutdown = Shutdown::default();
-    let config = WorkerConfig {
-        queues: vec!["jobs".into()],
-        concurrency: 8,
-        ..WorkerConfig::default()
-    };
-    let worker = tokio::spawn(run(
-        registry,
-        broker.clone(),
-        Some(backend.clone()),
-        config,
-        shutdown.clone(),
-    ));
+    let (shutdown, worker) = spawn_worker(
+        &broker,
+        &backend,
+        WorkerConfig {
+            queues: vec!["jobs".into()],
+            concurrency: 8,
+            ..WorkerConfig::default()
+        },
+    );
 
     let options = SendOptions::new().queue("jobs");
     let batch: Vec<_> = (0..300)
@@ -491,22 +495,16 @@ async fn revoke_over(broker_url: &str, prefix: &str, queue: &str) {
         .await
         .unwrap();
     let client = Client::new(broker.clone(), Some(backend.clone()));
-    let mut registry = Registry::new();
-    demo::register(&mut registry);
-    let shutdown = Shutdown::default();
-    let config = WorkerConfig {
-        queues: vec![queue.to_owned()],
-        concurrency: 1,
-        hostname: format!("celerity@{queue}"),
-        ..WorkerConfig::default()
-    };
-    let worker = tokio::spawn(run(
-        registry,
-        broker.clone(),
-        Some(backend.clone()),
-        config,
-        shutdown.clone(),
-    ));
+    let (shutdown, worker) = spawn_worker(
+        &broker,
+        &backend,
+        WorkerConfig {
+            queues: vec![queue.to_owned()],
+            concurrency: 1,
+            hostname: format!("celerity@{queue}"),
+            ..WorkerConfig::default()
+        },
+    );
     let opts = SendOptions::new().queue(queue);
     let warm_up = client
         .send_task("demo.add", vec![json!(1), json!(1)], Map::new(), &opts)
@@ -584,22 +582,16 @@ async fn far_off_eta_hops_through_rabbitmq_delay_levels() {
         .await
         .unwrap();
     let client = Client::new(broker.clone(), Some(backend.clone()));
-    let mut registry = Registry::new();
-    demo::register(&mut registry);
-    let shutdown = Shutdown::default();
-    let config = WorkerConfig {
-        queues: vec![q.clone()],
-        concurrency: 2,
-        park_after: Duration::from_millis(300),
-        ..WorkerConfig::default()
-    };
-    let worker = tokio::spawn(run(
-        registry,
-        broker.clone(),
-        Some(backend.clone()),
-        config,
-        shutdown.clone(),
-    ));
+    let (shutdown, worker) = spawn_worker(
+        &broker,
+        &backend,
+        WorkerConfig {
+            queues: vec![q.clone()],
+            concurrency: 2,
+            park_after: Duration::from_millis(300),
+            ..WorkerConfig::default()
+        },
+    );
 
     let sent = chrono::Utc::now();
     let later = client
@@ -646,23 +638,17 @@ async fn long_and_waiting_jobs_keep_their_redis_lease() {
         .await
         .unwrap();
     let client = Client::new(broker.clone(), Some(backend.clone()));
-    let mut registry = Registry::new();
-    demo::register(&mut registry);
-    let shutdown = Shutdown::default();
     // A long park_after: the ETA job is held by the worker, not parked.
-    let config = WorkerConfig {
-        queues: vec!["jobs".into()],
-        concurrency: 4,
-        park_after: Duration::from_secs(60),
-        ..WorkerConfig::default()
-    };
-    let worker = tokio::spawn(run(
-        registry,
-        broker.clone(),
-        Some(backend.clone()),
-        config,
-        shutdown.clone(),
-    ));
+    let (shutdown, worker) = spawn_worker(
+        &broker,
+        &backend,
+        WorkerConfig {
+            queues: vec!["jobs".into()],
+            concurrency: 4,
+            park_after: Duration::from_secs(60),
+            ..WorkerConfig::default()
+        },
+    );
     let opts = SendOptions::new().queue("jobs");
     let long = client
         .send_task("demo.sleep_ms", vec![json!(4000)], Map::new(), &opts)
