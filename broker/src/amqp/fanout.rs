@@ -16,21 +16,20 @@
 //! (broadcasts sent meanwhile are missed, as with Celery). The queue goes away with the connection,
 //! when the broker is closed or the subscription dropped.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::StreamExt as _;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection};
-use tokio::sync::{mpsc, Mutex as AsyncMutex};
+use lapin::Connection;
+use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::config::AmqpConfig;
 use super::connection::{connect, lapin_err, Backoff, Failure};
+use super::link::LinkSlot;
 use super::props::{to_message, to_properties};
 use super::table::short_string;
 use super::topology::{declare_fanout_exchange, declare_subscriber_queue, fanout_spec, FanoutSpec};
@@ -45,33 +44,15 @@ const STABLE_AFTER: Duration = Duration::from_secs(5);
 /// Messages waiting for `next()`.
 const BUFFER: usize = 256;
 
-/// The broadcasting connection and its channel.
-struct Link {
-    conn: Arc<Connection>,
-    channel: Channel,
-    /// Exchanges declared on this connection.
-    declared: Mutex<HashSet<String>>,
-}
-
-impl Link {
-    fn declared(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.declared.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// Publishes broadcasts (see the module doc).
 pub(crate) struct Broadcaster {
-    config: Arc<AmqpConfig>,
-    link: AsyncMutex<Option<Arc<Link>>>,
-    closed: AtomicBool,
+    link: LinkSlot,
 }
 
 impl Broadcaster {
     pub(crate) fn new(config: Arc<AmqpConfig>) -> Self {
         Broadcaster {
-            config,
-            link: AsyncMutex::new(None),
-            closed: AtomicBool::new(false),
+            link: LinkSlot::new(config, "broadcaster", false),
         }
     }
 
@@ -88,13 +69,13 @@ impl Broadcaster {
         let props = to_properties(message)?.with_delivery_mode(TRANSIENT);
         let mut retried = false;
         loop {
-            let link = self.link().await?;
+            let link = self.link.get().await?;
             let sent = async {
-                if !link.declared().contains(exchange) {
+                if !link.is_declared(exchange) {
                     declare_fanout_exchange(&link.channel, &name, &fanout_spec(exchange))
                         .await
                         .map_err(lapin_err)?;
-                    link.declared().insert(exchange.to_owned());
+                    link.mark_declared(exchange);
                 }
                 // Without confirms the returned future resolves at once; nothing to wait for.
                 link.channel
@@ -110,9 +91,9 @@ impl Broadcaster {
                     .map_err(lapin_err)
             };
             match sent.await {
-                Err(e) if e.is_connection() && !retried && !self.closed.load(Ordering::SeqCst) => {
+                Err(e) if e.is_connection() && !retried && !self.link.is_closed() => {
                     tracing::warn!(error = %e, exchange, "amqp: broadcast hit a lost connection; reconnecting and retrying once");
-                    self.discard(&link).await;
+                    self.link.discard(&link).await;
                     retried = true;
                 }
                 other => return other,
@@ -120,68 +101,9 @@ impl Broadcaster {
         }
     }
 
-    /// The current link, with a new channel if the old one died, or a new connection.
-    async fn link(&self) -> Result<Arc<Link>> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(BrokerError::Closed);
-        }
-        let mut slot = self.link.lock().await;
-        if let Some(link) = slot.as_ref() {
-            if link.channel.status().connected() {
-                return Ok(link.clone());
-            }
-            if link.conn.status().connected() {
-                match link.conn.create_channel().await {
-                    Ok(channel) => {
-                        // The broker may have closed the channel because an exchange went away:
-                        // declare again on the new one.
-                        let fresh = Arc::new(Link {
-                            conn: link.conn.clone(),
-                            channel,
-                            declared: Mutex::default(),
-                        });
-                        *slot = Some(fresh.clone());
-                        return Ok(fresh);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "amqp: cannot reopen the broadcast channel; reconnecting")
-                    }
-                }
-            }
-        }
-        let conn = connect(&self.config, "broadcaster")
-            .await
-            .map_err(|f| f.error)?;
-        let channel = conn.create_channel().await.map_err(lapin_err)?;
-        tracing::debug!(url = %self.config.redacted, "amqp: broadcaster connected");
-        let fresh = Arc::new(Link {
-            conn: Arc::new(conn),
-            channel,
-            declared: Mutex::default(),
-        });
-        *slot = Some(fresh.clone());
-        Ok(fresh)
-    }
-
-    /// Forgets `link` after a connection error (if it is still the current one).
-    async fn discard(&self, link: &Arc<Link>) {
-        let mut slot = self.link.lock().await;
-        if slot.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
-            *slot = None;
-        }
-    }
-
     /// Closes the connection; later broadcasts fail with [`BrokerError::Closed`].
     pub(crate) async fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        if let Some(link) = self.link.lock().await.take() {
-            if link.conn.status().connected() {
-                let closing = link.conn.close(200, "OK".into());
-                if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
-                    tracing::debug!(error = %e, "amqp: closing the broadcaster connection");
-                }
-            }
-        }
+        self.link.close().await;
     }
 }
 

@@ -15,6 +15,7 @@ mod connection;
 mod consumer;
 mod delay;
 mod fanout;
+mod link;
 mod props;
 mod publisher;
 mod table;

@@ -8,21 +8,19 @@
 //! (so a message may be stored twice, never lost silently). Declared queues are remembered per
 //! connection so publishing does not redeclare every time.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
+use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
-use tokio::sync::Mutex as AsyncMutex;
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 
 use super::config::AmqpConfig;
-use super::connection::{connect, lapin_err};
+use super::connection::lapin_err;
+use super::link::{Link, LinkSlot};
 use super::props::to_properties;
 use super::table::short_string;
 use super::topology::{declare_task_queue, is_not_found, ready_count};
@@ -34,30 +32,9 @@ const SEND_WINDOW: usize = 1024;
 /// Bound on closing a connection or channel we are done with.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One live connection with its confirm-mode channel.
-struct Link {
-    conn: Arc<Connection>,
-    channel: Channel,
-    /// Queues declared on this connection.
-    declared: Mutex<HashSet<String>>,
-}
-
 pub(crate) struct Publisher {
     config: Arc<AmqpConfig>,
-    link: AsyncMutex<Option<Arc<Link>>>,
-    closed: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
-    let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok(channel)
+    link: LinkSlot,
 }
 
 fn confirmed(c: Confirmation) -> Result<()> {
@@ -73,65 +50,14 @@ fn confirmed(c: Confirmation) -> Result<()> {
 impl Publisher {
     pub fn new(config: Arc<AmqpConfig>) -> Self {
         Publisher {
+            link: LinkSlot::new(config.clone(), "publisher", true),
             config,
-            link: AsyncMutex::new(None),
-            closed: AtomicBool::new(false),
         }
     }
 
     /// Connects now (so a bad URL or an unreachable broker fails at connect time).
     pub async fn start(&self) -> Result<()> {
-        self.link().await.map(drop)
-    }
-
-    /// The current link, repaired or replaced if its channel or connection died.
-    async fn link(&self) -> Result<Arc<Link>> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(BrokerError::Closed);
-        }
-        let mut slot = self.link.lock().await;
-        if let Some(link) = slot.as_ref() {
-            if link.channel.status().connected() {
-                return Ok(link.clone());
-            }
-            if link.conn.status().connected() {
-                match confirm_channel(&link.conn).await {
-                    Ok(channel) => {
-                        let declared = std::mem::take(&mut *lock(&link.declared));
-                        let fresh = Arc::new(Link {
-                            conn: link.conn.clone(),
-                            channel,
-                            declared: Mutex::new(declared),
-                        });
-                        *slot = Some(fresh.clone());
-                        return Ok(fresh);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "amqp: cannot reopen the publish channel; reconnecting")
-                    }
-                }
-            }
-        }
-        let conn = connect(&self.config, "publisher")
-            .await
-            .map_err(|f| f.error)?;
-        let channel = confirm_channel(&conn).await.map_err(lapin_err)?;
-        tracing::debug!(url = %self.config.redacted, "amqp: publisher connected");
-        let fresh = Arc::new(Link {
-            conn: Arc::new(conn),
-            channel,
-            declared: Mutex::default(),
-        });
-        *slot = Some(fresh.clone());
-        Ok(fresh)
-    }
-
-    /// Forgets `link` after a connection error (if it is still the current one).
-    async fn discard(&self, link: &Arc<Link>) {
-        let mut slot = self.link.lock().await;
-        if slot.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
-            *slot = None;
-        }
+        self.link.get().await.map(drop)
     }
 
     /// Runs `op` on the current link; on a connection error, reconnects and runs it once more.
@@ -140,25 +66,25 @@ impl Publisher {
         F: FnMut(Arc<Link>) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let link = self.link().await?;
+        let link = self.link.get().await?;
         match op(link.clone()).await {
-            Err(e) if e.is_connection() && !self.closed.load(Ordering::SeqCst) => {
+            Err(e) if e.is_connection() && !self.link.is_closed() => {
                 tracing::warn!(error = %e, "amqp: {what} hit a lost connection; reconnecting and retrying once");
-                self.discard(&link).await;
-                op(self.link().await?).await
+                self.link.discard(&link).await;
+                op(self.link.get().await?).await
             }
             other => other,
         }
     }
 
     async fn ensure_declared(&self, link: &Link, queue: &ShortString) -> Result<()> {
-        if lock(&link.declared).contains(queue.as_str()) {
+        if link.is_declared(queue.as_str()) {
             return Ok(());
         }
         declare_task_queue(&link.channel, queue, &self.config.queue_args)
             .await
             .map_err(lapin_err)?;
-        lock(&link.declared).insert(queue.as_str().to_owned());
+        link.mark_declared(queue.as_str());
         Ok(())
     }
 
@@ -207,18 +133,16 @@ impl Publisher {
         let mut todo: Vec<usize> = (0..messages.len()).collect();
         let mut retried = false;
         loop {
-            let link = self.link().await?;
+            let link = self.link.get().await?;
             let outcome = match self.ensure_declared(&link, &name).await {
                 Ok(()) => send_all(&link.channel, &name, messages, &props, &todo).await,
                 Err(e) => Err((todo.clone(), e)),
             };
             match outcome {
                 Ok(()) => return Ok(()),
-                Err((failed, e))
-                    if e.is_connection() && !retried && !self.closed.load(Ordering::SeqCst) =>
-                {
+                Err((failed, e)) if e.is_connection() && !retried && !self.link.is_closed() => {
                     tracing::warn!(error = %e, unconfirmed = failed.len(), "amqp: batch publish hit a lost connection; reconnecting and resending the unconfirmed messages once");
-                    self.discard(&link).await;
+                    self.link.discard(&link).await;
                     todo = failed;
                     retried = true;
                 }
@@ -246,11 +170,11 @@ impl Publisher {
             let (rk, exchange, props, level) = (&rk, &exchange, &props, &level);
             let body = &message.body;
             async move {
-                if !lock(&link.declared).contains(level.as_str()) {
+                if !link.is_declared(level) {
                     super::delay::declare_level(&link.channel, seconds)
                         .await
                         .map_err(lapin_err)?;
-                    lock(&link.declared).insert(level.clone());
+                    link.mark_declared(level);
                 }
                 let confirm = link
                     .channel
@@ -306,15 +230,7 @@ impl Publisher {
     }
 
     pub async fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        if let Some(link) = self.link.lock().await.take() {
-            if link.conn.status().connected() {
-                let closing = link.conn.close(200, "OK".into());
-                if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
-                    tracing::debug!(error = %e, "amqp: closing the publisher connection");
-                }
-            }
-        }
+        self.link.close().await;
     }
 }
 
