@@ -1,5 +1,6 @@
 //! The `celerity` command: producer verbs (`call`, `result`, `purge`, `queues`), `worker` (with the
-//! built-in `demo.*` tasks) and `demo` (producer + worker + results in one process).
+//! built-in `demo.*` tasks), `demo` (producer + worker + results in one process) and `beat` (the
+//! periodic scheduler).
 //!
 //! Errors are printed as one line (`celerity: error: …`) with exit code 2; a failed job exits 1.
 
@@ -32,11 +33,13 @@ enum Command {
     Worker(WorkerArgs),
     /// Send N demo.add jobs to an in-process worker, check every result, print jobs/s and latency
     Demo(DemoArgs),
+    /// Run the periodic scheduler (one active beat per broker), or --check a schedule file
+    Beat(celerity_beat::BeatArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Worker(_)) {
+    let default_level = if matches!(cli.command, Command::Worker(_) | Command::Beat(_)) {
         "info"
     } else {
         "warn"
@@ -68,6 +71,16 @@ fn main() -> ExitCode {
                 }
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Beat(args) => {
+                if let Some(path) = &args.check {
+                    print!("{}", celerity_beat::check(path)?);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let stop = tokio_util::sync::CancellationToken::new();
+                tokio::spawn(stop_on_signal(stop.clone()));
+                celerity_beat::run_beat(args, &cli.conn, stop).await?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Demo(args) => {
                 let r = run_demo(args, &cli.conn).await?;
                 println!(
@@ -87,6 +100,22 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => fail(e.as_ref()),
     }
+}
+
+/// Cancels `stop` on the first SIGINT or SIGTERM.
+async fn stop_on_signal(stop: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    stop.cancel();
 }
 
 /// Prints an error and its causes on one line.

@@ -1,0 +1,194 @@
+//! The beat loop: stand by until the leader lock is ours, then send each entry's due ticks
+//! (recorded first, fenced, then sent as an ordinary Celery task message), renewing the lease,
+//! until shutdown or until the lock is lost.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use tokio::time::{sleep, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use celerity_client::{Client, Expires, SendOptions};
+
+use crate::error::Result;
+use crate::lock::Lease;
+use crate::schedule::{CatchUp, Entry};
+use crate::state::{Recorded, Store};
+
+/// Longest single sleep, so a wall-clock jump is noticed.
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+/// A configured beat: its entries, where it sends, where its lock and state live.
+pub struct Ticker {
+    entries: Vec<Entry>,
+    client: Client,
+    store: Store,
+    lease: Duration,
+}
+
+/// Why leading stopped.
+enum Led {
+    Shutdown,
+    LostLock,
+}
+
+impl Ticker {
+    /// A beat over `entries` (disabled ones are ignored) with a leader lease of `lease`.
+    pub fn new(entries: Vec<Entry>, client: Client, store: Store, lease: Duration) -> Self {
+        let entries = entries.into_iter().filter(|e| e.enabled).collect();
+        let lease = lease.max(Duration::from_millis(300));
+        Ticker {
+            entries,
+            client,
+            store,
+            lease,
+        }
+    }
+
+    /// Runs until `shutdown`: standby (retrying the lock every lease/3), then leader.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
+        let retry = self.lease / 3;
+        loop {
+            let held = match self.store.try_acquire(self.lease).await {
+                Ok(Some(l)) => l,
+                Ok(None) => {
+                    debug!("beat: another beat holds the lock; standing by");
+                    if wait(&shutdown, retry).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    warn!("beat: cannot reach the lock: {e}");
+                    if wait(&shutdown, retry).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            info!(epoch = held.epoch, "beat: leader");
+            match self.lead(&held, &shutdown).await {
+                Ok(Led::Shutdown) => {
+                    if let Err(e) = self.store.release(&held).await {
+                        warn!("beat: could not release the lock: {e}");
+                    }
+                    return Ok(());
+                }
+                Ok(Led::LostLock) => warn!(epoch = held.epoch, "beat: lost the lock; standing by"),
+                Err(e) => warn!(epoch = held.epoch, "beat: leading failed: {e}; standing by"),
+            }
+            if wait(&shutdown, retry).await {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn lead(&self, held: &Lease, shutdown: &CancellationToken) -> Result<Led> {
+        let start = Utc::now().trunc_subsecs(0);
+        let last = self.store.last_runs().await?;
+        // Per entry: the tick up to which everything is sent or deliberately skipped.
+        let mut cursor: HashMap<&str, DateTime<Utc>> = HashMap::new();
+        for e in &self.entries {
+            let done = last
+                .get(&e.name)
+                .and_then(|t| DateTime::from_timestamp(*t, 0));
+            let c = match done {
+                None => start,
+                Some(l) => match (e.latest_in(l, start), e.catch_up) {
+                    (None, _) => l,
+                    (Some(missed), CatchUp::Once) => {
+                        info!(entry = %e.name, tick = %missed, "beat: catching up a tick missed while no beat ran");
+                        if !self.fire(held, e, missed).await? {
+                            return Ok(Led::LostLock);
+                        }
+                        missed
+                    }
+                    (Some(missed), CatchUp::Skip) => {
+                        info!(entry = %e.name, latest = %missed, "beat: skipping ticks missed while no beat ran");
+                        start
+                    }
+                },
+            };
+            cursor.insert(&e.name, c);
+        }
+        let mut renew_at = Instant::now() + self.lease / 3;
+        loop {
+            let now = Utc::now();
+            for e in &self.entries {
+                let Some(c) = cursor.get_mut(e.name.as_str()) else {
+                    continue;
+                };
+                if let Some(due) = e.latest_in(*c, now) {
+                    if e.next_after(*c).is_some_and(|first| first < due) {
+                        warn!(entry = %e.name, "beat: fell behind; sending only the latest of several due ticks");
+                    }
+                    if !self.fire(held, e, due).await? {
+                        return Ok(Led::LostLock);
+                    }
+                    *c = due;
+                }
+            }
+            let next_due = self
+                .entries
+                .iter()
+                .filter_map(|e| cursor.get(e.name.as_str()).and_then(|c| e.next_after(*c)))
+                .min();
+            let mut wake = renew_at.min(Instant::now() + MAX_SLEEP);
+            if let Some(t) = next_due {
+                let until = (t - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                wake = wake.min(Instant::now() + until);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Led::Shutdown),
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            if Instant::now() >= renew_at {
+                if !self.store.renew(held, self.lease).await? {
+                    return Ok(Led::LostLock);
+                }
+                renew_at = Instant::now() + self.lease / 3;
+            }
+        }
+    }
+
+    /// Records `tick` for `e` (fenced) and then sends it. `false`: we are no longer the leader.
+    async fn fire(&self, held: &Lease, e: &Entry, tick: DateTime<Utc>) -> Result<bool> {
+        match self.store.record(held, &e.name, tick.timestamp()).await? {
+            Recorded::NotLeader => return Ok(false),
+            Recorded::AlreadySent => {
+                debug!(entry = %e.name, %tick, "beat: tick already sent");
+                return Ok(true);
+            }
+            Recorded::Fresh => {}
+        }
+        let mut o = SendOptions::new();
+        o.queue = e.queue.clone();
+        o.priority = e.priority;
+        o.expires = e.expires.map(Expires::In);
+        match self
+            .client
+            .send_task(&e.task, e.args.clone(), e.kwargs.clone(), &o)
+            .await
+        {
+            Ok(r) => info!(
+                entry = %e.name, task = %e.task, id = %r.id(), scheduled = %tick, actual = %Utc::now(),
+                "beat: sent"
+            ),
+            // The tick is recorded: sending it again later could run it twice, so it is dropped.
+            Err(err) => {
+                error!(entry = %e.name, task = %e.task, scheduled = %tick, "beat: send failed, tick dropped: {err}")
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Sleeps `d` or until shutdown; `true` if shut down.
+async fn wait(shutdown: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = sleep(d) => false,
+    }
+}
