@@ -30,11 +30,82 @@ enum Command {
     #[command(flatten)]
     Producer(ProducerCommand),
     /// Run a worker with the built-in demo tasks (demo.add, demo.mul, demo.echo, demo.sleep_ms, …)
-    Worker(WorkerArgs),
+    Worker(WorkerCommand),
     /// Send N demo.add jobs to an in-process worker, check every result, print jobs/s and latency
     Demo(DemoArgs),
     /// Run the periodic scheduler (one active beat per broker), or --check a schedule file
     Beat(celerity_beat::BeatArgs),
+}
+
+/// `celerity worker`: the worker's flags, plus an embedded beat as Celery's `worker -B` has.
+#[derive(Debug, clap::Args)]
+struct WorkerCommand {
+    #[command(flatten)]
+    worker: WorkerArgs,
+    /// Also run beat in this worker (once, in the supervisor; it still takes the leader lock)
+    #[arg(short = 'B', long)]
+    beat: bool,
+    /// The schedule file the embedded beat runs
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "beat",
+        env = "CELERITY_BEAT_SCHEDULE"
+    )]
+    beat_schedule: Option<std::path::PathBuf>,
+}
+
+/// Runs the worker, with beat beside it when asked (not in pool children: beat runs once).
+async fn run_worker_command(
+    cmd: &WorkerCommand,
+    conn: &ConnectionArgs,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let mut registry = Registry::new();
+    celerity_worker::demo::register(&mut registry);
+    let is_child = std::env::var_os(celerity_worker::supervisor::CHILD_ENV).is_some();
+    let beat = if cmd.beat && !is_child {
+        let Some(schedule) = &cmd.beat_schedule else {
+            return Err("--beat needs --beat-schedule FILE (or CELERITY_BEAT_SCHEDULE)".into());
+        };
+        use clap::{Args as _, FromArgMatches as _};
+        let matches = celerity_beat::BeatArgs::augment_args(clap::Command::new("beat"))
+            .try_get_matches_from([
+                std::ffi::OsStr::new("beat"),
+                "--schedule".as_ref(),
+                schedule.as_os_str(),
+            ])?;
+        let args = celerity_beat::BeatArgs::from_arg_matches(&matches)?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let conn = conn.clone();
+        let task_stop = stop.clone();
+        Some((
+            stop,
+            tokio::spawn(async move { celerity_beat::run_beat(&args, &conn, task_stop).await }),
+        ))
+    } else {
+        None
+    };
+    let outcome = run_worker(registry, &cmd.worker, conn).await;
+    if let Some((stop, task)) = beat {
+        stop.cancel();
+        match task.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "embedded beat stopped with an error"),
+            Err(e) => tracing::error!(error = %e, "embedded beat panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
+    if let Some(s) = outcome? {
+        eprintln!(
+            "worker {} stopped: {} succeeded, {} failed, {} retried, {} revoked, {} dead-lettered",
+            std::process::id(),
+            s.succeeded,
+            s.failed,
+            s.retried,
+            s.revoked,
+            s.rejected
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -55,22 +126,7 @@ fn main() -> ExitCode {
     let outcome: Result<ExitCode, Box<dyn std::error::Error>> = runtime.block_on(async {
         match &cli.command {
             Command::Producer(cmd) => producer::run(cmd, &cli.conn).await.map_err(Into::into),
-            Command::Worker(args) => {
-                let mut registry = Registry::new();
-                celerity_worker::demo::register(&mut registry);
-                if let Some(s) = run_worker(registry, args, &cli.conn).await? {
-                    eprintln!(
-                        "worker {} stopped: {} succeeded, {} failed, {} retried, {} revoked, {} dead-lettered",
-                        std::process::id(),
-                        s.succeeded,
-                        s.failed,
-                        s.retried,
-                        s.revoked,
-                        s.rejected
-                    );
-                }
-                Ok(ExitCode::SUCCESS)
-            }
+            Command::Worker(cmd) => run_worker_command(cmd, &cli.conn).await,
             Command::Beat(args) => {
                 if let Some(path) = &args.check {
                     print!("{}", celerity_beat::check(path)?);

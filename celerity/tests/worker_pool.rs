@@ -269,3 +269,61 @@ async fn sigterm_finishes_running_jobs_and_recycled_processes_are_replaced() {
     );
     delete_redis_prefix(&q).await;
 }
+
+/// `celerity worker --beat`: the embedded beat (in the supervisor, once) sends an every-second job
+/// that the pool runs; SIGTERM stops both cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_with_embedded_beat_runs_the_schedule() {
+    let q = unique();
+    let url = format!("{REDIS}?global_keyprefix={q}:");
+    let schedule = std::env::temp_dir().join(format!("{q}.toml"));
+    std::fs::write(&schedule, format!("[[entry]]\nname = \"tick\"\ntask = \"demo.add\"\nargs = [20, 22]\nevery = \"1s\"\nqueue = \"{q}\"\n")).unwrap();
+    let started = Instant::now();
+    let mut pool = Pool::start(
+        &url,
+        &url,
+        &q,
+        &[
+            "-P",
+            "2",
+            "-c",
+            "2",
+            "--beat",
+            "--beat-schedule",
+            schedule.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(pool.wait_for_children(2).len(), 2);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    pool.signal(libc::SIGTERM);
+    let ran_for = started.elapsed().as_secs_f64();
+    let status = pool
+        .wait_exit(Duration::from_secs(20))
+        .expect("pool did not stop");
+    assert!(status.success(), "{status:?}");
+
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{q}:celery-task-meta-*"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // One job per second while it ran, each once (two worker processes, but one beat).
+    let most = ran_for.floor() as usize + 1;
+    assert!(
+        (3..=most).contains(&keys.len()),
+        "{} results in {ran_for:.1} s",
+        keys.len()
+    );
+    for k in keys {
+        let v: String = redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap();
+        let meta: serde_json::Value = serde_json::from_str(&v).unwrap();
+        assert_eq!(
+            (meta["status"].as_str(), meta["result"].as_i64()),
+            (Some("SUCCESS"), Some(42))
+        );
+    }
+    let _ = std::fs::remove_file(&schedule);
+    delete_redis_prefix(&q).await;
+}
