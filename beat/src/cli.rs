@@ -14,8 +14,9 @@ use celerity_client::cli::ConnectionArgs;
 use celerity_client::Client;
 
 use crate::error::{BeatError, Result};
+use crate::reload;
 use crate::schedule::{self, Entry, When};
-use crate::state::Store;
+use crate::state::{AmqpPlaces, Store, DEFAULT_LOCK_QUEUE, DEFAULT_STATE_FILE};
 use crate::ticker::Ticker;
 
 /// `celerity beat`.
@@ -35,6 +36,12 @@ pub struct BeatArgs {
     /// Leader lock lease in seconds: a standby takes over at most this long after the leader dies
     #[arg(long, default_value_t = 30.0)]
     pub lease: f64,
+    /// Last-run state file, used where the broker is amqp:// (Redis keeps it in a hash)
+    #[arg(long = "state", value_name = "FILE", default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
+    /// RabbitMQ lock queue (for tests and for separate beat groups on one vhost)
+    #[arg(long, hide = true, default_value = DEFAULT_LOCK_QUEUE)]
+    pub lock_queue: String,
 }
 
 /// Runs beat with the schedule in `args` until `shutdown` is cancelled.
@@ -54,15 +61,23 @@ pub async fn run_beat(
             BeatError::Schedule(format!("--lease must be ≥ 0.3 seconds, got {}", args.lease))
         })?;
     let entries = schedule::load(path)?;
-    let store = Store::connect(&conn.broker).await?;
+    let places = AmqpPlaces {
+        state_file: args.state_file.clone(),
+        lock_queue: args.lock_queue.clone(),
+    };
+    let store = Store::connect_with(&conn.broker, &places).await?;
     let client = Client::new(connect_broker(&conn.broker).await?, None);
     tracing::info!(
         entries = entries.iter().filter(|e| e.enabled).count(),
         schedule = %path.display(),
         "beat: starting"
     );
+    // The watcher stops with beat, whether beat was shut down or failed.
+    let watching = shutdown.child_token();
+    let entries = reload::watch(path.to_path_buf(), entries, watching.clone());
     let ticker = Ticker::new(entries, client.clone(), store, lease);
     let out = ticker.run(shutdown).await;
+    watching.cancel();
     let _ = client.close().await;
     out
 }

@@ -12,6 +12,9 @@ pub enum BeatError {
     /// The broker URL cannot carry beat's lock and state.
     #[error("{0}")]
     Unsupported(String),
+    /// The local state file (AMQP brokers) cannot be read or written.
+    #[error("state: {0}")]
+    State(String),
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error(transparent)]

@@ -1,4 +1,4 @@
-//! The leader lease: `SET <prefix>celerity.beat.lock <token> NX PX <lease>`, a fencing epoch
+//! The leader lease on Redis: `SET <prefix>celerity.beat.lock <token> NX PX <lease>`, a fencing epoch
 //! (`INCR <prefix>celerity.beat.epoch`) taken with it, renewal and release only by the holder.
 
 use std::sync::LazyLock;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::Script;
 
 use crate::error::Result;
-use crate::state::Store;
+use crate::redis_state::RedisStore;
 
 static ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/acquire.lua")));
@@ -28,7 +28,7 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-impl Store {
+impl RedisStore {
     /// Takes the lock for `lease` if it is free.
     pub async fn try_acquire(&self, lease: Duration) -> Result<Option<Lease>> {
         let token = uuid::Uuid::new_v4().to_string();

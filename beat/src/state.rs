@@ -1,23 +1,23 @@
-//! Beat's Redis state: the connection, its key names, and the per-entry last-run times
-//! (`<prefix>celerity.beat.last_run`, entry → Unix seconds of the tick it last fired for).
-//!
-//! Recording a tick is fenced: the script writes only while our lock token and epoch are current,
-//! so a beat that lost the lock (paused, partitioned) can no longer claim, and then send, a tick.
+//! Where beat keeps its leader lock and last-run times, by broker: on Redis a fenced lease and a
+//! hash (see [`crate::redis_state`]); on RabbitMQ a single-active-consumer lock queue (see
+//! [`crate::amqp_lock`]) and a local state file (see [`crate::state_file`]).
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Script};
-
 use celerity_broker::url::{BrokerUrl, Scheme};
-use celerity_broker::BrokerError;
 
+use crate::amqp_lock::AmqpLock;
 use crate::error::{BeatError, Result};
 use crate::lock::Lease;
+use crate::redis_state::RedisStore;
+use crate::state_file::StateFile;
 
-static RECORD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/record.lua")));
+/// Default state file (AMQP brokers), relative to the working directory.
+pub const DEFAULT_STATE_FILE: &str = "celerity-beat.state.json";
+/// Default RabbitMQ lock queue.
+pub const DEFAULT_LOCK_QUEUE: &str = "celerity.beat.lock";
 
 /// What recording a tick found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,85 +30,123 @@ pub enum Recorded {
     NotLeader,
 }
 
-/// A connection to the Redis holding beat's lock and state, with the broker's `global_keyprefix`.
-#[derive(Clone)]
-pub struct Store {
-    pub(crate) conn: ConnectionManager,
-    prefix: String,
+/// Where a beat's lock and state live, for AMQP brokers.
+#[derive(Debug, Clone)]
+pub struct AmqpPlaces {
+    /// The last-run state file.
+    pub state_file: PathBuf,
+    /// The single-active-consumer lock queue.
+    pub lock_queue: String,
 }
 
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
+impl Default for AmqpPlaces {
+    fn default() -> Self {
+        AmqpPlaces {
+            state_file: PathBuf::from(DEFAULT_STATE_FILE),
+            lock_queue: DEFAULT_LOCK_QUEUE.to_owned(),
+        }
     }
+}
+
+/// A beat's lock and last-run state.
+#[derive(Debug)]
+pub enum Store {
+    Redis(RedisStore),
+    Amqp {
+        lock: Box<AmqpLock>,
+        file: StateFile,
+    },
 }
 
 impl Store {
-    /// Connects to the Redis a `redis://`/`rediss://` broker URL names.
+    /// The store for a broker URL (AMQP with the default places).
     pub async fn connect(raw: &str) -> Result<Self> {
+        Self::connect_with(raw, &AmqpPlaces::default()).await
+    }
+
+    /// The store for a broker URL; `amqp` says where AMQP brokers keep lock and state.
+    pub async fn connect_with(raw: &str, amqp: &AmqpPlaces) -> Result<Self> {
         let url = BrokerUrl::parse(raw)?;
-        if url.scheme != Scheme::Redis {
-            return Err(BeatError::Unsupported(
-                "beat needs a redis:// broker for its lock and state (for now)".into(),
-            ));
+        match url.scheme {
+            Scheme::Redis => Ok(Store::Redis(RedisStore::connect(&url).await?)),
+            Scheme::Amqp => Ok(Store::Amqp {
+                lock: Box::new(AmqpLock::new(&url, &amqp.lock_queue)),
+                file: StateFile::new(Path::new(&amqp.state_file)),
+            }),
+            _ => Err(BeatError::Unsupported(
+                "beat needs a redis:// or amqp:// broker for its lock and state".into(),
+            )),
         }
-        let prefix = url
-            .option::<String>("global_keyprefix")?
-            .unwrap_or_default();
-        let connect_err = |reason: String| BrokerError::Connect {
-            url: url.redacted(),
-            reason,
-        };
-        let client =
-            redis::Client::open(url.base.as_str()).map_err(|e| connect_err(e.to_string()))?;
-        let conn = tokio::time::timeout(Duration::from_secs(6), ConnectionManager::new(client))
-            .await
-            .map_err(|_| connect_err("no answer within 6 s".into()))?
-            .map_err(|e| connect_err(e.to_string()))?;
-        Ok(Store { conn, prefix })
     }
 
-    pub(crate) fn lock_key(&self) -> String {
-        format!("{}celerity.beat.lock", self.prefix)
+    /// Takes the lock (Redis: for `lease`) if it is free.
+    pub async fn try_acquire(&self, lease: Duration) -> Result<Option<Lease>> {
+        match self {
+            Store::Redis(r) => r.try_acquire(lease).await,
+            Store::Amqp { lock, .. } => lock.try_acquire().await,
+        }
     }
 
-    pub(crate) fn epoch_key(&self) -> String {
-        format!("{}celerity.beat.epoch", self.prefix)
+    /// Keeps the lock (Redis: resets the lease); `false` if it is no longer ours.
+    pub async fn renew(&self, held: &Lease, lease: Duration) -> Result<bool> {
+        match self {
+            Store::Redis(r) => r.renew(held, lease).await,
+            Store::Amqp { lock, .. } => lock.check(held).await,
+        }
     }
 
-    fn last_run_key(&self) -> String {
-        format!("{}celerity.beat.last_run", self.prefix)
+    /// Gives the lock up; harmless if it is no longer ours.
+    pub async fn release(&self, held: &Lease) -> Result<()> {
+        match self {
+            Store::Redis(r) => r.release(held).await,
+            Store::Amqp { lock, .. } => lock.release().await,
+        }
     }
 
-    /// Every entry's last recorded tick (Unix seconds). Unparsable values are ignored.
+    /// Lets go of the broker (AMQP: leaves the lock queue's consumers, giving up a held token).
+    pub async fn close(&self) {
+        if let Store::Amqp { lock, .. } = self {
+            let _ = lock.release().await;
+        }
+    }
+
+    /// Every entry's last recorded tick (Unix seconds).
     pub async fn last_runs(&self) -> Result<HashMap<String, i64>> {
-        let mut conn = self.conn.clone();
-        let raw: HashMap<String, String> = conn.hgetall(self.last_run_key()).await?;
-        Ok(raw
-            .into_iter()
-            .filter_map(|(k, v)| v.parse().ok().map(|t| (k, t)))
-            .collect())
+        match self {
+            Store::Redis(r) => r.last_runs().await,
+            Store::Amqp { lock, file } => {
+                // A beat on another host may have led last: the later tick wins per entry.
+                let mut all = file.read()?;
+                let mut changed = false;
+                for (entry, tick) in lock.read_state().await? {
+                    let t = all.entry(entry).or_insert(i64::MIN);
+                    if tick > *t {
+                        *t = tick;
+                        changed = true;
+                    }
+                }
+                if changed {
+                    file.write(&all)?;
+                }
+                Ok(all)
+            }
+        }
     }
 
-    /// Claims `tick` for `entry` under `lease` (see [`Recorded`]).
+    /// Claims `tick` for `entry` under `lease` (see [`Recorded`]); fenced on both brokers.
     pub async fn record(&self, lease: &Lease, entry: &str, tick: i64) -> Result<Recorded> {
-        let mut conn = self.conn.clone();
-        let r: i64 = RECORD
-            .key(self.lock_key())
-            .key(self.epoch_key())
-            .key(self.last_run_key())
-            .arg(&lease.token)
-            .arg(lease.epoch)
-            .arg(entry)
-            .arg(tick)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(match r {
-            1 => Recorded::Fresh,
-            -1 => Recorded::AlreadySent,
-            _ => Recorded::NotLeader,
-        })
+        match self {
+            Store::Redis(r) => r.record(lease, entry, tick).await,
+            Store::Amqp { lock, file } => {
+                if !lock.check(lease).await? {
+                    return Ok(Recorded::NotLeader);
+                }
+                let Some(all) = file.record(entry, tick)? else {
+                    return Ok(Recorded::AlreadySent);
+                };
+                lock.write_state(&all).await?;
+                Ok(Recorded::Fresh)
+            }
+        }
     }
 }

@@ -1,11 +1,13 @@
 //! The beat loop: stand by until the leader lock is ours, then send each entry's due ticks
 //! (recorded first, fenced, then sent as an ordinary Celery task message), renewing the lease,
-//! until shutdown or until the lock is lost.
+//! until shutdown or until the lock is lost. A reloaded schedule takes effect at once; entries keep
+//! their progress across reloads by name.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
+use tokio::sync::watch;
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -22,7 +24,7 @@ const MAX_SLEEP: Duration = Duration::from_secs(30);
 
 /// A configured beat: its entries, where it sends, where its lock and state live.
 pub struct Ticker {
-    entries: Vec<Entry>,
+    entries: watch::Receiver<Vec<Entry>>,
     client: Client,
     store: Store,
     lease: Duration,
@@ -35,9 +37,14 @@ enum Led {
 }
 
 impl Ticker {
-    /// A beat over `entries` (disabled ones are ignored) with a leader lease of `lease`.
-    pub fn new(entries: Vec<Entry>, client: Client, store: Store, lease: Duration) -> Self {
-        let entries = entries.into_iter().filter(|e| e.enabled).collect();
+    /// A beat over the latest schedule in `entries` (disabled entries are ignored) with a leader
+    /// lease of `lease`.
+    pub fn new(
+        entries: watch::Receiver<Vec<Entry>>,
+        client: Client,
+        store: Store,
+        lease: Duration,
+    ) -> Self {
         let lease = lease.max(Duration::from_millis(300));
         Ticker {
             entries,
@@ -49,6 +56,12 @@ impl Ticker {
 
     /// Runs until `shutdown`: standby (retrying the lock every lease/3), then leader.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
+        let out = self.run_until(shutdown).await;
+        self.store.close().await;
+        out
+    }
+
+    async fn run_until(&self, shutdown: CancellationToken) -> Result<()> {
         let retry = self.lease / 3;
         loop {
             let held = match self.store.try_acquire(self.lease).await {
@@ -86,11 +99,13 @@ impl Ticker {
     }
 
     async fn lead(&self, held: &Lease, shutdown: &CancellationToken) -> Result<Led> {
+        let mut rx = self.entries.clone();
+        let mut entries = enabled(&rx.borrow_and_update());
         let start = Utc::now().trunc_subsecs(0);
         let last = self.store.last_runs().await?;
         // Per entry: the tick up to which everything is sent or deliberately skipped.
-        let mut cursor: HashMap<&str, DateTime<Utc>> = HashMap::new();
-        for e in &self.entries {
+        let mut cursor: HashMap<String, DateTime<Utc>> = HashMap::new();
+        for e in &entries {
             let done = last
                 .get(&e.name)
                 .and_then(|t| DateTime::from_timestamp(*t, 0));
@@ -111,12 +126,12 @@ impl Ticker {
                     }
                 },
             };
-            cursor.insert(&e.name, c);
+            cursor.insert(e.name.clone(), c);
         }
         let mut renew_at = Instant::now() + self.lease / 3;
         loop {
             let now = Utc::now();
-            for e in &self.entries {
+            for e in &entries {
                 let Some(c) = cursor.get_mut(e.name.as_str()) else {
                     continue;
                 };
@@ -130,8 +145,7 @@ impl Ticker {
                     *c = due;
                 }
             }
-            let next_due = self
-                .entries
+            let next_due = entries
                 .iter()
                 .filter_map(|e| cursor.get(e.name.as_str()).and_then(|c| e.next_after(*c)))
                 .min();
@@ -143,6 +157,15 @@ impl Ticker {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(Led::Shutdown),
                 _ = tokio::time::sleep_until(wake) => {}
+                Ok(()) = rx.changed() => {
+                    entries = enabled(&rx.borrow_and_update());
+                    // Kept entries keep their cursor; new ones start from now; removed ones go.
+                    let now = Utc::now().trunc_subsecs(0);
+                    cursor.retain(|name, _| entries.iter().any(|e| &e.name == name));
+                    for e in &entries {
+                        cursor.entry(e.name.clone()).or_insert(now);
+                    }
+                }
             }
             if Instant::now() >= renew_at {
                 if !self.store.renew(held, self.lease).await? {
@@ -183,6 +206,11 @@ impl Ticker {
         }
         Ok(true)
     }
+}
+
+/// The enabled entries of a schedule.
+fn enabled(entries: &[Entry]) -> Vec<Entry> {
+    entries.iter().filter(|e| e.enabled).cloned().collect()
 }
 
 /// Sleeps `d` or until shutdown; `true` if shut down.

@@ -47,6 +47,8 @@ impl Env {
             schedule: Some(self.file.clone()),
             check: None,
             lease,
+            state_file: PathBuf::from("unused-on-redis.json"),
+            lock_queue: "unused-on-redis".into(),
         };
         let conn = ConnectionArgs {
             broker: self.url.clone(),
@@ -360,9 +362,11 @@ async fn bad_input_gives_one_clear_line() {
         schedule: Some(env.file.clone()),
         check: None,
         lease: 1.0,
+        state_file: std::env::temp_dir().join("celerity-beat-unused.json"),
+        lock_queue: "unused".into(),
     };
     let conn = ConnectionArgs {
-        broker: "amqp://guest:guest@127.0.0.1:5672//".into(),
+        broker: "memory://".into(),
         backend: None,
     };
     let msg = run_beat(&args, &conn, CancellationToken::new())
@@ -371,7 +375,186 @@ async fn bad_input_gives_one_clear_line() {
         .to_string();
     assert_eq!(
         msg,
-        "beat needs a redis:// broker for its lock and state (for now)"
+        "beat needs a redis:// or amqp:// broker for its lock and state"
     );
+    env.cleanup().await;
+}
+
+/// Task names of the messages waiting in the queue.
+async fn sent_tasks(env: &Env) -> Vec<String> {
+    let raw: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("{}{QUEUE}", env.prefix))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut env.redis.clone())
+        .await
+        .unwrap();
+    raw.iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_str(m).unwrap();
+            v["headers"]["task"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+fn count(tasks: &[String], name: &str) -> usize {
+    tasks.iter().filter(|t| *t == name).count()
+}
+
+fn two_entries() -> String {
+    format!(
+        "{}[[entry]]\nname = \"new\"\ntask = \"demo.new\"\nevery = \"1s\"\nqueue = \"{QUEUE}\"\n",
+        every_second()
+    )
+}
+
+/// Waits (up to 10 s) until `task` has been sent at least `n` times.
+async fn wait_for(env: &Env, task: &str, n: usize) -> bool {
+    for _ in 0..100 {
+        if count(&sent_tasks(env).await, task) >= n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_changed_file_is_reloaded_and_a_broken_one_refused() {
+    let env = Env::new(&every_second()).await;
+    let (h, t) = env.start(3.0);
+    assert!(
+        wait_for(&env, "demo.tick", 1).await,
+        "the first entry never fired"
+    );
+
+    std::fs::write(&env.file, two_entries()).unwrap();
+    assert!(
+        wait_for(&env, "demo.new", 1).await,
+        "the added entry never fired"
+    );
+
+    std::fs::write(&env.file, "[[entry]]\nname = \"broken\"\ncron = \"nope\"\n").unwrap();
+    // Past the 2 s poll: the broken file has been seen (and refused) by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = sent_tasks(&env).await;
+    let (tick, new) = (count(&before, "demo.tick"), count(&before, "demo.new"));
+    assert!(
+        wait_for(&env, "demo.tick", tick + 2).await,
+        "the old entry stopped"
+    );
+    assert!(
+        wait_for(&env, "demo.new", new + 2).await,
+        "the added entry stopped"
+    );
+    stop(h, t).await;
+
+    // Each entry fired once per second at most: the reloads did not reset the kept entry.
+    let ids = env.sent_ids().await;
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_schedule() {
+    let env = Env::new(&every_second()).await;
+    let (h, t) = env.start(3.0);
+    assert!(
+        wait_for(&env, "demo.tick", 1).await,
+        "the first entry never fired"
+    );
+
+    // Rewrite the file but keep its modification time, so only the signal can reveal the change.
+    let mtime = std::fs::metadata(&env.file).unwrap().modified().unwrap();
+    std::fs::write(&env.file, two_entries()).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&env.file)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        count(&sent_tasks(&env).await, "demo.new"),
+        0,
+        "reloaded without a signal"
+    );
+
+    // The beat above installed the SIGHUP handler, so this does not kill the test process.
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(wait_for(&env, "demo.new", 1).await, "SIGHUP did not reload");
+    stop(h, t).await;
+    env.cleanup().await;
+}
+
+/// Not a timed assertion: prints the worst lateness of a 1 s entry (time the message reached the
+/// queue minus the tick it was recorded for) over 20 s, or `CELERITY_BEAT_LATENESS_SECS` seconds.
+#[tokio::test]
+async fn lateness_of_a_one_second_entry_is_printed() {
+    let secs: u64 = std::env::var("CELERITY_BEAT_LATENESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let env = Env::new(&every_second()).await;
+    let (h, t) = env.start(3.0);
+    let mut conn = env.redis.clone();
+    let queue = format!("{}{QUEUE}", env.prefix);
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    let (mut worst, mut total, mut n) = (0.0f64, 0.0f64, 0u32);
+    while std::time::Instant::now() < end {
+        let got: Option<(String, String)> = redis::cmd("BLPOP")
+            .arg(&queue)
+            .arg(0.3) // under the connection's response timeout
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let now = Utc::now();
+        if got.is_none() {
+            continue;
+        }
+        let tick = env.last_run("tick").await.unwrap();
+        let late = (now.timestamp_micros() - tick * 1_000_000) as f64 / 1e6;
+        worst = worst.max(late);
+        total += late;
+        n += 1;
+    }
+    stop(h, t).await;
+    println!(
+        "beat lateness over {secs} s: {n} fires, worst {:.1} ms, mean {:.1} ms",
+        worst * 1e3,
+        total * 1e3 / f64::from(n.max(1))
+    );
+    assert!(n as u64 >= secs / 2, "only {n} fires in {secs} s");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_cron_entry_with_seconds_fires_on_its_seconds() {
+    let env = Env::new(&format!(
+        "[[entry]]\nname = \"even\"\ntask = \"demo.even\"\ncron = \"*/2 * * * * *\"\nqueue = \"{QUEUE}\"\n"
+    ))
+    .await;
+    let (h, t) = env.start(1.0);
+    let mut ticks = HashSet::new();
+    let end = tokio::time::Instant::now() + Duration::from_millis(4600);
+    while tokio::time::Instant::now() < end {
+        if let Some(tick) = env.last_run("even").await {
+            ticks.insert(tick);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(h, t).await;
+    let ids = env.sent_ids().await;
+    assert!(
+        (2..=3).contains(&ids.len()),
+        "sent {} jobs in 4.6 s",
+        ids.len()
+    );
+    assert_eq!(ticks.len(), ids.len(), "ticks {ticks:?}");
+    assert!(ticks.iter().all(|t| t % 2 == 0), "odd tick in {ticks:?}");
     env.cleanup().await;
 }

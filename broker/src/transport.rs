@@ -46,12 +46,15 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Publishes `message` on fanout exchange `exchange` with `routing_key` (Celery's remote control
     /// `celery.pidbox` uses `""`, events `celeryev` use e.g. `task.succeeded`): every current
-    /// subscriber whose binding matches gets a copy; nothing is kept for absent ones.
+    /// subscriber whose binding matches gets a copy; nothing is kept for absent ones. Remote-control
+    /// replies go the same way to the direct exchange `reply.celery.pidbox`, keyed by the asker's oid.
     async fn broadcast(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<()>;
 
     /// Starts receiving what is broadcast on `exchange` with a routing key matching `binding_key`
     /// (`""` for all of a plain fanout, `#`/`*` wildcards as in AMQP topics). `name` names this
-    /// subscriber: on AMQP it is its exclusive, auto-deleted queue (`<node>.celery.pidbox`).
+    /// subscriber: on AMQP it is its exclusive, auto-deleted queue (`<node>.celery.pidbox`); on the
+    /// direct reply exchange (`reply.celery.pidbox`, binding key = the asker's oid) it is the reply
+    /// queue `<oid>.reply.celery.pidbox`, on every transport.
     async fn subscribe(
         &self,
         exchange: &str,
@@ -66,6 +69,11 @@ pub trait Subscription: Send {
     /// The next message; `Ok(None)` once the subscription or its broker is closed. Connection
     /// trouble is retried inside (messages broadcast meanwhile are missed, as with Celery).
     async fn next(&mut self) -> Result<Option<Message>>;
+
+    /// Ends the subscription and waits until what it holds on the broker is released (a Redis
+    /// reply queue's binding and list). Dropping it releases them too, but in the background —
+    /// which a process about to exit may never run.
+    async fn close(&mut self) {}
 }
 
 /// A stream of deliveries from one or more queues.

@@ -521,23 +521,24 @@ fn rabbitmqctl(args: &[&str]) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// Closes (server side) the connection that consumes from `queue`.
-fn force_close_consumer_connection(queue: &str) {
-    let channel = rabbitmqctl(&["list_consumers", "-q", "queue_name", "channel_pid"])
-        .into_iter()
-        .find(|row| row.first().map(String::as_str) == Some(queue))
-        .and_then(|row| row.get(1).cloned())
-        .expect("our consumer is listed");
-    let connection = rabbitmqctl(&["list_channels", "-q", "pid", "connection"])
-        .into_iter()
-        .find(|row| row.first() == Some(&channel))
-        .and_then(|row| row.get(1).cloned())
-        .expect("its channel is listed");
-    rabbitmqctl(&[
-        "close_connection",
-        &connection,
-        "celerity test: forced close",
-    ]);
+/// Closes (server side) every connection open in `vhost`, retrying the listing for a while (under load
+/// `rabbitmqctl` can miss a connection that was opened a moment ago). Returns how many were closed.
+fn force_close_vhost_connections(vhost: &str) -> usize {
+    for _ in 0..50 {
+        let conns: Vec<String> = rabbitmqctl(&["list_connections", "-q", "pid", "vhost"])
+            .into_iter()
+            .filter(|row| row.get(1).map(String::as_str) == Some(vhost))
+            .filter_map(|row| row.first().cloned())
+            .collect();
+        if !conns.is_empty() {
+            for conn in &conns {
+                rabbitmqctl(&["close_connection", conn, "celerity test: forced close"]);
+            }
+            return conns.len();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    0
 }
 
 #[tokio::test]
@@ -545,17 +546,21 @@ async fn consumer_survives_a_server_side_connection_close() {
     if !have_rabbitmqctl() {
         return;
     }
-    let qs = Queues::new("reconnect", 1);
-    let q = qs.name(0).to_owned();
-    let b = broker("").await;
+    // A private vhost, so the connections to close are ours and no other test's.
+    let vhost = tokio::task::spawn_blocking(Vhost::new).await.unwrap();
+    let q = "tasks".to_owned();
+    let b = connect_broker(&format!("amqp://guest:guest@127.0.0.1:5672/{}", vhost.0))
+        .await
+        .unwrap();
     let mut c = b.consume(std::slice::from_ref(&q), 5).await.unwrap();
     b.publish(&q, &msg(1)).await.unwrap();
     let before = next_within(&mut c, 10.0).await.unwrap();
 
-    let q2 = q.clone();
-    tokio::task::spawn_blocking(move || force_close_consumer_connection(&q2))
+    let vh = vhost.0.clone();
+    let closed = tokio::task::spawn_blocking(move || force_close_vhost_connections(&vh))
         .await
         .unwrap();
+    assert!(closed >= 1, "our connection is listed");
     assert!(
         before.ack().await.is_err(),
         "an ack on the dead channel fails harmlessly"
@@ -574,6 +579,9 @@ async fn consumer_survives_a_server_side_connection_close() {
     assert_eq!(got, [(1, true), (2, false)]);
     c.close().await.unwrap();
     b.close().await.unwrap();
+    tokio::task::spawn_blocking(move || drop(vhost))
+        .await
+        .unwrap();
 }
 
 /// A private vhost (so its connections can be told apart), deleted with everything in it when dropped.
@@ -617,17 +625,10 @@ async fn publisher_reconnects_after_a_server_side_close() {
     b.publish(q, &msg(1)).await.unwrap();
 
     let vh = vhost.0.clone();
-    tokio::task::spawn_blocking(move || {
-        let conns: Vec<String> = rabbitmqctl(&["list_connections", "-q", "pid", "vhost"])
-            .into_iter()
-            .filter(|row| row.get(1) == Some(&vh))
-            .map(|row| row[0].clone())
-            .collect();
-        assert_eq!(conns.len(), 1, "just the publisher connection");
-        rabbitmqctl(&["close_connection", &conns[0], "celerity test: forced close"]);
-    })
-    .await
-    .unwrap();
+    let closed = tokio::task::spawn_blocking(move || force_close_vhost_connections(&vh))
+        .await
+        .unwrap();
+    assert_eq!(closed, 1, "just the publisher connection");
 
     b.publish(q, &msg(2)).await.unwrap();
     let batch: Vec<Message> = (3..103).map(msg).collect();

@@ -335,6 +335,51 @@ async fn close_ends_subscriptions(env: Env) {
     ));
 }
 
+/// Remote-control replies go to the direct exchange `reply.celery.pidbox` keyed by the asker's oid:
+/// only the reply queue bound with that key gets one (on Redis a list found through kombu's binding
+/// set, not pub/sub); closing the subscription removes its binding.
+async fn replies_reach_only_the_asker(env: Env) {
+    const REPLY: &str = "reply.celery.pidbox";
+    let b = env.broker().await;
+    let (oid_a, oid_b) = (
+        format!("celtest-{}-a", env.uid),
+        format!("celtest-{}-b", env.uid),
+    );
+    let mut a = b
+        .subscribe(REPLY, &oid_a, &format!("{oid_a}.{REPLY}"))
+        .await
+        .unwrap();
+    let mut other = b
+        .subscribe(REPLY, &oid_b, &format!("{oid_b}.{REPLY}"))
+        .await
+        .unwrap();
+    b.broadcast(REPLY, &oid_a, &env.message(1)).await.unwrap();
+    b.broadcast(REPLY, &oid_b, &env.message(2)).await.unwrap();
+    assert_eq!(n_of(&env.recv(&mut a).await), 1);
+    // The first reply `other` gets is its own: the one for `a` never reached it.
+    assert_eq!(n_of(&env.recv(&mut other).await), 2);
+    a.close().await;
+    #[cfg(feature = "redis")]
+    if env.transport == Transport::Redis {
+        use redis::AsyncCommands as _;
+        let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let members: Vec<String> = c
+            .smembers(format!("{}_kombu.binding.{REPLY}", env.prefix()))
+            .await
+            .unwrap();
+        assert!(
+            members.iter().all(|m| !m.starts_with(&oid_a)),
+            "{members:?}"
+        );
+        assert!(members.iter().any(|m| m.starts_with(&oid_b)), "{members:?}");
+    }
+    // A reply nobody waits for any more is dropped, not an error.
+    b.broadcast(REPLY, &oid_a, &env.message(3)).await.unwrap();
+    other.close().await;
+    b.close().await.unwrap();
+}
+
 /// Python Celery's `app.control.revoke(id, terminate=True)` reaches our pidbox subscription.
 async fn celery_revoke_reaches_us(env: Env) {
     let Some(python) = celery_python() else {
@@ -517,6 +562,11 @@ mod redis_fanout {
         super::kombu_node_receives_ours(env()).await
     }
 
+    #[tokio::test]
+    async fn replies_reach_only_the_asker() {
+        super::replies_reach_only_the_asker(env()).await
+    }
+
     /// The channels and payloads on the wire are kombu's: `<prefix>/<db>.<exchange>[/<key>]`, the
     /// kombu envelope; what kombu publishes there reaches our subscribers; junk is skipped.
     #[tokio::test]
@@ -667,5 +717,10 @@ mod amqp_fanout {
     #[tokio::test]
     async fn kombu_node_receives_ours() {
         super::kombu_node_receives_ours(env()).await
+    }
+
+    #[tokio::test]
+    async fn replies_reach_only_the_asker() {
+        super::replies_reach_only_the_asker(env()).await
     }
 }

@@ -1,6 +1,6 @@
 //! The `celerity` command: producer verbs (`call`, `result`, `purge`, `queues`), `worker` (with the
-//! built-in `demo.*` tasks), `demo` (producer + worker + results in one process) and `beat` (the
-//! periodic scheduler).
+//! built-in `demo.*` tasks), `demo` (producer + worker + results in one process), `beat` (the
+//! periodic scheduler), and remote control of running workers (`inspect`, `control`).
 //!
 //! Errors are printed as one line (`celerity: error: …`) with exit code 2; a failed job exits 1.
 
@@ -35,6 +35,10 @@ enum Command {
     Demo(DemoArgs),
     /// Run the periodic scheduler (one active beat per broker), or --check a schedule file
     Beat(celerity_beat::BeatArgs),
+    /// Ask running workers (Celerity or Python Celery): ping, active, reserved, scheduled, registered, stats, …
+    Inspect(celerity_client::control_cli::InspectArgs),
+    /// Tell running workers (Celerity or Python Celery): revoke, shutdown, rate-limit, pool-grow, pool-shrink, …
+    Control(celerity_client::control_cli::ControlArgs),
 }
 
 /// `celerity worker`: the worker's flags, plus an embedded beat as Celery's `worker -B` has.
@@ -126,6 +130,12 @@ fn main() -> ExitCode {
     let outcome: Result<ExitCode, Box<dyn std::error::Error>> = runtime.block_on(async {
         match &cli.command {
             Command::Producer(cmd) => producer::run(cmd, &cli.conn).await.map_err(Into::into),
+            Command::Inspect(args) => celerity_client::control_cli::run_inspect(args, &cli.conn)
+                .await
+                .map_err(Into::into),
+            Command::Control(args) => celerity_client::control_cli::run_control(args, &cli.conn)
+                .await
+                .map_err(Into::into),
             Command::Worker(cmd) => run_worker_command(cmd, &cli.conn).await,
             Command::Beat(args) => {
                 if let Some(path) = &args.check {

@@ -41,7 +41,7 @@ pub struct ConnectionArgs {
 #[derive(Debug, Clone, Subcommand)]
 pub enum ProducerCommand {
     /// Send a job by task name; prints its id (or its result with --wait).
-    Call(CallArgs),
+    Call(Box<CallArgs>),
     /// Show a job's result (or wait for it).
     Result(ResultArgs),
     /// Delete every waiting message of the given queues.
@@ -67,7 +67,13 @@ pub struct RevokeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct CallArgs {
     /// Registered task name, e.g. demo.add
-    pub name: String,
+    #[arg(required_unless_present = "workflow")]
+    pub name: Option<String>,
+    /// Send a chain/group/chord described in JSON instead, e.g.
+    /// '{"chain": [{"task": "demo.add", "args": [1, 2]}, {"task": "demo.mul", "args": [10]}]}'
+    /// (also {"group": [...]} and {"chord": {"header": [...], "body": {...}}}); prints the ids
+    #[arg(long, conflicts_with = "name")]
+    pub workflow: Option<String>,
     /// Positional arguments as a JSON list, e.g. '[2, 3]'
     #[arg(long, default_value = "[]")]
     pub args: String,
@@ -107,6 +113,9 @@ pub struct CallArgs {
     /// Send this many copies (each with its own id), in batches, with a progress bar and a final rate
     #[arg(long, default_value_t = 1)]
     pub count: u64,
+    /// Also publish a task-sent event per job (Celery's task_send_sent_event), for Flower
+    #[arg(long)]
+    pub sent_event: bool,
 }
 
 /// `celerity result`.
@@ -146,7 +155,7 @@ pub async fn run(command: &ProducerCommand, conn: &ConnectionArgs) -> Result<Exi
     refuse_memory(&conn.broker)?;
     let client = Client::connect(&conn.broker, conn.backend.as_deref()).await?;
     let code = match command {
-        ProducerCommand::Call(a) => call(&client, a).await,
+        ProducerCommand::Call(a) => call(&client.clone().with_sent_events(a.sent_event), a).await,
         ProducerCommand::Result(a) => result(&client, a).await,
         ProducerCommand::Purge(a) => {
             for q in &a.queues {
@@ -265,11 +274,16 @@ pub fn call_request(a: &CallArgs) -> Result<(Vec<Value>, Map<String, Value>, Sen
 }
 
 async fn call(client: &Client, a: &CallArgs) -> Result<ExitCode> {
-    let (args, kwargs, options) = call_request(a)?;
-    if a.count > 1 {
-        return call_many(client, a, args, kwargs, &options).await;
+    if let Some(w) = &a.workflow {
+        let timeout = a.timeout.map(|t| seconds("--timeout", t)).transpose()?;
+        return crate::workflow_cli::run(client, w, &a.queue, a.wait, timeout).await;
     }
-    let handle = client.send_task(&a.name, args, kwargs, &options).await?;
+    let (args, kwargs, options) = call_request(a)?;
+    let name = a.name.as_deref().unwrap_or_default();
+    if a.count > 1 {
+        return call_many(client, a, name, args, kwargs, &options).await;
+    }
+    let handle = client.send_task(name, args, kwargs, &options).await?;
     if !a.wait {
         println!("{}", handle.id());
         return Ok(ExitCode::SUCCESS);
@@ -282,6 +296,7 @@ async fn call(client: &Client, a: &CallArgs) -> Result<ExitCode> {
 async fn call_many(
     client: &Client,
     a: &CallArgs,
+    name: &str,
     args: Vec<Value>,
     kwargs: Map<String, Value>,
     options: &SendOptions,
@@ -297,7 +312,7 @@ async fn call_many(
         let n = CHUNK.min(a.count - sent);
         let now = Utc::now();
         let batch = (0..n)
-            .map(|_| options.build(&a.name, args.clone(), kwargs.clone(), now))
+            .map(|_| options.build(name, args.clone(), kwargs.clone(), now))
             .collect::<Result<Vec<_>>>()?;
         client.send_batch(&batch, options.queue_name()).await?;
         sent += n;
@@ -325,7 +340,7 @@ async fn result(client: &Client, a: &ResultArgs) -> Result<ExitCode> {
 }
 
 /// Prints a result: the value for SUCCESS, the state for unfinished jobs, the error for failures.
-fn print_outcome(meta: TaskMeta, json: bool) -> Result<ExitCode> {
+pub(crate) fn print_outcome(meta: TaskMeta, json: bool) -> Result<ExitCode> {
     let failed = matches!(
         meta.status,
         celerity_broker::State::Failure | celerity_broker::State::Revoked

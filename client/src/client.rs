@@ -7,7 +7,7 @@ use chrono::Utc;
 use serde_json::{Map, Value};
 
 use celerity_broker::protocol::control::{ControlRequest, PIDBOX_EXCHANGE};
-use celerity_broker::protocol::TaskMessage;
+use celerity_broker::protocol::{event, TaskMessage};
 use celerity_broker::url::{BrokerUrl, Scheme};
 use celerity_broker::{connect_backend, connect_broker, Broker, ResultBackend};
 
@@ -16,8 +16,14 @@ use crate::options::SendOptions;
 use crate::result::AsyncResult;
 use crate::task::{Task, TaskArgs};
 
-/// This process's Lamport clock for control messages.
-static CLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// This process's Lamport clock for control messages and events.
+static CLOCK: celerity_broker::protocol::clock::LamportClock =
+    celerity_broker::protocol::clock::LamportClock::new();
+
+/// Ticks this process's clock.
+pub(crate) fn next_clock() -> u64 {
+    CLOCK.forward()
+}
 
 /// Most messages one broker round trip carries in [`Client::send_batch`].
 const BATCH_CHUNK: usize = 1000;
@@ -27,12 +33,26 @@ const BATCH_CHUNK: usize = 1000;
 pub struct Client {
     broker: Arc<dyn Broker>,
     backend: Option<Arc<dyn ResultBackend>>,
+    /// Publish a `task-sent` event per job sent (Celery's `task_send_sent_event`).
+    sent_events: bool,
 }
 
 impl Client {
     /// A client over existing connections.
     pub fn new(broker: Arc<dyn Broker>, backend: Option<Arc<dyn ResultBackend>>) -> Self {
-        Client { broker, backend }
+        Client {
+            broker,
+            backend,
+            sent_events: false,
+        }
+    }
+
+    /// With `on`, every job sent is followed by a `task-sent` event on the `celeryev` exchange
+    /// (Celery's `task_send_sent_event`), so Flower shows jobs from the moment they are queued. An
+    /// event that cannot be published is logged, never an error of the send.
+    pub fn with_sent_events(mut self, on: bool) -> Self {
+        self.sent_events = on;
+        self
     }
 
     /// Connects to `broker_url` and, if given, `backend_url`. With no backend URL, a `redis://` or
@@ -47,7 +67,7 @@ impl Client {
             Some(u) => Some(connect_backend(&u).await?),
             None => None,
         };
-        Ok(Client { broker, backend })
+        Ok(Client::new(broker, backend))
     }
 
     /// The broker this client sends to.
@@ -88,6 +108,7 @@ impl Client {
     /// Publishes an already built task message to `queue`.
     pub async fn send_message(&self, message: &TaskMessage, queue: &str) -> Result<()> {
         self.broker.publish(queue, &message.encode()).await?;
+        self.sent_events(std::slice::from_ref(message), queue).await;
         Ok(())
     }
 
@@ -97,8 +118,30 @@ impl Client {
         for chunk in messages.chunks(BATCH_CHUNK) {
             let encoded: Vec<_> = chunk.iter().map(TaskMessage::encode).collect();
             self.broker.publish_batch(queue, &encoded).await?;
+            self.sent_events(chunk, queue).await;
         }
         Ok(())
+    }
+
+    /// Publishes `task-sent` for `messages` if enabled (see [`Client::with_sent_events`]).
+    async fn sent_events(&self, messages: &[TaskMessage], queue: &str) {
+        if !self.sent_events {
+            return;
+        }
+        let node = celerity_broker::protocol::node::producer_nodename();
+        for chunk in messages.chunks(100) {
+            let events = chunk.iter().map(|m| sent_event(m, queue, node)).collect();
+            let Some((key, message)) = event::to_message(node, events) else {
+                continue;
+            };
+            if let Err(e) = self
+                .broker
+                .broadcast(event::EVENT_EXCHANGE, &key, &message)
+                .await
+            {
+                tracing::warn!(error = %e, "could not publish task-sent events");
+            }
+        }
     }
 
     /// Revokes jobs on every worker (Celery's `app.control.revoke`): a job not started yet is skipped
@@ -116,7 +159,7 @@ impl Client {
         args.insert("terminate".into(), Value::Bool(terminate));
         args.insert("signal".into(), Value::String("SIGTERM".into()));
         let request = ControlRequest::cast("revoke", args);
-        let clock = CLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let clock = next_clock();
         self.broker
             .broadcast(PIDBOX_EXCHANGE, "", &request.to_message(clock))
             .await?;
@@ -140,6 +183,31 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// The `task-sent` event of `m` sent to `queue` (the fields Celery's producer puts in it).
+fn sent_event(m: &TaskMessage, queue: &str, node: &str) -> Map<String, Value> {
+    let h = &m.headers;
+    let opt = |v: &Option<String>| v.clone().map_or(Value::Null, Value::String);
+    let time = |v: Option<chrono::DateTime<chrono::FixedOffset>>| {
+        v.map_or(Value::Null, |t| Value::String(t.to_rfc3339()))
+    };
+    let mut f = Map::new();
+    f.insert("uuid".into(), Value::String(h.id.clone()));
+    f.insert("root_id".into(), opt(&h.root_id));
+    f.insert("parent_id".into(), opt(&h.parent_id));
+    f.insert("name".into(), Value::String(h.task.clone()));
+    let args = m.args_repr();
+    let kwargs = m.kwargs_repr();
+    f.insert("args".into(), Value::String(args));
+    f.insert("kwargs".into(), Value::String(kwargs));
+    f.insert("retries".into(), Value::from(h.retries));
+    f.insert("eta".into(), time(h.eta));
+    f.insert("expires".into(), time(h.expires));
+    f.insert("queue".into(), Value::String(queue.to_owned()));
+    f.insert("exchange".into(), Value::String(String::new()));
+    f.insert("routing_key".into(), Value::String(queue.to_owned()));
+    event::event("task-sent", node, next_clock(), f)
 }
 
 /// The result backend a broker URL implies when none is given: the same Redis (keeping its

@@ -34,6 +34,33 @@ pub enum ClientError {
     /// An option or argument is not valid.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Some members of a group failed or were revoked; each one is named.
+    #[error("group {group_id}: {} of {total} member(s) failed: {}", failed.len(), MemberFailure::list(failed))]
+    GroupFailed {
+        group_id: String,
+        total: usize,
+        failed: Vec<MemberFailure>,
+    },
+}
+
+/// One failed member of a group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberFailure {
+    /// Position in the group.
+    pub index: usize,
+    pub task_id: String,
+    pub state: celerity_broker::State,
+    pub exception: ExceptionInfo,
+}
+
+impl MemberFailure {
+    fn list(failed: &[MemberFailure]) -> String {
+        failed
+            .iter()
+            .map(|f| format!("#{} {} {}: {}", f.index, f.task_id, f.state, f.exception))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
 }
 
 /// Result alias of this crate.

@@ -8,18 +8,36 @@
 //! - [`Task`] ([`task`]): a typed task declaration (name, argument type, output type) shared with the
 //!   worker.
 //! - [`AsyncResult`] ([`result`]): a handle on one job's result: state, wait with a timeout, forget.
+//! - [`canvas`]: workflows — [`Signature`], [`chain`], [`Group`], [`chord`], `link`/`link_error` —
+//!   encoded as Celery encodes them; [`GroupResult`] ([`group_result`]) reads a group's results.
+//! - [`canvas_plan`]: how nested workflows (groups of chains, chains with group/chord steps, chords
+//!   with chain bodies) are applied, as Celery applies them; shared with the worker.
+//! - [`control`]: remote control (Celery's `app.control`): [`Client::control_call`] collects each
+//!   node's reply, [`Client::control_cast`] sends without waiting.
+//! - [`control_cli`]: the `celerity inspect …` and `celerity control …` verbs.
 //! - [`cli`]: the producer-side verbs of the `celerity` command (`call`, `result`, `purge`, `queues`).
+//! - [`workflow_cli`]: `celerity call --workflow JSON` (chain, group or chord from the shell).
 //! - [`ClientError`] ([`error`]): the one error type of this crate.
 
+pub mod canvas;
+pub mod canvas_plan;
 pub mod cli;
 pub mod client;
+pub mod control;
+pub mod control_cli;
 pub mod error;
+pub mod group_result;
 pub mod options;
 pub mod result;
 pub mod task;
+pub mod workflow_cli;
 
+pub use canvas::{
+    chain, chord, partial, sig, Chain, Chord, ChordResult, Group, Signature, WorkflowResult,
+};
 pub use client::{default_backend_url, Client};
-pub use error::ClientError;
+pub use error::{ClientError, MemberFailure};
+pub use group_result::GroupResult;
 pub use options::{Expires, SendOptions};
 pub use result::AsyncResult;
 pub use task::{Task, TaskArgs};

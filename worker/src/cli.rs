@@ -31,9 +31,18 @@ pub struct WorkerArgs {
     /// Jobs run at once
     #[arg(short = 'c', long, default_value_t = 16)]
     pub concurrency: usize,
-    /// Node name (`%h` is replaced by the host name)
+    /// Node name, as in Celery: `%h` host name, `%n` its first label, `%d` the domain, `%i` the pool
+    /// process index. With --processes N > 1 every child process is its own node; unless the name
+    /// has `%i`, the index is appended to the name part (`celerity-0@host`, `celerity-1@host`, …)
     #[arg(short = 'n', long, default_value = "celerity@%h")]
     pub hostname: String,
+    /// Send task events (task-received/started/succeeded/failed/retried/revoked) for Flower and
+    /// `celery events`, as Celery's `-E`
+    #[arg(short = 'E', long = "events")]
+    pub events: bool,
+    /// Send no worker-online/heartbeat/offline events (Celery's --without-heartbeat)
+    #[arg(long)]
+    pub without_heartbeat: bool,
     /// Seconds a warm shutdown waits for running jobs before giving them back
     #[arg(long, default_value_t = 30.0)]
     pub grace: f64,
@@ -85,9 +94,18 @@ impl WorkerArgs {
         Ok(WorkerConfig {
             queues,
             concurrency: self.concurrency,
-            hostname: self
-                .hostname
-                .replace("%h", celerity_broker::protocol::node::hostname()),
+            hostname: crate::node::nodename(
+                &self.hostname,
+                std::env::var(supervisor::CHILD_ENV)
+                    .ok()
+                    .and_then(|s| s.parse().ok()),
+                self.processes,
+                celerity_broker::protocol::node::hostname(),
+            ),
+            events: crate::events::EventsConfig {
+                task_events: self.events,
+                heartbeat: !self.without_heartbeat,
+            },
             grace,
             max_tasks: self.max_tasks_per_child,
             max_memory_kib: self.max_memory_per_child.map(|mb| mb.saturating_mul(1024)),
@@ -147,13 +165,15 @@ async fn global_limiter(conn: &ConnectionArgs) -> Result<celerity_broker::redis:
     Ok(celerity_broker::redis::RedisRateLimiter::connect(url).await?)
 }
 
-/// The result backend: `--backend`, else what the broker implies (the client's rule).
+/// The result backend: `--backend`, else what the broker implies (the client's rule);
+/// `--backend none` stores no results.
 async fn backend_for(conn: &ConnectionArgs) -> Result<Option<Arc<dyn ResultBackend>>> {
     match conn
         .backend
         .clone()
         .or_else(|| default_backend_url(&conn.broker))
     {
+        Some(url) if url == "none" => Ok(None),
         Some(url) => Ok(Some(connect_backend(&url).await?)),
         None => Ok(None),
     }
@@ -214,6 +234,8 @@ pub async fn run_demo(args: &DemoArgs, conn: &ConnectionArgs) -> Result<DemoRepo
     // One fixed queue, emptied before and after, so repeated demos leave nothing behind.
     let queue = DEMO_QUEUE.to_owned();
     let broker = connect_broker(&conn.broker).await?;
+    // Declared first: purging a queue RabbitMQ does not have yet closes the channel.
+    broker.declare_queue(&queue).await?;
     broker.purge(&queue).await?;
     let Some(backend) = backend_for(conn).await? else {
         return Err(WorkerError::Config(

@@ -7,12 +7,17 @@ use serde_json::{json, Map, Value};
 use crate::registry::Registry;
 use crate::task::{Handler, TaskContext, TaskError, TaskOptions};
 
-/// Registers `demo.add`, `demo.mul`, `demo.echo`, `demo.noop`, `demo.sleep_ms`, `demo.fail`,
-/// `demo.flaky`, `demo.spin_ms` and `demo.panic`.
+/// Registers `demo.add`, `demo.mul`, `demo.xsum`, `demo.echo`, `demo.noop`, `demo.sleep_ms`,
+/// `demo.fail`, `demo.flaky`, `demo.spin_ms` and `demo.panic`.
 pub fn register(r: &mut Registry) -> &mut Registry {
     let plain = TaskOptions::default;
     r.register_fn("demo.add", plain(), |_, (x, y): (Value, Value)| async move { arith(x, y, |a, b| a + b, |a, b| a.checked_add(b)) });
     r.register_fn("demo.mul", plain(), |_, (x, y): (Value, Value)| async move { arith(x, y, |a, b| a * b, |a, b| a.checked_mul(b)) });
+    r.register_fn("demo.xsum", plain(), |_, (xs,): (Vec<Value>,)| async move {
+        xs.into_iter().try_fold(json!(0), |acc, x| {
+            arith(acc, x, |a, b| a + b, |a, b| a.checked_add(b))
+        })
+    });
     r.register_fn("demo.noop", plain(), |_, _: Value| async move {
         Ok(Value::Null)
     });

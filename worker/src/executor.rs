@@ -6,7 +6,6 @@
 //! and acked; an unknown task or arguments of the wrong type fail the job (FAILURE stored) and ack it;
 //! a panic in a task is a FAILURE.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +22,8 @@ use celerity_broker::protocol::TaskMessage;
 use celerity_broker::{Broker, Delivery, ResultBackend, State, TaskMeta};
 
 use crate::control::ControlState;
-use crate::limits::Limiter;
+use crate::events::EventSender;
+use crate::limits::RateLimits;
 use crate::registry::{Registered, Registry};
 use crate::retry::{decide, random_unit, Decision};
 use crate::task::{TaskContext, TaskError};
@@ -49,7 +49,9 @@ pub(crate) struct Executor {
     pub hostname: String,
     /// Running jobs at once.
     pub slots: Arc<Semaphore>,
-    pub buckets: HashMap<String, Limiter>,
+    pub buckets: Arc<RateLimits>,
+    /// Celery events (task events only when enabled).
+    pub events: EventSender,
     /// Asks the fetcher to widen (+1) or narrow (-1) the prefetch window while a job waits for its ETA.
     pub window: mpsc::UnboundedSender<isize>,
     /// Fired on cold shutdown: running jobs stop and are given back.
@@ -95,6 +97,17 @@ pub enum JobEvent {
     Finished { id: String },
 }
 
+impl Counters {
+    /// Jobs handled so far, whatever their outcome (the `processed` of worker events).
+    pub fn processed(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.succeeded.load(Relaxed)
+            + self.failed.load(Relaxed)
+            + self.retried.load(Relaxed)
+            + self.revoked.load(Relaxed)
+    }
+}
+
 fn bump(c: &std::sync::atomic::AtomicU64) {
     c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
@@ -114,13 +127,24 @@ impl Executor {
             redelivered = delivery.redelivered,
             "received"
         );
-        if delivery.redelivered && self.already_finished(message.id()).await {
-            tracing::warn!(
-                id = message.id(),
-                task = message.task(),
-                "redelivered but already finished; not running it again"
-            );
-            return self.settle(delivery, Settle::Ack).await;
+        // Shown to `inspect` until this function returns; a task-received event if enabled.
+        let job = self.control.track(&message, &delivery);
+        self.events.received(&message);
+        // Workflow children (parent_id set) are checked too: a crash can make their parent send
+        // them twice (see the canvas module).
+        if delivery.redelivered || message.headers.parent_id.is_some() {
+            if let Some(done) = self.finished(message.id()).await {
+                tracing::warn!(
+                    id = message.id(),
+                    task = message.task(),
+                    "already finished; not running it again"
+                );
+                if let Err(e) = self.canvas(&delivery.queue).replay(&message, &done).await {
+                    tracing::error!(id = message.id(), error = %e, "could not finish the workflow steps; leaving the job to be redelivered");
+                    return;
+                }
+                return self.settle(delivery, Settle::Ack).await;
+            }
         }
         if self.control.is_revoked(message.id()) {
             return self.skip_revoked(delivery, &message, "revoked").await;
@@ -136,8 +160,17 @@ impl Executor {
                 format!("'{}'", message.task()),
                 "celery.exceptions",
             );
+            self.events.failed("task-failed", message.id(), &exc, "");
             self.store(failure_meta(&message, &exc, None)).await;
             bump(&self.counters.failed);
+            if let Err(e) = self
+                .canvas(&delivery.queue)
+                .on_failure(&message, &exc, None)
+                .await
+            {
+                tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; leaving the job to be redelivered");
+                return;
+            }
             return self.settle(delivery, Settle::Ack).await;
         };
         if let Some(expires) = message.headers.expires {
@@ -147,6 +180,7 @@ impl Executor {
                     task = message.task(),
                     "expired before it ran; revoked"
                 );
+                self.events.revoked(message.id(), false, true);
                 let exc = ExceptionInfo::new("TaskRevokedError", "expired", "celery.exceptions");
                 self.store(meta(&message, State::Revoked, exc.to_value(), None))
                     .await;
@@ -167,9 +201,11 @@ impl Executor {
                     }
                 };
             }
+            job.scheduled();
             if !self.hold_until_due(&delivery, eta.to_utc()).await {
                 return self.settle(delivery, Settle::Requeue).await;
             }
+            job.reserved();
         }
         if let Some(bucket) = self.buckets.get(message.task()) {
             tokio::select! {
@@ -205,6 +241,7 @@ impl Executor {
         }
         let cancel = self.abort.child_token();
         let _running = self.control.started(message.id(), cancel.clone());
+        self.events.started(message.id());
         let ctx = TaskContext {
             headers: Arc::new(message.headers.clone()),
             cancel: cancel.clone(),
@@ -294,9 +331,34 @@ impl Executor {
                     runtime_ms = runtime.as_secs_f64() * 1e3,
                     "succeeded"
                 );
+                self.events.succeeded(message.id(), &value, runtime);
+                let queue = delivery
+                    .as_ref()
+                    .map_or(celerity_client::DEFAULT_QUEUE, |d| d.queue.as_str());
+                let canvas = self.canvas(queue);
+                // Callbacks and the next chain step go out before the result is stored (as in Celery).
+                let children = match canvas.dispatch_success(&message, &value, false).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(id = message.id(), error = %e, "could not send the workflow's next steps; leaving the job to be redelivered");
+                        return;
+                    }
+                };
+                let joined = if message.embed.chord.is_object() {
+                    Some(value.clone())
+                } else {
+                    None
+                };
                 if !ignore_result {
-                    self.store(meta(&message, State::Success, value, None))
-                        .await;
+                    let mut m = meta(&message, State::Success, value, None);
+                    m.children = children;
+                    self.store(m).await;
+                }
+                if let Some(value) = joined {
+                    if let Err(e) = canvas.chord_part(&message, State::Success, &value).await {
+                        tracing::error!(id = message.id(), error = %e, "chord join failed; leaving the job to be redelivered");
+                        return;
+                    }
                 }
                 bump(&self.counters.succeeded);
             }
@@ -316,6 +378,12 @@ impl Executor {
                         }
                         tracing::info!(id = message.id(), task = message.task(), retries = message.headers.retries + 1, countdown_s = countdown.as_secs_f64(), reason = %cause, "retry");
                         let exc = exception_of(&cause);
+                        self.events.failed(
+                            "task-retried",
+                            message.id(),
+                            &exc,
+                            &traceback(&message, &cause),
+                        );
                         self.store(meta(
                             &message,
                             State::Retry,
@@ -328,13 +396,22 @@ impl Executor {
                     Decision::Fail(cause) => {
                         tracing::warn!(id = message.id(), task = message.task(), runtime_ms = runtime.as_secs_f64() * 1e3, error = %cause, "failed");
                         let exc = exception_of(&cause);
-                        self.store(failure_meta(
-                            &message,
-                            &exc,
-                            Some(traceback(&message, &cause)),
-                        ))
-                        .await;
+                        let tb = traceback(&message, &cause);
+                        self.events.failed("task-failed", message.id(), &exc, &tb);
+                        self.store(failure_meta(&message, &exc, Some(tb.clone())))
+                            .await;
                         bump(&self.counters.failed);
+                        let queue = delivery
+                            .as_ref()
+                            .map_or(celerity_client::DEFAULT_QUEUE, |d| d.queue.as_str());
+                        if let Err(e) = self
+                            .canvas(queue)
+                            .on_failure(&message, &exc, Some(&tb))
+                            .await
+                        {
+                            tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; leaving the job to be redelivered");
+                            return;
+                        }
                     }
                 }
             }
@@ -392,24 +469,36 @@ impl Executor {
             why,
             "revoked; not running it"
         );
+        self.events
+            .revoked(message.id(), why == "terminated", false);
         let exc = ExceptionInfo::new("TaskRevokedError", why, "celery.exceptions");
         self.store(meta(message, State::Revoked, exc.to_value(), None))
             .await;
         bump(&self.counters.revoked);
+        let joined = self
+            .canvas(&delivery.queue)
+            .chord_part(message, State::Revoked, &exc.to_value())
+            .await;
+        if let Err(e) = joined {
+            tracing::error!(id = message.id(), error = %e, "chord join failed; leaving the job to be redelivered");
+            return;
+        }
         self.settle(delivery, Settle::Ack).await;
     }
 
-    /// True if the backend already holds a final state for this id (a redelivery of a job that ended,
-    /// e.g. one whose process was killed for its hard time limit, or whose ack was lost).
-    async fn already_finished(&self, id: &str) -> bool {
-        let Some(backend) = &self.backend else {
-            return false;
-        };
-        matches!(backend.get(id).await, Ok(m) if m.status.is_ready())
+    /// The final state the backend already holds for this id, if any (a redelivery of a job that
+    /// ended, e.g. one whose process was killed for its hard time limit, or whose ack was lost).
+    async fn finished(&self, id: &str) -> Option<TaskMeta> {
+        let backend = self.backend.as_ref()?;
+        backend.get(id).await.ok().filter(|m| m.status.is_ready())
     }
 
-    async fn store(&self, meta: TaskMeta) {
+    async fn store(&self, mut meta: TaskMeta) {
         let Some(backend) = &self.backend else { return };
+        // Which node ran it: Celery's extended-result `worker` field (Python: `AsyncResult.worker`).
+        meta.extra
+            .entry("worker")
+            .or_insert_with(|| Value::String(self.hostname.clone()));
         // A lost result write is retried a few times; the message stays unacked meanwhile.
         for attempt in 0..5u32 {
             match backend.store(&meta).await {

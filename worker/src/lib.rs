@@ -8,21 +8,32 @@
 //! - [`args`]: maps Celery's `[args, kwargs]` onto typed arguments.
 //! - [`registry`]: task name → handler and options.
 //! - `executor`: one delivery from decode to ack.
+//! - `canvas`: workflow steps after a job's outcome (callbacks, chain, chord join, errbacks).
 //! - [`retry`]: retry-or-fail decisions and backoff (pure).
 //! - [`limits`]: rate limits.
 //! - [`server`]: the fetch loop and the warm/cold stop of one worker process.
-//! - [`control`]: remote control on Celery's pidbox (revoke, terminate, shutdown).
+//! - [`control`]: remote control on Celery's pidbox: the listener and what it shares with jobs.
+//! - `commands`: the remote-control commands (inspect ping/active/stats/…, revoke, rate_limit,
+//!   pool_grow/pool_shrink, shutdown, enable_events, …) with Celery's reply shapes.
+//! - [`events`]: Celery events (worker heartbeats, task events) published off the job path.
+//! - [`node`]: node names (`--hostname NAME@%h`, pool children).
+//! - `pool`: the resizable concurrency of one worker process.
 //! - [`supervisor`]: the parent of a pool of worker processes (restart, recycle, hard time limits).
 //! - [`demo`]: the built-in `demo.*` tasks.
 //! - [`error`]: the crate's error type, [`WorkerError`].
 
 pub mod args;
+mod canvas;
 pub mod cli;
+mod commands;
 pub mod control;
 pub mod demo;
 pub mod error;
+pub mod events;
 mod executor;
 pub mod limits;
+pub mod node;
+mod pool;
 pub mod registry;
 pub mod retry;
 pub mod server;

@@ -1,7 +1,9 @@
 //! Rate limits: Celery's `"100/s"`, `"10/m"`, `"5/h"` strings, a per-process token bucket, and a
 //! bucket shared by the whole fleet through Redis (an option; Celery only limits per worker).
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -35,6 +37,87 @@ impl FromStr for RateLimit {
             _ => return Err(format!("rate limit `{s}`: unit must be s, m or h")),
         };
         Ok(RateLimit { count, per })
+    }
+}
+
+impl std::fmt::Display for RateLimit {
+    /// Celery's spelling: `10/s`, `2.5/m`, `5/h`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per.as_secs() {
+            60 => "m",
+            3600 => "h",
+            _ => "s",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+/// The rate limits of one worker process by task name, changeable while it runs (the remote
+/// `rate_limit` command). A job looks its task's limiter up when it is about to start, so a change
+/// applies to jobs that have not started yet.
+#[derive(Debug, Default)]
+pub struct RateLimits {
+    map: std::sync::RwLock<HashMap<String, (RateLimit, Arc<Limiter>)>>,
+    /// With `--global-rate-limits`: new limits are shared through this Redis too.
+    global: Option<celerity_broker::redis::RedisRateLimiter>,
+}
+
+impl RateLimits {
+    /// Limits for `initial`, per process or through `global`.
+    pub fn new(
+        initial: impl IntoIterator<Item = (String, RateLimit)>,
+        global: Option<celerity_broker::redis::RedisRateLimiter>,
+    ) -> Self {
+        let limits = RateLimits {
+            map: Default::default(),
+            global,
+        };
+        for (task, limit) in initial {
+            limits.set(&task, Some(limit));
+        }
+        limits
+    }
+
+    /// The limiter of `task`, if it has a limit.
+    pub fn get(&self, task: &str) -> Option<Arc<Limiter>> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        map.get(task).map(|(_, l)| l.clone())
+    }
+
+    /// Sets (or with `None` removes) the limit of `task`; jobs already waiting on the old limiter
+    /// finish waiting on it.
+    pub fn set(&self, task: &str, limit: Option<RateLimit>) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        match limit {
+            None => {
+                map.remove(task);
+            }
+            Some(limit) => {
+                let limiter = match &self.global {
+                    Some(redis) => Limiter::Global {
+                        redis: redis.clone(),
+                        task: task.to_owned(),
+                        limit,
+                    },
+                    None => Limiter::Local(TokenBucket::new(limit)),
+                };
+                map.insert(task.to_owned(), (limit, Arc::new(limiter)));
+            }
+        }
+    }
+
+    /// The current limit of `task`, if any.
+    pub fn get_limit(&self, task: &str) -> Option<RateLimit> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        map.get(task).map(|(l, _)| *l)
+    }
+
+    /// Every limit, sorted by task name.
+    pub fn snapshot(&self) -> Vec<(String, RateLimit)> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = map.iter().map(|(t, (l, _))| (t.clone(), *l)).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 }
 
@@ -132,6 +215,22 @@ mod tests {
         assert!("x/s".parse::<RateLimit>().is_err());
         assert!("0/s".parse::<RateLimit>().is_err());
         assert!("5/d".parse::<RateLimit>().is_err());
+    }
+
+    #[test]
+    fn limits_change_at_runtime() {
+        let l = RateLimits::new([("a".to_owned(), "10/s".parse().unwrap())], None);
+        assert!(l.get("a").is_some() && l.get("b").is_none());
+        l.set("b", Some("5/m".parse().unwrap()));
+        l.set("a", None);
+        assert!(l.get("a").is_none());
+        let snap: Vec<String> = l
+            .snapshot()
+            .iter()
+            .map(|(t, r)| format!("{t}={r}"))
+            .collect();
+        assert_eq!(snap, ["b=5/m"]);
+        assert_eq!("2.5/h".parse::<RateLimit>().unwrap().to_string(), "2.5/h");
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,16 +12,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use celerity_broker::{Broker, ResultBackend};
 
-use crate::control::ControlState;
+use celerity_broker::protocol::clock::LamportClock;
+
+use crate::control::{ControlState, Remote};
 use crate::error::{Result, WorkerError};
+use crate::events::EventsConfig;
 use crate::executor::{Counters, Executor, Reporter};
-use crate::limits::{Limiter, RateLimit, TokenBucket};
+use crate::limits::{RateLimit, RateLimits};
+use crate::pool::Pool;
 use crate::registry::Registry;
 
 /// Settings of one worker process.
@@ -48,6 +52,8 @@ pub struct WorkerConfig {
     /// A job whose ETA is further away than this is parked on the broker (Redis) rather than held
     /// unacked in this process; nearer ones are held, their lease renewed.
     pub park_after: Duration,
+    /// Celery events: task events from the start (`-E`), worker heartbeats.
+    pub events: EventsConfig,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +69,10 @@ impl Default for WorkerConfig {
             park_after: Duration::from_secs(10),
             rate_limits: Vec::new(),
             global_rate_limits: None,
+            events: EventsConfig {
+                task_events: false,
+                heartbeat: true,
+            },
         }
     }
 }
@@ -111,39 +121,50 @@ pub async fn run(
         })
         .collect();
     limits.extend(config.rate_limits.iter().cloned());
-    let buckets: HashMap<String, Limiter> = limits
-        .into_iter()
-        .map(|(task, limit)| {
-            let limiter = match &config.global_rate_limits {
-                Some(redis) => Limiter::Global {
-                    redis: redis.clone(),
-                    task: task.clone(),
-                    limit,
-                },
-                None => Limiter::Local(TokenBucket::new(limit)),
-            };
-            (task, limiter)
-        })
-        .collect();
+    let buckets = Arc::new(RateLimits::new(limits, config.global_rate_limits.clone()));
     let (window_tx, mut window_rx) = mpsc::unbounded_channel::<isize>();
+    let pool = Arc::new(Pool::new(config.concurrency, window_tx.clone()));
     let counters = Arc::new(Counters::default());
     let control = Arc::new(ControlState::default());
-    // Remote control (revoke, shutdown) runs beside the fetch loop and stops with it.
-    let control_stop = CancellationToken::new();
-    let control_task = tokio::spawn(crate::control::listen(
+    let registry = Arc::new(registry);
+    let clock = Arc::new(LamportClock::new());
+    // Events (heartbeats; task events with -E) are published by their own task, off the job path.
+    let (events, events_task) = crate::events::start(
         broker.clone(),
         config.hostname.clone(),
-        control.clone(),
-        control_stop.clone(),
-        shutdown.warm.clone(),
-    ));
+        clock.clone(),
+        config.events,
+        crate::events::Gauges {
+            control: control.clone(),
+            counters: counters.clone(),
+        },
+    );
+    // Remote control (inspect, revoke, rate limits, pool size, shutdown) runs beside the fetch
+    // loop and stops with it.
+    let control_stop = CancellationToken::new();
+    let remote = Arc::new(Remote {
+        hostname: config.hostname.clone(),
+        broker: broker.clone(),
+        state: control.clone(),
+        clock,
+        registry: registry.clone(),
+        limits: buckets.clone(),
+        counters: counters.clone(),
+        pool: pool.clone(),
+        events: events.clone(),
+        queues: config.queues.clone(),
+        started: std::time::Instant::now(),
+        shutdown: shutdown.warm.clone(),
+    });
+    let control_task = tokio::spawn(crate::control::listen(remote, control_stop.clone()));
     let executor = Arc::new(Executor {
-        registry: Arc::new(registry),
+        registry,
         broker: broker.clone(),
         backend,
         hostname: config.hostname.clone(),
-        slots: Arc::new(Semaphore::new(config.concurrency)),
+        slots: pool.slots().clone(),
         buckets,
+        events,
         window: window_tx,
         abort: shutdown.cold.clone(),
         counters: counters.clone(),
@@ -176,7 +197,7 @@ pub async fn run(
                 }
             }
             Some(delta) = window_rx.recv() => {
-                window = (window + delta).max(config.concurrency as isize);
+                window = (window + delta).max(pool.size() as isize);
                 if let Err(e) = consumer.set_prefetch(window as usize).await {
                     tracing::warn!(error = %e, "could not change the prefetch window");
                 }
@@ -220,6 +241,8 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     }
     let _ = control_task.await;
+    // worker-offline goes out on warm and cold stops alike, after the last task events.
+    events_task.stop().await;
     if let Err(e) = consumer.close().await {
         tracing::warn!(error = %e, "closing the consumer failed; the broker will redeliver what was unacked");
     }

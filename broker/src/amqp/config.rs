@@ -5,7 +5,8 @@
 //! too, and `amqp://host/app` means `app`. Missing credentials default to `guest:guest`.
 //! Query options: `max_priority` (declare queues with `x-max-priority`), `queue_type`
 //! (`classic` | `quorum`), `heartbeat` (seconds, default 60), `connect_timeout` (seconds, default 5),
-//! and lapin's own `frame_max`, `channel_max`, `auth_mechanism`.
+//! and lapin's own `frame_max` (default here [`DEFAULT_FRAME_MAX`], see there), `channel_max`,
+//! `auth_mechanism`.
 
 use std::time::Duration;
 
@@ -26,6 +27,13 @@ const KNOWN_OPTIONS: &[&str] = &[
     "channel_max",
     "auth_mechanism",
 ];
+
+/// The largest AMQP frame we offer the server unless the URL sets `frame_max` (the lower of ours and
+/// the server's wins). lapin keeps a zero-filled receive and a send buffer of 32 frames per
+/// connection, so RabbitMQ's default of 128 KiB costs 8 MiB per connection (a worker process holds
+/// several); 16 KiB costs 1 MiB. Task messages are far smaller than a frame, and a larger body is
+/// split into more body frames, which changes nothing on the wire that a consumer sees.
+pub(crate) const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 
 /// Everything the transport needs from its URL.
 #[derive(Debug, Clone)]
@@ -98,7 +106,7 @@ impl AmqpConfig {
             },
             vhost,
             query: AMQPQueryString {
-                frame_max: url.option("frame_max")?,
+                frame_max: Some(url.option("frame_max")?.unwrap_or(DEFAULT_FRAME_MAX)),
                 channel_max: url.option("channel_max")?,
                 heartbeat: Some(heartbeat),
                 connection_timeout: Some(
@@ -183,6 +191,22 @@ mod tests {
         assert_eq!(cfg("amqp://localhost").unwrap().uri.vhost, "/");
         assert_eq!(cfg("amqp://localhost/%2f").unwrap().uri.vhost, "/");
         assert_eq!(cfg("amqp://localhost/app").unwrap().uri.vhost, "app");
+    }
+
+    #[test]
+    fn frame_max_defaults_small_and_the_url_overrides_it() {
+        assert_eq!(
+            cfg("amqp://localhost//").unwrap().uri.query.frame_max,
+            Some(DEFAULT_FRAME_MAX)
+        );
+        assert_eq!(
+            cfg("amqp://localhost//?frame_max=131072")
+                .unwrap()
+                .uri
+                .query
+                .frame_max,
+            Some(131_072)
+        );
     }
 
     #[test]

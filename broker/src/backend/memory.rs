@@ -9,7 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::{ResultBackend, State, TaskMeta};
+use super::memory_chord::MemoryChords;
+use super::{ChordJoin, ChordPart, ResultBackend, State, TaskMeta};
 use crate::error::{BrokerError, Result};
 use crate::url::BrokerUrl;
 
@@ -23,6 +24,7 @@ pub struct MemoryBackend {
 struct Shared {
     results: Mutex<HashMap<String, TaskMeta>>,
     changed: Notify,
+    chords: MemoryChords,
 }
 
 fn registry() -> &'static Mutex<HashMap<String, Arc<Shared>>> {
@@ -112,6 +114,34 @@ impl ResultBackend for MemoryBackend {
     }
 
     async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<()> {
+        self.shared.chords.set_size(group_id, size);
+        Ok(())
+    }
+
+    async fn chord_part_return(&self, part: &ChordPart) -> Result<ChordJoin> {
+        self.shared.chords.part_return(part)
+    }
+
+    async fn chord_done(&self, group_id: &str, claim: &str) -> Result<()> {
+        self.shared.chords.done(group_id, claim);
+        Ok(())
+    }
+
+    async fn save_group(&self, group_id: &str, task_ids: &[String]) -> Result<()> {
+        self.shared.chords.save_group(group_id, task_ids);
+        Ok(())
+    }
+
+    async fn restore_group(&self, group_id: &str) -> Result<Option<Vec<String>>> {
+        Ok(self.shared.chords.restore_group(group_id))
+    }
+
+    async fn forget_group(&self, group_id: &str) -> Result<()> {
+        self.shared.chords.forget_group(group_id);
         Ok(())
     }
 }

@@ -5,7 +5,9 @@
 //! `date_done`, `task_id`, plus `group_id`/`parent_id`/extended fields), so Python's
 //! `AsyncResult(id).get()` reads what we store and we read what Celery stores.
 
+pub mod chord;
 pub mod memory;
+mod memory_chord;
 pub mod meta;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -16,6 +18,7 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 
+pub use chord::{ChordEntry, ChordJoin, ChordPart};
 pub use meta::{ExceptionInfo, State, TaskMeta};
 
 /// Default time a stored result lives (Celery's `result_expires`: one day).
@@ -63,4 +66,24 @@ pub trait ResultBackend: Send + Sync + 'static {
 
     /// Closes connections.
     async fn close(&self) -> Result<()>;
+
+    /// Records how many header members a chord waits for (Celery's `set_chord_size`: the `.s` key),
+    /// and clears any old claim of a reused group id. Called before the header is sent.
+    async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<()>;
+
+    /// Adds a header member's outcome to its chord's join (idempotent per member, see
+    /// [`chord`]) and says whether this member completed it.
+    async fn chord_part_return(&self, part: &ChordPart) -> Result<ChordJoin>;
+
+    /// Clears a completed join (if `claim` still holds it) and marks the chord done.
+    async fn chord_done(&self, group_id: &str, claim: &str) -> Result<()>;
+
+    /// Saves a group's member ids under its id (Celery's `GroupResult.save()`).
+    async fn save_group(&self, group_id: &str, task_ids: &[String]) -> Result<()>;
+
+    /// The member ids of a saved group; `None` if nothing is saved.
+    async fn restore_group(&self, group_id: &str) -> Result<Option<Vec<String>>>;
+
+    /// Deletes a saved group.
+    async fn forget_group(&self, group_id: &str) -> Result<()>;
 }

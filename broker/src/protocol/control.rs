@@ -2,6 +2,8 @@
 //! `{"method", "arguments", "destination", "pattern", "matcher"}` (plus `ticket` and `reply_to` when a
 //! reply is wanted) broadcast on the `celery.pidbox` fanout exchange, with headers
 //! `{"clock", "expires"}`. Python's `app.control.revoke(...)` and ours are the same message.
+//! A request that wants replies carries a `ticket` and `reply_to`; each node answers on the direct
+//! exchange `reply.celery.pidbox` ([`reply_message`]).
 
 use serde_json::{Map, Value};
 
@@ -12,6 +14,32 @@ use crate::pyjson;
 
 /// The fanout exchange of Celery's remote control.
 pub const PIDBOX_EXCHANGE: &str = "celery.pidbox";
+
+/// The direct exchange replies go to, keyed by the asker's oid.
+pub const REPLY_EXCHANGE: &str = "reply.celery.pidbox";
+
+/// The queue a client named by `oid` collects replies on (kombu's `<oid>.reply.celery.pidbox`).
+pub fn reply_queue(oid: &str) -> String {
+    format!("{oid}.{REPLY_EXCHANGE}")
+}
+
+/// A reply to a request that asked for one: published to `reply_to.exchange` with routing key
+/// `reply_to.routing_key`, headers `{"ticket", "clock"}`, body `{"<node>": value}`.
+pub fn reply_message(node: &str, ticket: &str, clock: u64, value: Value) -> Message {
+    let mut body = Map::new();
+    body.insert(node.to_owned(), value);
+    let mut headers = Map::new();
+    headers.insert("ticket".into(), Value::String(ticket.to_owned()));
+    headers.insert("clock".into(), Value::from(clock));
+    Message {
+        properties: Properties {
+            delivery_mode: TRANSIENT,
+            ..Properties::default()
+        },
+        headers,
+        body: pyjson::to_vec(&Value::Object(body)),
+    }
+}
 
 /// The queue (AMQP) a worker named `node` receives control requests on.
 pub fn pidbox_queue(node: &str) -> String {
@@ -24,8 +52,12 @@ pub struct ControlRequest {
     /// `revoke`, `ping`, `shutdown`, …
     pub method: String,
     pub arguments: Map<String, Value>,
-    /// Node names that should act; `None` means every node.
+    /// Node names that should act; `None` means every node (or those `pattern` matches).
     pub destination: Option<Vec<String>>,
+    /// With no `destination`: only nodes whose name matches this, read as `matcher` says
+    /// (`glob`, fnmatch-style; `pcre` is not supported here and matches no node).
+    pub pattern: Option<String>,
+    pub matcher: Option<String>,
     /// Set when the sender waits for replies.
     pub ticket: Option<String>,
     pub reply_to: Option<Value>,
@@ -38,16 +70,55 @@ impl ControlRequest {
             method: method.into(),
             arguments,
             destination: None,
+            pattern: None,
+            matcher: None,
             ticket: None,
             reply_to: None,
         }
     }
 
+    /// A request that wants replies (Celery's "call"): `ticket` identifies them, and they go to the
+    /// reply queue of the client `oid`. `destination` `None` asks every node.
+    pub fn call(
+        method: impl Into<String>,
+        arguments: Map<String, Value>,
+        destination: Option<Vec<String>>,
+        ticket: impl Into<String>,
+        oid: &str,
+    ) -> Self {
+        let mut reply_to = Map::new();
+        reply_to.insert("exchange".into(), Value::String(REPLY_EXCHANGE.into()));
+        reply_to.insert("routing_key".into(), Value::String(oid.to_owned()));
+        ControlRequest {
+            method: method.into(),
+            arguments,
+            destination,
+            pattern: None,
+            matcher: None,
+            ticket: Some(ticket.into()),
+            reply_to: Some(Value::Object(reply_to)),
+        }
+    }
+
+    /// Where the reply goes (`exchange`, `routing_key`), if one is wanted.
+    pub fn reply_target(&self) -> Option<(String, String)> {
+        self.ticket.as_ref()?;
+        let r = self.reply_to.as_ref()?;
+        let exchange = r.get("exchange").and_then(Value::as_str)?;
+        let key = r.get("routing_key").and_then(Value::as_str)?;
+        Some((exchange.to_owned(), key.to_owned()))
+    }
+
     /// True if the node called `node` should act on it.
     pub fn is_for(&self, node: &str) -> bool {
-        self.destination
-            .as_ref()
-            .is_none_or(|d| d.iter().any(|n| n == node))
+        if let Some(d) = &self.destination {
+            return d.iter().any(|n| n == node);
+        }
+        match (self.pattern.as_deref(), self.matcher.as_deref()) {
+            (Some(p), Some("glob")) => glob_matches(p.as_bytes(), node.as_bytes()),
+            (Some(_), Some(_)) => false,
+            _ => true,
+        }
     }
 
     /// The message to broadcast on [`PIDBOX_EXCHANGE`].
@@ -61,8 +132,9 @@ impl ControlRequest {
                 Value::Array(d.iter().cloned().map(Value::String).collect())
             }),
         );
-        body.insert("pattern".into(), Value::Null);
-        body.insert("matcher".into(), Value::Null);
+        let text = |v: &Option<String>| v.clone().map_or(Value::Null, Value::String);
+        body.insert("pattern".into(), text(&self.pattern));
+        body.insert("matcher".into(), text(&self.matcher));
         if let Some(t) = &self.ticket {
             body.insert("ticket".into(), Value::String(t.clone()));
             body.insert(
@@ -117,6 +189,12 @@ impl ControlRequest {
             Some(Value::String(s)) => Some(vec![s]),
             _ => None,
         };
+        let pattern = o
+            .remove("pattern")
+            .and_then(|v| v.as_str().map(str::to_owned));
+        let matcher = o
+            .remove("matcher")
+            .and_then(|v| v.as_str().map(str::to_owned));
         let ticket = o
             .remove("ticket")
             .and_then(|v| v.as_str().map(str::to_owned));
@@ -125,9 +203,44 @@ impl ControlRequest {
             method,
             arguments,
             destination,
+            pattern,
+            matcher,
             ticket,
             reply_to,
         })
+    }
+}
+
+/// Python's `fnmatch.fnmatchcase`: `*` any run, `?` one character, `[abc]` / `[!abc]` / `[a-z]`
+/// sets; everything else literal.
+fn glob_matches(p: &[u8], s: &[u8]) -> bool {
+    match p.first() {
+        None => s.is_empty(),
+        Some(b'*') => (0..=s.len()).any(|i| glob_matches(&p[1..], &s[i..])),
+        Some(b'?') => !s.is_empty() && glob_matches(&p[1..], &s[1..]),
+        Some(b'[') => {
+            let Some(close) = p.iter().skip(2).position(|&c| c == b']').map(|i| i + 2) else {
+                return s.first() == Some(&b'[') && glob_matches(&p[1..], &s[1..]);
+            };
+            let Some(&c) = s.first() else { return false };
+            let (negate, set) = match p[1] {
+                b'!' => (true, &p[2..close]),
+                _ => (false, &p[1..close]),
+            };
+            let mut hit = false;
+            let mut i = 0;
+            while i < set.len() {
+                if i + 2 < set.len() && set[i + 1] == b'-' {
+                    hit |= (set[i]..=set[i + 2]).contains(&c);
+                    i += 3;
+                } else {
+                    hit |= set[i] == c;
+                    i += 1;
+                }
+            }
+            hit != negate && glob_matches(&p[close + 1..], &s[1..])
+        }
+        Some(&c) => s.first() == Some(&c) && glob_matches(&p[1..], &s[1..]),
     }
 }
 
@@ -153,6 +266,44 @@ mod tests {
             ..r
         };
         assert!(!only_b.is_for("celerity@a") && only_b.is_for("celerity@b"));
+    }
+
+    #[test]
+    fn calls_carry_a_ticket_and_get_celerys_reply() {
+        let r = ControlRequest::call("ping", Map::new(), Some(vec!["a@h".into()]), "t-1", "oid-9");
+        let back = ControlRequest::from_message(&r.to_message(1)).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(
+            back.reply_target(),
+            Some(("reply.celery.pidbox".into(), "oid-9".into()))
+        );
+        assert_eq!(
+            ControlRequest::cast("ping", Map::new()).reply_target(),
+            None
+        );
+        let m = reply_message("a@h", "t-1", 5, json!({"ok": "pong"}));
+        assert_eq!(m.headers["ticket"], json!("t-1"));
+        assert_eq!(m.headers["clock"], json!(5));
+        let body: Value = serde_json::from_slice(&m.body).unwrap();
+        assert_eq!(body, json!({"a@h": {"ok": "pong"}}));
+        assert_eq!(reply_queue("oid-9"), "oid-9.reply.celery.pidbox");
+    }
+
+    #[test]
+    fn patterns_select_nodes_like_fnmatch() {
+        let mut r = ControlRequest::cast("ping", Map::new());
+        r.pattern = Some("celerity-*@h[0-9]".into());
+        r.matcher = Some("glob".into());
+        let back = ControlRequest::from_message(&r.to_message(1)).unwrap();
+        assert_eq!(back, r);
+        assert!(back.is_for("celerity-1@h3"));
+        assert!(!back.is_for("celery@h3") && !back.is_for("celerity-1@hx"));
+        r.pattern = Some("a?c@[!x]".into());
+        assert!(r.is_for("abc@y") && !r.is_for("abc@x") && !r.is_for("ac@y"));
+        r.matcher = Some("pcre".into());
+        assert!(!r.is_for("abc@y"), "pcre is not supported: no node acts");
+        r.destination = Some(vec!["abc@x".into()]);
+        assert!(r.is_for("abc@x"), "destination wins");
     }
 
     #[test]

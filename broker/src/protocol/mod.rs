@@ -5,7 +5,9 @@
 //! [`TaskMessage::decode`] reads any [`Message`](crate::Message) and returns a typed error naming
 //! what is wrong, and [`TaskMessage::encode`] writes what Celery 5.x writes.
 
+pub mod clock;
 pub mod control;
+pub mod event;
 mod fields;
 pub mod node;
 pub mod repr;

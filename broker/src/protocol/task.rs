@@ -338,6 +338,22 @@ impl TaskMessage {
         &self.headers.id
     }
 
+    /// The Python repr of the positional args: the `argsrepr` header, or made from the args.
+    pub fn args_repr(&self) -> String {
+        self.headers
+            .argsrepr
+            .clone()
+            .unwrap_or_else(|| args_repr(&self.args))
+    }
+
+    /// The Python repr of the kwargs: the `kwargsrepr` header, or made from the kwargs.
+    pub fn kwargs_repr(&self) -> String {
+        self.headers
+            .kwargsrepr
+            .clone()
+            .unwrap_or_else(|| kwargs_repr(&self.kwargs))
+    }
+
     /// The registered task name.
     pub fn task(&self) -> &str {
         &self.headers.task

@@ -1,8 +1,9 @@
 //! Settling Redis deliveries: ack, reject, keep-alive, and the bookkeeping of what a consumer holds.
 //!
 //! A delivery is a record in kombu's `unacked` hash plus a score (its delivery time) in
-//! `unacked_index`. Ack removes both, as kombu does, but through `settle.lua`, which first checks that
-//! the score is still the one we wrote. If a visibility-timeout sweep gave the message back and another
+//! `unacked_index`. Ack removes both, as kombu does, but through a script that first checks that
+//! the score is still the one we wrote (`settle_many.lua`; acks sent while one call is in flight are
+//! grouped into the next, see `batch`). If a visibility-timeout sweep gave the message back and another
 //! worker took it again under the same delivery tag, a late ack or keep-alive from us leaves that
 //! worker's delivery alone. Reject with requeue pushes the message to the back of its queue marked
 //! redelivered (kombu's `restore_by_tag(leftmost=True)`); reject without requeue is an ack.
@@ -14,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+
+mod batch;
 
 use super::backoff::retry_idempotent;
 use super::restore::{self, unix_now, Side};
@@ -49,6 +52,8 @@ impl Held {
 /// The deliveries a consumer handed out and that are not settled yet, shared with their handles.
 pub(crate) struct Outstanding {
     shared: Arc<Shared>,
+    /// Groups acks sent while another group is in flight into one script call.
+    batcher: batch::AckBatcher,
     next_seq: AtomicU64,
     /// delivery tag -> what we hold.
     tags: Mutex<HashMap<String, Held>>,
@@ -57,6 +62,7 @@ pub(crate) struct Outstanding {
 impl Outstanding {
     pub(crate) fn new(shared: Arc<Shared>) -> Arc<Self> {
         Arc::new(Outstanding {
+            batcher: batch::AckBatcher::start(shared.clone()),
             shared,
             next_seq: AtomicU64::new(0),
             tags: Mutex::default(),
@@ -135,7 +141,10 @@ impl RedisAck {
                 .await
                 .map(|_| ())
         } else {
-            retry_idempotent(|| self.settle_script(&scores, ""))
+            // Retried (it is a compare-and-swap) by the batcher.
+            self.outstanding
+                .batcher
+                .ack(&self.tag, scores)
                 .await
                 .map(|_| ())
         };

@@ -63,6 +63,12 @@ impl Keys {
         format!("{}_kombu.binding_permanent.{exchange}", self.prefix)
     }
 
+    /// Sorted set of exchanges whose binding table may be swept after its score (unix ms), kombu
+    /// 5.7's deadline for tables that only queues with `x-expires` (reply queues) are bound in.
+    pub(crate) fn binding_deadlines(&self) -> String {
+        format!("{}_kombu.binding_deadlines", self.prefix)
+    }
+
     /// Hash `delivery_tag -> [envelope, exchange, routing_key]` of delivered, unacked messages.
     pub(crate) fn unacked(&self) -> String {
         format!("{}unacked", self.prefix)

@@ -11,7 +11,8 @@
 //! - Unacked deliveries older than the visibility timeout are restored by a periodic, kombu-compatible
 //!   sweep (`restore.rs`); a closed consumer gives its deliveries back at once.
 //! - Broadcasts (remote control, events) are kombu's PUBLISH / PSUBSCRIBE on `/<db>.<exchange>`
-//!   channels (`fanout.rs`).
+//!   channels (`fanout.rs`); remote-control replies go through kombu's direct-exchange routing to
+//!   the asker's list (`direct.rs`).
 //!
 //! URL options: `global_keyprefix` (prefix of every key, as kombu's), `visibility_timeout` (seconds,
 //! default 3600), `restore_interval` (seconds between sweeps, default 10). Needs Redis ≥ 6.2 (`BLMOVE`,
@@ -20,8 +21,10 @@
 mod ack;
 mod backoff;
 mod consumer;
+mod direct;
 mod envelope;
 mod fanout;
+pub(crate) mod group_commit;
 mod keys;
 mod rate_limit;
 mod restore;
@@ -317,14 +320,22 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    /// `PUBLISH`es the message on kombu's channel for the exchange and routing key (`fanout.rs`).
+    /// `PUBLISH`es the message on kombu's channel for the exchange and routing key (`fanout.rs`);
+    /// on a remote-control reply exchange (`reply.<ns>.pidbox`, direct in kombu) it is pushed to the
+    /// lists bound with the routing key instead (`direct.rs`).
     async fn broadcast(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<()> {
         self.check_open()?;
+        if direct::is_direct(exchange) {
+            return direct::publish(&self.shared, exchange, routing_key, message)
+                .await
+                .map(drop);
+        }
         fanout::broadcast(&self.shared, exchange, routing_key, message).await
     }
 
     /// `PSUBSCRIBE`s kombu's pattern for the binding key on a connection of its own (`fanout.rs`).
-    /// `name` only names the subscriber in logs: Redis pub/sub has no queues.
+    /// `name` only names the subscriber in logs: Redis pub/sub has no queues. On a remote-control
+    /// reply exchange, `name` is the list bound and popped (`direct.rs`).
     async fn subscribe(
         &self,
         exchange: &str,
@@ -332,6 +343,10 @@ impl Broker for RedisBroker {
         name: &str,
     ) -> Result<Box<dyn Subscription>> {
         self.check_open()?;
+        if direct::is_direct(exchange) {
+            let subscription = direct::subscribe(&self.shared, exchange, binding_key, name).await?;
+            return Ok(Box::new(subscription));
+        }
         let subscription = fanout::subscribe(&self.shared, exchange, binding_key, name).await?;
         Ok(Box::new(subscription))
     }

@@ -32,3 +32,7 @@ pub(crate) static PARK: LazyLock<Script> =
 /// Moves due parked messages back to their queues (`scripts/forward.lua`).
 pub(crate) static FORWARD: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/forward.lua")));
+
+/// Acks many deliveries, each if it is still ours (`scripts/settle_many.lua`).
+pub(crate) static SETTLE_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/settle_many.lua")));

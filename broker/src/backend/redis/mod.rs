@@ -5,7 +5,8 @@
 //! ([`TaskMeta::to_json`]) at `celery-task-meta-<id>`, written with `SETEX` (`SET` when
 //! `result_expires=0`) and published on the channel of the same name. A write for a task whose stored
 //! status is already `SUCCESS` is dropped; here the check, the write and the publish are one Lua
-//! script, so the guard has no race. `global_keyprefix` goes in front of every key and channel.
+//! script, so the guard has no race. Writes made while one script call is in flight are grouped into
+//! the next call ([`store_batch`]), each state still checked and published on its own. `global_keyprefix` goes in front of every key and channel.
 //!
 //! URL options: `global_keyprefix` (Celery's rule: `_` is appended unless it ends in one of `:_-.`),
 //! `result_expires` (whole seconds, default 86400, 0 = never), `poll_interval` (seconds, default 1.0:
@@ -14,7 +15,9 @@
 //! Waiting uses one shared pub/sub connection ([`listener`]); a waiter subscribes first and reads
 //! second, so a result stored in between is never missed.
 
+mod chord;
 mod listener;
+mod store_batch;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -24,7 +27,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, ErrorKind, Script, ServerErrorKind};
 use tokio::time::Instant;
 
-use super::{ResultBackend, TaskMeta, DEFAULT_RESULT_EXPIRES};
+use super::{ChordJoin, ChordPart, ResultBackend, TaskMeta, DEFAULT_RESULT_EXPIRES};
 use crate::error::{BrokerError, Result};
 use crate::url::BrokerUrl;
 use listener::Listener;
@@ -54,6 +57,8 @@ pub struct RedisBackend {
     poll_interval: Duration,
     listener: Listener,
     closed: AtomicBool,
+    /// Groups the writes of concurrent `store` calls into one script call.
+    writer: store_batch::StoreBatcher,
 }
 
 impl RedisBackend {
@@ -127,6 +132,7 @@ impl RedisBackend {
         };
         tracing::debug!(url = %url.redacted(), expires, ?poll_interval, "redis result backend connected");
         Ok(RedisBackend {
+            writer: store_batch::StoreBatcher::start(conn.clone(), expires),
             conn,
             store_script,
             task_prefix: format!(
@@ -206,14 +212,11 @@ impl ResultBackend for RedisBackend {
     async fn store(&self, meta: &TaskMeta) -> Result<()> {
         self.check_open()?;
         let json = Self::encode(meta)?;
-        let stored: i64 = self
-            .store_script
-            .key(self.task_key(&meta.task_id))
-            .arg(self.expires)
-            .arg(json)
-            .invoke_async(&mut self.conn.clone())
+        let stored = self
+            .writer
+            .store(self.task_key(&meta.task_id), json)
             .await?;
-        if stored == 0 {
+        if !stored {
             tracing::debug!(task_id = %meta.task_id, status = %meta.status, "result dropped: task already SUCCESS");
         }
         Ok(())
@@ -314,6 +317,30 @@ impl ResultBackend for RedisBackend {
         self.closed.store(true, Ordering::Release);
         self.listener.close();
         Ok(())
+    }
+
+    async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<()> {
+        self.chord_set_size(group_id, size).await
+    }
+
+    async fn chord_part_return(&self, part: &ChordPart) -> Result<ChordJoin> {
+        self.chord_part(part).await
+    }
+
+    async fn chord_done(&self, group_id: &str, claim: &str) -> Result<()> {
+        self.chord_clear(group_id, claim).await
+    }
+
+    async fn save_group(&self, group_id: &str, task_ids: &[String]) -> Result<()> {
+        self.group_save(group_id, task_ids).await
+    }
+
+    async fn restore_group(&self, group_id: &str) -> Result<Option<Vec<String>>> {
+        self.group_restore(group_id).await
+    }
+
+    async fn forget_group(&self, group_id: &str) -> Result<()> {
+        self.group_forget(group_id).await
     }
 }
 

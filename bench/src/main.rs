@@ -1,0 +1,494 @@
+//! `bench`: Celerity and Python Celery side by side on this machine's Redis and RabbitMQ.
+//!
+//! For each system it starts a worker (Celery: prefork -c 2 / threads -c 16 for the IO row;
+//! Celerity: the release `celerity` binary, two processes / one process for the IO row), then runs
+//! each shape `--runs` times against the running worker and prints a markdown table of medians,
+//! min–max and the ratio Celerity ÷ Celery. See bench/README.md for the method.
+
+mod error;
+mod probe;
+mod procs;
+mod rawredis;
+mod report;
+mod setup;
+mod shapes;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use error::{BenchError, Result};
+use probe::{Probe, Results};
+use procs::{Programs, Worker};
+use report::Row;
+use setup::{BrokerKind, Pool, Setup, System};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Only {
+    Celery,
+    Celerity,
+}
+
+/// Celerity vs Python Celery, same machine, brokers and job shapes.
+#[derive(Debug, Parser)]
+#[command(name = "bench")]
+struct Args {
+    /// Tiny job counts and one run: checks the harness end to end (numbers mean nothing)
+    #[arg(long)]
+    quick: bool,
+    /// Runs per row
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Jobs per throughput run (noop, add)
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Jobs per throughput run for Celery (default: --jobs)
+    #[arg(long)]
+    celery_jobs: Option<usize>,
+    /// sleep_ms(100) jobs for Celerity (one process)
+    #[arg(long)]
+    io_jobs: Option<usize>,
+    /// sleep_ms(100) jobs for Celery (threads pool, 16 threads)
+    #[arg(long)]
+    celery_io_jobs: Option<usize>,
+    /// Sequential add calls per latency run
+    #[arg(long)]
+    latency_calls: Option<usize>,
+    /// The celerity binary (default: target/release/celerity of this workspace)
+    #[arg(long)]
+    celerity_bin: Option<PathBuf>,
+    /// Python with Celery 5.7 (default: the venv of scripts/celery-venv.sh)
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Celerity worker processes for the throughput rows (0: one unsupervised process)
+    #[arg(long, default_value_t = 2)]
+    celerity_processes: usize,
+    /// Celerity jobs at once per process for the throughput rows (above 64, so more than 128
+    /// deliveries are in flight and Redis keeps kombu's `unacked_index` as a skiplist; see README)
+    #[arg(long, default_value_t = 256)]
+    celerity_concurrency: usize,
+    /// Run one system only
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+    /// Brokers to run (default both)
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["redis".to_string(), "amqp".to_string()])]
+    brokers: Vec<String>,
+    /// Skip the raw redis-benchmark rows
+    #[arg(long)]
+    skip_raw: bool,
+    /// Also write the table to this file
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Job counts and repetitions.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    runs: usize,
+    jobs: usize,
+    celery_jobs: usize,
+    io_jobs: usize,
+    celery_io_jobs: usize,
+    latency_calls: usize,
+    raw_requests: usize,
+}
+
+impl Plan {
+    fn from(args: &Args) -> Plan {
+        let (runs, jobs, io, celery_io, lat, raw) = if args.quick {
+            (1, 300, 500, 48, 20, 10_000)
+        } else {
+            (3, 20_000, 10_000, 1_000, 200, 200_000)
+        };
+        let jobs = args.jobs.unwrap_or(jobs);
+        Plan {
+            runs: args.runs.unwrap_or(runs).max(1),
+            jobs,
+            celery_jobs: args.celery_jobs.unwrap_or(jobs),
+            io_jobs: args.io_jobs.unwrap_or(io),
+            celery_io_jobs: args.celery_io_jobs.unwrap_or(celery_io),
+            latency_calls: args.latency_calls.unwrap_or(lat),
+            raw_requests: raw,
+        }
+    }
+}
+
+/// The sleep of the IO-bound shape.
+const SLEEP_MS: u64 = 100;
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    match run(&args).await {
+        Ok(table) => {
+            print!("{table}");
+        }
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(args: &Args) -> Result<String> {
+    let plan = Plan::from(args);
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let celerity = args
+        .celerity_bin
+        .clone()
+        .unwrap_or_else(|| workspace.join("target/release/celerity"));
+    if !celerity.exists() {
+        return Err(BenchError::Setup(format!(
+            "{} not found: cargo build --release -p celerity (or --celerity-bin)",
+            celerity.display()
+        )));
+    }
+    let systems: Vec<System> = match args.only {
+        Some(Only::Celery) => vec![System::Celery],
+        Some(Only::Celerity) => vec![System::Celerity],
+        None => vec![System::Celery, System::Celerity],
+    };
+    let python = match &args.python {
+        Some(p) => p.clone(),
+        None if systems.contains(&System::Celery) => celerity_broker::testkit::celery_python()
+            .ok_or_else(|| {
+                BenchError::Setup("no Python Celery (CELERITY_NO_PYTHON is set)".into())
+            })?,
+        None => PathBuf::from("python3"),
+    };
+    let programs = Programs {
+        celerity,
+        python,
+        bench_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        celerity_shape: procs::CelerityShape {
+            processes: args.celerity_processes,
+            concurrency: args.celerity_concurrency,
+        },
+    };
+    let mut brokers = Vec::new();
+    for b in &args.brokers {
+        brokers.push(match b.as_str() {
+            "redis" => BrokerKind::Redis,
+            "amqp" | "rabbitmq" => BrokerKind::Amqp,
+            other => return Err(BenchError::Setup(format!("unknown broker {other}"))),
+        });
+    }
+
+    let load_before = loadavg();
+    let mut rows: Vec<Row> = Vec::new();
+    for &system in &systems {
+        for &broker in &brokers {
+            throughput_rows(&programs, system, broker, &plan, &mut rows).await?;
+        }
+        if brokers.contains(&BrokerKind::Redis) {
+            io_rows(&programs, system, &plan, &mut rows).await?;
+        }
+    }
+    let mut raw = String::new();
+    if !args.skip_raw {
+        raw = raw_redis(&plan).await?;
+    }
+    let table = format!(
+        "{}\n{}{}\n",
+        machine(&plan, &load_before),
+        report::table(&rows),
+        raw
+    );
+    if let Some(path) = &args.out {
+        std::fs::write(path, &table)?;
+    }
+    Ok(table)
+}
+
+/// The row for (shape, setup, metric), created in first-seen order.
+fn row<'a>(rows: &'a mut Vec<Row>, shape: &str, setup: &str, metric: &str) -> &'a mut Row {
+    let at = rows
+        .iter()
+        .position(|r| r.shape == shape && r.setup == setup && r.metric == metric);
+    let at = at.unwrap_or_else(|| {
+        rows.push(Row::new(shape, setup, metric));
+        rows.len() - 1
+    });
+    &mut rows[at]
+}
+
+fn samples(r: &mut Row, system: System) -> &mut Vec<f64> {
+    match system {
+        System::Celery => &mut r.celery,
+        System::Celerity => &mut r.celerity,
+    }
+}
+
+/// A started worker with its probe, queue and names; torn down by [`Session::end`].
+struct Session {
+    setup: Setup,
+    queue: String,
+    worker: Worker,
+    probe: Probe,
+}
+
+impl Session {
+    async fn start(
+        programs: &Programs,
+        system: System,
+        broker: BrokerKind,
+        results: bool,
+        pool: Pool,
+    ) -> Result<Session> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let setup = Setup {
+            broker,
+            results,
+            prefix: format!("bench-{}:", &id[..12]),
+        };
+        let queue = format!("bench.{}", &id[..12]);
+        let mut probe = Probe::connect(&setup, &queue).await?;
+        let mut worker = Worker::start(programs, system, &setup, &queue, pool)?;
+        let warm = shapes::warm_up(&setup, &queue, &mut probe).await;
+        if let Err(e) = warm {
+            // Leave nothing behind: the worker, the queue, the keys.
+            let alive = worker.check_alive();
+            worker.stop(Duration::from_secs(5)).await;
+            probe.cleanup().await;
+            let _ = probe::delete_prefix(&setup.prefix).await;
+            alive?;
+            return Err(e);
+        }
+        Ok(Session {
+            setup,
+            queue,
+            worker,
+            probe,
+        })
+    }
+
+    async fn end(self) -> Result<()> {
+        self.worker.stop(Duration::from_secs(20)).await;
+        self.probe.cleanup().await;
+        probe::delete_prefix(&self.setup.prefix).await
+    }
+}
+
+/// noop (no results), add (results), latency and memory rows for one system and broker.
+async fn throughput_rows(
+    programs: &Programs,
+    system: System,
+    broker: BrokerKind,
+    plan: &Plan,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let n = match system {
+        System::Celery => plan.celery_jobs,
+        System::Celerity => plan.jobs,
+    };
+    let note = if plan.celery_jobs != plan.jobs && system == System::Celery {
+        format!("Celery N = {}", plan.celery_jobs)
+    } else {
+        String::new()
+    };
+
+    // noop, no result backend.
+    let mut s = Session::start(programs, system, broker, false, Pool::TwoProcesses).await?;
+    let label = s.setup.label();
+    let outcome = async {
+        for run in 0..plan.runs {
+            let shape = format!("noop ×{}", plan.jobs);
+            let e = shapes::enqueue(programs, system, &s.setup, &s.queue, &mut s.probe, n).await?;
+            let t = shapes::noop(programs, &s.setup, &s.queue, &mut s.probe, n).await?;
+            eprintln!(
+                "{system:?} {label} noop run {}: enqueue {e:.0}/s, drain {:.0}/s ({:.2} s)",
+                run + 1,
+                t.drain,
+                t.seconds
+            );
+            samples(row(rows, &shape, &label, "enqueue msgs/s"), system).push(e);
+            let r = row(rows, &shape, &label, "drain jobs/s");
+            samples(r, system).push(t.drain);
+            if !note.is_empty() {
+                r.note = note.clone();
+            }
+        }
+        Ok::<_, BenchError>(())
+    }
+    .await;
+    s.end().await?;
+    outcome?;
+
+    // add with results, latency, memory.
+    let s = Session::start(programs, system, broker, true, Pool::TwoProcesses).await?;
+    let label = s.setup.label();
+    let outcome = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = procs::tree_rss_kib(s.worker.pid()) as f64 / 1024.0;
+        let results = Results::connect(&s.setup).await?;
+        let peak = Arc::new(AtomicU64::new(0));
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let (peak, sampling, pid) = (peak.clone(), sampling.clone(), s.worker.pid());
+            tokio::spawn(async move {
+                while sampling.load(Ordering::Relaxed) {
+                    peak.fetch_max(procs::tree_rss_kib(pid), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let mut loaded = Vec::new();
+        for run in 0..plan.runs {
+            peak.store(0, Ordering::Relaxed);
+            let t = shapes::with_results(
+                programs,
+                &s.setup,
+                &s.queue,
+                &results,
+                shapes::Job {
+                    task: "demo.add",
+                    n,
+                    sleep_ms: 0,
+                },
+            )
+            .await;
+            let t = t?;
+            loaded.push(peak.load(Ordering::Relaxed) as f64 / 1024.0);
+            eprintln!(
+                "{system:?} {label} add run {}: drain {:.0}/s ({:.2} s)",
+                run + 1,
+                t.drain,
+                t.seconds
+            );
+            let shape = format!("add ×{}, results checked", plan.jobs);
+            let r = row(rows, &shape, &label, "drain jobs/s");
+            samples(r, system).push(t.drain);
+            if !note.is_empty() {
+                r.note = note.clone();
+            }
+        }
+        sampling.store(false, Ordering::Relaxed);
+        let _ = sampler.await;
+        results.close().await;
+        for run in 0..plan.runs {
+            let ms =
+                shapes::latency(programs, system, &s.setup, &s.queue, plan.latency_calls).await?;
+            let (p50, p99) = (shapes::quantile(&ms, 0.5), shapes::quantile(&ms, 0.99));
+            eprintln!(
+                "{system:?} {label} latency run {}: p50 {p50:.2} ms, p99 {p99:.2} ms",
+                run + 1
+            );
+            let shape = format!("round trip, {} sequential add", plan.latency_calls);
+            samples(row(rows, &shape, &label, "p50 ms"), system).push(p50);
+            samples(row(rows, &shape, &label, "p99 ms"), system).push(p99);
+        }
+        let shape = "memory (RSS, worker + children)";
+        samples(row(rows, shape, &label, "idle MiB"), system).push(idle);
+        for l in loaded {
+            samples(row(rows, shape, &label, "under add load, peak MiB"), system).push(l);
+        }
+        Ok::<_, BenchError>(())
+    }
+    .await;
+    s.end().await?;
+    outcome
+}
+
+/// sleep_ms(100) × N on Redis with results: Celery's threads pool (16) vs one Celerity process.
+async fn io_rows(
+    programs: &Programs,
+    system: System,
+    plan: &Plan,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let n = match system {
+        System::Celery => plan.celery_io_jobs,
+        System::Celerity => plan.io_jobs,
+    };
+    let s = Session::start(programs, system, BrokerKind::Redis, true, Pool::Io).await?;
+    let label = s.setup.label();
+    let outcome = async {
+        let results = Results::connect(&s.setup).await?;
+        for run in 0..plan.runs {
+            let t = shapes::with_results(
+                programs,
+                &s.setup,
+                &s.queue,
+                &results,
+                shapes::Job {
+                    task: "demo.sleep_ms",
+                    n,
+                    sleep_ms: SLEEP_MS,
+                },
+            )
+            .await?;
+            eprintln!(
+                "{system:?} {label} sleep_ms run {}: {n} jobs in {:.2} s ({:.0}/s)",
+                run + 1,
+                t.seconds,
+                t.drain
+            );
+            let shape = format!("sleep_ms({SLEEP_MS}) IO-bound");
+            let r = row(rows, &shape, &label, "jobs/s");
+            samples(r, system).push(t.drain);
+            r.note = format!(
+                "Celery {} jobs, threads -c 16; Celerity {} jobs, 1 process",
+                plan.celery_io_jobs, plan.io_jobs
+            );
+            let r = row(rows, &shape, &label, "wall s");
+            samples(r, system).push(t.seconds);
+            r.note = "each its own N".into();
+            r.comparable = plan.celery_io_jobs == plan.io_jobs;
+        }
+        results.close().await;
+        Ok::<_, BenchError>(())
+    }
+    .await;
+    s.end().await?;
+    outcome
+}
+
+/// redis-benchmark LPUSH/RPOP, unpipelined and 16 deep, as a markdown table.
+async fn raw_redis(plan: &Plan) -> Result<String> {
+    let mut out = String::from(
+        "\nRaw Redis on this machine (redis-benchmark, 50 clients):\n\n\
+         | pipeline | LPUSH ops/s | RPOP ops/s |\n|---|---|---|\n",
+    );
+    for p in [1, 16] {
+        let (push, pop) = rawredis::lpush_rpop(plan.raw_requests, p).await?;
+        out.push_str(&format!(
+            "| {} | {} | {} |\n",
+            if p == 1 {
+                "none".to_string()
+            } else {
+                format!("-P {p}")
+            },
+            report::fmt_num(push),
+            report::fmt_num(pop)
+        ));
+    }
+    Ok(out)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// What machine and run the numbers came from.
+fn machine(plan: &Plan, load_before: &str) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "Machine: {cores} cores, {cpu}; load average before {load_before}, after {}.\n\
+         Runs per row: {}; medians with (min–max).\n",
+        loadavg(),
+        plan.runs
+    )
+}

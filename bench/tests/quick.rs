@@ -1,0 +1,87 @@
+//! The whole benchmark matrix in `--quick` mode (tiny job counts, one run) against the real Redis and
+//! RabbitMQ and real Python Celery, with the debug `celerity` binary: checks that the harness works
+//! end to end and prints a complete table. The numbers are not checked (speed belongs to the
+//! benchmark itself). Set `CELERITY_NO_PYTHON=1` to run the Celerity side only.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The workspace's debug `celerity` binary, built if missing (it is another package's binary).
+fn celerity_bin() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = root.join("target/debug/celerity");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "celerity", "--bin", "celerity"])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the celerity binary failed");
+    }
+    bin
+}
+
+#[test]
+fn quick_matrix_runs_end_to_end() {
+    let no_python = std::env::var_os("CELERITY_NO_PYTHON").is_some();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bench"));
+    cmd.arg("--quick").arg("--celerity-bin").arg(celerity_bin());
+    if no_python {
+        eprintln!("CELERITY_NO_PYTHON is set: benchmarking the Celerity side only");
+        cmd.args(["--only", "celerity"]);
+    }
+    let out = cmd.output().expect("run bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench --quick failed\n{stderr}\n{stdout}"
+    );
+    println!("{stdout}");
+
+    // Every shape on every setup produced a row, each with a number for the systems that ran.
+    let expected = [
+        ("noop ×300", "Redis / none", "drain jobs/s"),
+        ("noop ×300", "RabbitMQ / none", "enqueue msgs/s"),
+        ("add ×300, results checked", "Redis / Redis", "drain jobs/s"),
+        (
+            "add ×300, results checked",
+            "RabbitMQ / Redis",
+            "drain jobs/s",
+        ),
+        ("round trip, 20 sequential add", "Redis / Redis", "p50 ms"),
+        (
+            "round trip, 20 sequential add",
+            "RabbitMQ / Redis",
+            "p99 ms",
+        ),
+        (
+            "memory (RSS, worker + children)",
+            "Redis / Redis",
+            "idle MiB",
+        ),
+        ("sleep_ms(100) IO-bound", "Redis / Redis", "jobs/s"),
+    ];
+    for (shape, setup, metric) in expected {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {shape} | {setup} | {metric}")))
+            .unwrap_or_else(|| panic!("no row {shape} / {setup} / {metric} in\n{stdout}"));
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // | shape | setup | metric | Celery | Celerity | ratio |
+        let celerity = cells[5];
+        assert!(
+            celerity.chars().next().is_some_and(|c| c.is_ascii_digit()),
+            "no Celerity number in {line}"
+        );
+        if !no_python {
+            assert!(
+                cells[4].chars().next().is_some_and(|c| c.is_ascii_digit()),
+                "no Celery number in {line}"
+            );
+            assert!(cells[6].ends_with('×'), "no ratio in {line}");
+        }
+    }
+    assert!(stdout.contains("| -P 16 |"), "no raw redis-benchmark rows");
+}

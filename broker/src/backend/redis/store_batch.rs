@@ -1,0 +1,46 @@
+//! Group commit for result writes: states stored while one `store_many.lua` call is in flight go
+//! together in the next one (see [`GroupCommit`]). Each `store` still returns only once Redis has
+//! answered for it, so a worker acks a job only after its result is really stored.
+
+use std::sync::LazyLock;
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+
+use crate::error::Result;
+use crate::redis::group_commit::GroupCommit;
+
+/// Most states in one script call.
+const MAX_BATCH: usize = 256;
+
+static STORE_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/store_many.lua")));
+
+/// The result writer; its task ends when this is dropped.
+pub(super) struct StoreBatcher(GroupCommit<(String, Vec<u8>)>);
+
+impl StoreBatcher {
+    /// Starts the batching task (needs a Tokio runtime).
+    pub(super) fn start(conn: ConnectionManager, expires: u64) -> StoreBatcher {
+        StoreBatcher(GroupCommit::start(
+            MAX_BATCH,
+            "result writer",
+            move |batch: Vec<(String, Vec<u8>)>| {
+                let mut inv = STORE_MANY.prepare_invoke();
+                inv.arg(expires);
+                for (key, json) in &batch {
+                    inv.key(key).arg(&json[..]);
+                }
+                let mut conn = conn.clone();
+                // Not retried here: the caller retries its own write (a state stored twice is
+                // harmless).
+                async move { Ok(inv.invoke_async::<Vec<i64>>(&mut conn).await?) }
+            },
+        ))
+    }
+
+    /// Stores `json` at `key` (and publishes it) unless the stored state is SUCCESS; true if stored.
+    pub(super) async fn store(&self, key: String, json: Vec<u8>) -> Result<bool> {
+        self.0.submit((key, json)).await
+    }
+}

@@ -1,0 +1,304 @@
+//! Workflows across Python Celery 5.7 and Celerity, on Redis and on RabbitMQ (results on Redis):
+//! - chains, groups and chords built by Python run to completion on our worker, and Python's
+//!   `AsyncResult` / `GroupResult` read the results (and we restore the group Python saved);
+//! - the same built by our client run on a Python worker (`celery -A canvas_app worker`), and our
+//!   handles read the results (and Python restores the group we saved).
+//!
+//! Python is celerity/tests/python/canvas_app.py + canvas_driver.py under the pinned venv
+//! (`celery_python()`); with `CELERITY_NO_PYTHON=1` these tests only print a note.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use celerity_broker::testkit::{celery_python, delete_amqp_queue, delete_redis_prefix};
+use celerity_broker::{connect_backend, connect_broker};
+use celerity_client::{chain, chord, Client, ClientError, Group, Signature};
+use celerity_worker::{demo, Registry, Shutdown, WorkerConfig};
+
+const REDIS: &str = "redis://127.0.0.1:6379/0";
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const WAIT: Option<Duration> = Some(Duration::from_secs(60));
+
+fn unique() -> String {
+    format!("canvas-interop-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn python_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python")
+}
+
+fn s(task: &str, args: Value) -> Signature {
+    Signature::new(
+        task,
+        args.as_array().cloned().unwrap_or_default(),
+        Map::new(),
+    )
+}
+
+/// Where both sides connect.
+#[derive(Clone)]
+struct Setup {
+    broker: String,
+    backend: String,
+    prefix: String,
+    queue: String,
+}
+
+impl Setup {
+    fn new(amqp: bool) -> Setup {
+        let queue = unique();
+        let prefix = format!("{queue}:");
+        let redis = format!("{REDIS}?global_keyprefix={prefix}");
+        Setup {
+            broker: if amqp { AMQP.to_owned() } else { redis.clone() },
+            backend: redis,
+            prefix,
+            queue,
+        }
+    }
+
+    fn python(&self, python: &Path) -> Command {
+        let mut c = Command::new(python);
+        c.current_dir(python_dir())
+            .env("PYTHONPATH", python_dir())
+            .env(
+                "CANVAS_BROKER",
+                self.broker.split('?').next().unwrap_or_default(),
+            )
+            .env("CANVAS_BACKEND", REDIS)
+            .env("CANVAS_PREFIX", &self.prefix)
+            .env("CANVAS_QUEUE", &self.queue)
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn driver(&self, python: &Path, args: &[&str]) -> Value {
+        let out = self
+            .python(python)
+            .arg("canvas_driver.py")
+            .args(args)
+            .output()
+            .expect("run canvas_driver.py");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "canvas_driver.py {args:?} failed: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(stdout.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    }
+
+    async fn client(&self) -> Client {
+        Client::new(
+            connect_broker(&self.broker).await.unwrap(),
+            Some(connect_backend(&self.backend).await.unwrap()),
+        )
+    }
+
+    async fn cleanup(&self) {
+        if self.broker.starts_with("amqp") {
+            delete_amqp_queue(&self.queue).await;
+        }
+        delete_redis_prefix(&self.prefix).await;
+    }
+}
+
+/// A Python worker process, killed (by its pid) when dropped.
+struct PythonWorker(Child);
+
+impl Drop for PythonWorker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn python_builds_our_worker_runs(amqp: bool) {
+    let Some(python) = celery_python() else {
+        return;
+    };
+    let setup = Setup::new(amqp);
+    let client = setup.client().await;
+    let mut registry = Registry::new();
+    demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    let worker = tokio::spawn(celerity_worker::run(
+        registry,
+        client.broker().clone(),
+        client.backend().cloned(),
+        WorkerConfig {
+            queues: vec![setup.queue.clone()],
+            concurrency: 4,
+            grace: Duration::from_secs(5),
+            ..WorkerConfig::default()
+        },
+        shutdown.clone(),
+    ));
+
+    let out = tokio::task::spawn_blocking({
+        let python = python.clone();
+        let setup = setup.clone();
+        move || setup.driver(&python, &["build"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out["chain"], json!(35), "{out}");
+    assert_eq!(out["chain_parent"], json!(30), "{out}");
+    assert_eq!(out["group"], json!([0, 2, 4, 6, 8]), "{out}");
+    assert_eq!(
+        out["chord"],
+        json!({"args": [[1, 2, 3, 4, 5, 6, 7, 8], "tail"], "kwargs": {}}),
+        "{out}"
+    );
+    let bad = out["bad_chord"].as_str().unwrap_or_default();
+    assert!(
+        bad.starts_with("ChordError") && bad.contains("Dependency") && bad.contains("member broke"),
+        "{out}"
+    );
+    assert_eq!(
+        out["bad_chord_parent"],
+        json!("ValueError: member broke"),
+        "{out}"
+    );
+    assert_eq!(out["linked"], json!(5), "{out}");
+    assert_eq!(out["failing_chain"], json!("ValueError: boom"), "{out}");
+
+    // The group Python saved, restored and read by us.
+    let gid = out["group_id"].as_str().unwrap();
+    let g = client
+        .restore_group(gid)
+        .await
+        .unwrap()
+        .expect("saved group");
+    assert_eq!(json!(g.ids()), out["group_ids"]);
+    assert_eq!(json!(g.get(WAIT).await.unwrap()), json!([0, 2, 4, 6, 8]));
+
+    shutdown.warm.cancel();
+    worker.await.unwrap().unwrap();
+    setup.cleanup().await;
+}
+
+async fn we_build_python_worker_runs(amqp: bool) {
+    let Some(python) = celery_python() else {
+        return;
+    };
+    let setup = Setup::new(amqp);
+    let client = setup.client().await;
+    let _worker = PythonWorker(
+        setup
+            .python(&python)
+            .args(["-m", "celery", "-A", "canvas_app", "worker"])
+            .args([
+                "-Q",
+                &setup.queue,
+                "--pool",
+                "threads",
+                "-c",
+                "4",
+                "-l",
+                "warning",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the Python worker"),
+    );
+    let q = setup.queue.as_str();
+
+    let c = chain(s("demo.add", json!([1, 2])))
+        .then(s("demo.mul", json!([10])))
+        .then(s("demo.add", json!([5])))
+        .queue(q);
+    let chain_result = client.apply_chain(&c).await.unwrap();
+    assert_eq!(chain_result.get(WAIT).await.unwrap(), json!(35));
+
+    let g = Group::new((0..5).map(|i| s("demo.add", json!([i, i]))).collect()).queue(q);
+    let gr = client.apply_group(&g).await.unwrap();
+    assert_eq!(json!(gr.get(WAIT).await.unwrap()), json!([0, 2, 4, 6, 8]));
+    gr.save().await.unwrap();
+
+    let header = Group::new((0..8).map(|i| s("demo.add", json!([i, 1]))).collect());
+    let cr = client
+        .apply_chord(&chord(header, s("demo.echo", json!(["tail"]))).queue(q))
+        .await
+        .unwrap();
+    assert_eq!(
+        cr.body.get(WAIT).await.unwrap(),
+        json!({"args": [[1, 2, 3, 4, 5, 6, 7, 8], "tail"], "kwargs": {}})
+    );
+
+    let header = Group::new(vec![
+        s("demo.add", json!([1, 1])),
+        s("demo.fail", json!(["member broke"])),
+    ]);
+    let bad = client
+        .apply_chord(&chord(header, s("demo.echo", json!([]))).queue(q))
+        .await
+        .unwrap();
+    match bad.body.get(WAIT).await {
+        Err(ClientError::TaskFailed { exception, .. }) => {
+            assert_eq!(exception.exc_type, "ChordError");
+            assert!(
+                exception.message().contains(&bad.header.ids()[1]),
+                "{exception}"
+            );
+        }
+        other => panic!("expected a ChordError, got {other:?}"),
+    }
+
+    let cb = uuid::Uuid::new_v4().to_string();
+    let linked = client
+        .apply(
+            &s("demo.add", json!([2, 3]))
+                .queue(q)
+                .link(s("demo.mul", json!([10])).task_id(&cb)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(linked.get(WAIT).await.unwrap(), json!(5));
+    assert_eq!(
+        client.result::<Value>(&cb).get(WAIT).await.unwrap(),
+        json!(50)
+    );
+
+    // Python reads our handles' results and restores the group we saved.
+    let (python2, setup2) = (python.clone(), setup.clone());
+    let (chain_id, gid) = (chain_result.id().to_owned(), gr.id().to_owned());
+    let (read, restored) = tokio::task::spawn_blocking(move || {
+        (
+            setup2.driver(&python2, &["read", &chain_id]),
+            setup2.driver(&python2, &["restore", &gid]),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(read[chain_result.id()]["result"], json!(35), "{read}");
+    assert_eq!(restored["ids"], json!(gr.ids()));
+    assert_eq!(restored["results"], json!([0, 2, 4, 6, 8]));
+
+    drop(_worker);
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_workflows_run_on_our_worker_redis() {
+    python_builds_our_worker_runs(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_workflows_run_on_our_worker_rabbitmq() {
+    python_builds_our_worker_runs(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_workflows_run_on_a_python_worker_redis() {
+    we_build_python_worker_runs(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_workflows_run_on_a_python_worker_rabbitmq() {
+    we_build_python_worker_runs(true).await;
+}
