@@ -119,7 +119,7 @@ impl Plan {
 /// The sleep of the IO-bound shape.
 const SLEEP_MS: u64 = 100;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
     match run(&args).await {

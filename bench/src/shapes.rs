@@ -245,15 +245,19 @@ pub async fn latency(
             let mut ms = Vec::with_capacity(n);
             for i in 0..n {
                 let t = Instant::now();
-                let r = client
-                    .send_task("demo.add", vec![json!(i), json!(1)], Map::new(), &options)
+                let v = client
+                    .call_task(
+                        "demo.add",
+                        vec![json!(i), json!(1)],
+                        Map::new(),
+                        &options,
+                        Some(Duration::from_secs(30)),
+                    )
                     .await?;
-                let v = r.get(Some(Duration::from_secs(30))).await?;
                 ms.push(t.elapsed().as_secs_f64() * 1e3);
                 if v != json!(i + 1) {
                     return Err(BenchError::Check(format!("demo.add({i}, 1) gave {v}")));
                 }
-                r.forget().await?;
             }
             let _ = client.close().await;
             ms

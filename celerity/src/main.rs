@@ -120,10 +120,18 @@ fn main() -> ExitCode {
         "warn"
     };
     celerity::init_logging(default_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread unless asked: a worker process runs its jobs as async tasks on one core (more with
+    // --threads); the demo shares its runtime between the producer and an in-process worker.
+    let mut builder = match &cli.command {
+        Command::Worker(cmd) if cmd.worker.threads > 1 => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(cmd.worker.threads));
+            b
+        }
+        Command::Demo(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };

@@ -2,18 +2,20 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use celerity_broker::protocol::control::{ControlRequest, PIDBOX_EXCHANGE};
 use celerity_broker::protocol::{event, TaskMessage};
 use celerity_broker::url::{BrokerUrl, Scheme};
-use celerity_broker::{connect_backend, connect_broker, Broker, ResultBackend};
+use celerity_broker::{connect_backend, connect_broker, Broker, BrokerError, ResultBackend};
 
-use crate::error::Result;
+use crate::error::{ClientError, Result};
 use crate::options::SendOptions;
-use crate::result::AsyncResult;
+use crate::result::{outcome, AsyncResult};
 use crate::task::{Task, TaskArgs};
 
 /// This process's Lamport clock for control messages and events.
@@ -103,6 +105,60 @@ impl Client {
         let message = options.build(T::NAME, a, k, Utc::now())?;
         self.send_message(&message, options.queue_name()).await?;
         Ok(self.result(message.id()))
+    }
+
+    /// Sends a job by task name and waits (at most `timeout`; `None` = forever) for its value: the
+    /// `apply_async(...).get()` of Celery in one step. The result is listened for from before the
+    /// send, and a result that arrives before the broker's publish confirm is returned at once (the
+    /// job ran, so the broker had it); a refused publish is still an error. Errors as
+    /// [`AsyncResult::get`].
+    pub async fn call_task(
+        &self,
+        name: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+        options: &SendOptions,
+        timeout: Option<Duration>,
+    ) -> Result<Value> {
+        let message = options.build(name, args, kwargs, Utc::now())?;
+        self.call_message(&message, options.queue_name(), timeout)
+            .await
+    }
+
+    /// [`Client::call_task`] for a typed job.
+    pub async fn call<T: Task>(
+        &self,
+        args: &T::Args,
+        options: &SendOptions,
+        timeout: Option<Duration>,
+    ) -> Result<T::Output> {
+        let (a, k) = args.to_call()?;
+        let message = options.build(T::NAME, a, k, Utc::now())?;
+        self.call_message(&message, options.queue_name(), timeout)
+            .await
+    }
+
+    async fn call_message<T: DeserializeOwned>(
+        &self,
+        message: &TaskMessage,
+        queue: &str,
+        timeout: Option<Duration>,
+    ) -> Result<T> {
+        let backend = self.backend.as_ref().ok_or(ClientError::NoBackend)?;
+        let encoded = message.encode();
+        let publish = async {
+            self.broker.publish(queue, &encoded).await?;
+            self.sent_events(std::slice::from_ref(message), queue).await;
+            Ok(())
+        };
+        match backend
+            .wait_after(message.id(), timeout, Box::pin(publish))
+            .await
+        {
+            Ok(meta) => outcome(meta),
+            Err(BrokerError::Timeout(d)) => Err(ClientError::Timeout(d)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Publishes an already built task message to `queue`.

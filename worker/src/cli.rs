@@ -46,6 +46,16 @@ pub struct WorkerArgs {
     /// Seconds a warm shutdown waits for running jobs before giving them back
     #[arg(long, default_value_t = 30.0)]
     pub grace: f64,
+    /// Threads per worker process that run the jobs' async code. 1 (the default) is a
+    /// single-threaded runtime: the least overhead and latency for async jobs, with one process per
+    /// core (`-P`). Raise it for jobs that block their thread without `spawn_blocking`
+    #[arg(
+        long,
+        default_value_t = 1,
+        env = "CELERITY_WORKER_THREADS",
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub threads: u16,
     /// Worker processes under a supervisor (0: run in this process, unsupervised)
     #[arg(short = 'P', long, default_value_t = 1)]
     pub processes: usize,

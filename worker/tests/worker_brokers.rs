@@ -9,7 +9,7 @@ use serde_json::{json, Map};
 
 use celerity_broker::testkit::{delete_amqp_queue, delete_redis_prefix, TcpProxy};
 use celerity_broker::{connect_backend, connect_broker, Broker, State};
-use celerity_client::{Client, SendOptions};
+use celerity_client::{Client, ClientError, SendOptions};
 use celerity_worker::{demo, run, Registry, Shutdown, WorkerConfig};
 
 const REDIS: &str = "redis://127.0.0.1:6379/0";
@@ -89,11 +89,43 @@ async fn exercise(broker_url: &str, prefix: &str, queue: &str) {
         flaky.get(Some(Duration::from_secs(30))).await.unwrap(),
         json!({"key": "k", "runs": 3})
     );
+    // Send and wait in one call: the value, the task's own error, or a timeout.
+    let wait = Some(Duration::from_secs(30));
+    let sum = client
+        .call_task(
+            "demo.add",
+            vec![json!(20), json!(22)],
+            Map::new(),
+            &options,
+            wait,
+        )
+        .await
+        .unwrap();
+    assert_eq!(sum, json!(42));
+    match client
+        .call_task("demo.fail", vec![json!("no")], Map::new(), &options, wait)
+        .await
+    {
+        Err(ClientError::TaskFailed { exception, .. }) => {
+            assert_eq!(exception.exc_type, "ValueError")
+        }
+        other => panic!("expected the task's ValueError, got {other:?}"),
+    }
+    let slow = client
+        .call_task(
+            "demo.sleep_ms",
+            vec![json!(1500)],
+            Map::new(),
+            &options,
+            Some(Duration::from_millis(100)),
+        )
+        .await;
+    assert!(matches!(slow, Err(ClientError::Timeout(_))), "{slow:?}");
     shutdown.warm.cancel();
     let summary = worker.await.unwrap().unwrap();
     assert_eq!(
         (summary.succeeded, summary.failed, summary.retried),
-        (501, 1, 2)
+        (503, 2, 2)
     );
     assert_eq!(broker.queue_len(queue).await.unwrap(), 0);
 

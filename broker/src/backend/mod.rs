@@ -15,6 +15,7 @@ pub mod redis;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 
 use crate::error::Result;
 
@@ -60,6 +61,21 @@ pub trait ResultBackend: Send + Sync + 'static {
     /// Uses the backend's notifications, with a slow poll as a safety net; never a busy loop.
     /// `None` waits forever; on timeout returns [`crate::BrokerError::Timeout`].
     async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<TaskMeta>;
+
+    /// Runs `publish` (the send of the job `task_id`) while already watching for its result, and
+    /// returns the result as [`ResultBackend::wait`] does. A backend with notifications starts
+    /// listening before the job is sent, so the result is pushed the moment it is stored. A result
+    /// that arrives before `publish` has finished (say, before the broker's publish confirm) is
+    /// returned at once: the job ran, so the broker had it. An error from `publish` is returned.
+    async fn wait_after(
+        &self,
+        task_id: &str,
+        timeout: Option<Duration>,
+        publish: BoxFuture<'_, Result<()>>,
+    ) -> Result<TaskMeta> {
+        publish.await?;
+        self.wait(task_id, timeout).await
+    }
 
     /// Deletes what is stored for a task.
     async fn forget(&self, task_id: &str) -> Result<()>;

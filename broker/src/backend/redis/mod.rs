@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, ErrorKind, Script, ServerErrorKind};
 use tokio::time::Instant;
@@ -196,6 +197,52 @@ impl RedisBackend {
         Ok(json)
     }
 
+    /// [`ResultBackend::wait`] once `sub` (the task key's channel) is registered with the listener.
+    async fn wait_subscribed(
+        &self,
+        task_id: &str,
+        timeout: Option<Duration>,
+        mut sub: listener::Subscription,
+    ) -> Result<TaskMeta> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        // Subscribed before the first read: whatever is stored after the read is pushed to us.
+        // If the listener cannot subscribe in time, polling still finds the result.
+        let _ = tokio::time::timeout_at(self.next_poll(deadline), sub.confirmed()).await;
+        loop {
+            match self.get(task_id).await {
+                Ok(meta) if meta.status.is_ready() => return Ok(meta),
+                Ok(_) => {}
+                Err(e) if e.is_connection() => {
+                    tracing::warn!(task_id, error = %e, "waiting for a result: read failed, will retry");
+                }
+                Err(e) => return Err(e),
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(BrokerError::Timeout(timeout.unwrap_or_default()));
+            }
+            let poll_at = self.next_poll(deadline);
+            let closed = sub.closed();
+            tokio::pin!(closed);
+            loop {
+                tokio::select! {
+                    payload = sub.next() => match payload {
+                        Some(bytes) => match TaskMeta::from_json(task_id, &bytes) {
+                            Ok(meta) if meta.status.is_ready() => return Ok(meta),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::debug!(task_id, error = %e, "unreadable result notification, reading the key");
+                                break;
+                            }
+                        },
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(poll_at) => break,
+                    _ = &mut closed => return Err(BrokerError::Closed),
+                }
+            }
+        }
+    }
+
     /// When the waiter should next read the key itself: one poll interval from now, or the deadline.
     fn next_poll(&self, deadline: Option<Instant>) -> Instant {
         let at = Instant::now() + self.poll_interval;
@@ -264,42 +311,30 @@ impl ResultBackend for RedisBackend {
 
     async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<TaskMeta> {
         self.check_open()?;
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut sub = self.listener.subscribe(&self.task_key(task_id))?;
-        // Subscribed before the first read: whatever is stored after the read is pushed to us.
-        // If the listener cannot subscribe in time, polling still finds the result.
-        let _ = tokio::time::timeout_at(self.next_poll(deadline), sub.confirmed()).await;
+        let sub = self.listener.subscribe(&self.task_key(task_id))?;
+        self.wait_subscribed(task_id, timeout, sub).await
+    }
+
+    async fn wait_after(
+        &self,
+        task_id: &str,
+        timeout: Option<Duration>,
+        publish: BoxFuture<'_, Result<()>>,
+    ) -> Result<TaskMeta> {
+        self.check_open()?;
+        // Subscribed before the job is sent; the publish and the wait then run side by side.
+        let sub = self.listener.subscribe(&self.task_key(task_id))?;
+        let wait = self.wait_subscribed(task_id, timeout, sub);
+        tokio::pin!(wait, publish);
+        let mut published = false;
         loop {
-            match self.get(task_id).await {
-                Ok(meta) if meta.status.is_ready() => return Ok(meta),
-                Ok(_) => {}
-                Err(e) if e.is_connection() => {
-                    tracing::warn!(task_id, error = %e, "waiting for a result: read failed, will retry");
+            tokio::select! {
+                biased;
+                sent = &mut publish, if !published => {
+                    sent?;
+                    published = true;
                 }
-                Err(e) => return Err(e),
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(BrokerError::Timeout(timeout.unwrap_or_default()));
-            }
-            let poll_at = self.next_poll(deadline);
-            let closed = sub.closed();
-            tokio::pin!(closed);
-            loop {
-                tokio::select! {
-                    payload = sub.next() => match payload {
-                        Some(bytes) => match TaskMeta::from_json(task_id, &bytes) {
-                            Ok(meta) if meta.status.is_ready() => return Ok(meta),
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::debug!(task_id, error = %e, "unreadable result notification, reading the key");
-                                break;
-                            }
-                        },
-                        None => break,
-                    },
-                    _ = tokio::time::sleep_until(poll_at) => break,
-                    _ = &mut closed => return Err(BrokerError::Closed),
-                }
+                meta = &mut wait => return meta,
             }
         }
     }
