@@ -141,6 +141,19 @@ impl Canvas<'_> {
         value: &Value,
         only_pending: bool,
     ) -> Result<Value> {
+        if message.embed.callbacks.is_null() && message.embed.chain.is_null() {
+            return Ok(Value::Array(Vec::new()));
+        }
+        // Boxed: a plain job's future (spawned per delivery) stays small.
+        Box::pin(self.send_successors(message, value, only_pending)).await
+    }
+
+    async fn send_successors(
+        &self,
+        message: &TaskMessage,
+        value: &Value,
+        only_pending: bool,
+    ) -> Result<Value> {
         let mut children = Vec::new();
         for cb in Signature::list_from_value(&message.embed.callbacks)? {
             if only_pending && !self.still_pending(&cb).await {

@@ -118,7 +118,7 @@ impl Executor {
     pub async fn handle(&self, delivery: Delivery) {
         let message = match TaskMessage::decode(&delivery.message) {
             Ok(m) => m,
-            Err(e) => return self.dead_letter(delivery, e.to_string()).await,
+            Err(e) => return Box::pin(self.dead_letter(delivery, e.to_string())).await,
         };
         tracing::info!(
             id = message.id(),
@@ -139,7 +139,8 @@ impl Executor {
                     task = message.task(),
                     "already finished; not running it again"
                 );
-                if let Err(e) = self.canvas(&delivery.queue).replay(&message, &done).await {
+                let canvas = self.canvas(&delivery.queue);
+                if let Err(e) = Box::pin(canvas.replay(&message, &done)).await {
                     tracing::error!(id = message.id(), error = %e, "could not finish the workflow steps; leaving the job to be redelivered");
                     return;
                 }
@@ -147,7 +148,7 @@ impl Executor {
             }
         }
         if self.control.is_revoked(message.id()) {
-            return self.skip_revoked(delivery, &message, "revoked").await;
+            return Box::pin(self.skip_revoked(delivery, &message, "revoked")).await;
         }
         let Some(task) = self.registry.get(message.task()).cloned() else {
             tracing::error!(
@@ -163,11 +164,8 @@ impl Executor {
             self.events.failed("task-failed", message.id(), &exc, "");
             self.store(failure_meta(&message, &exc, None)).await;
             bump(&self.counters.failed);
-            if let Err(e) = self
-                .canvas(&delivery.queue)
-                .on_failure(&message, &exc, None)
-                .await
-            {
+            let canvas = self.canvas(&delivery.queue);
+            if let Err(e) = Box::pin(canvas.on_failure(&message, &exc, None)).await {
                 tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; leaving the job to be redelivered");
                 return;
             }
@@ -202,7 +200,7 @@ impl Executor {
                 };
             }
             job.scheduled();
-            if !self.hold_until_due(&delivery, eta.to_utc()).await {
+            if !Box::pin(self.hold_until_due(&delivery, eta.to_utc())).await {
                 return self.settle(delivery, Settle::Requeue).await;
             }
             job.reserved();
@@ -218,7 +216,7 @@ impl Executor {
         };
         // Checked again now: a revoke may have come while the job waited for its ETA or a slot.
         if self.control.is_revoked(message.id()) {
-            return self.skip_revoked(delivery, &message, "revoked").await;
+            return Box::pin(self.skip_revoked(delivery, &message, "revoked")).await;
         }
         self.run(delivery, message, task).await;
     }
@@ -309,7 +307,7 @@ impl Executor {
             _ = cancel.cancelled() => {
                 tracing::warn!(id = message.id(), task = message.task(), "terminated by revoke");
                 if let Some(d) = delivery.take() {
-                    self.skip_revoked(d, &message, "terminated").await;
+                    Box::pin(self.skip_revoked(d, &message, "terminated")).await;
                 }
                 return;
             }
@@ -355,7 +353,8 @@ impl Executor {
                     self.store(m).await;
                 }
                 if let Some(value) = joined {
-                    if let Err(e) = canvas.chord_part(&message, State::Success, &value).await {
+                    let join = canvas.chord_part(&message, State::Success, &value);
+                    if let Err(e) = Box::pin(join).await {
                         tracing::error!(id = message.id(), error = %e, "chord join failed; leaving the job to be redelivered");
                         return;
                     }
@@ -365,14 +364,9 @@ impl Executor {
             Err(error) => {
                 match decide(error, message.headers.retries, &task.options, random_unit()) {
                     Decision::Retry { countdown, cause } => {
-                        if let Err(e) = self
-                            .republish_retry(
-                                &message,
-                                delivery.as_ref().map(|d| d.queue.as_str()),
-                                countdown,
-                            )
-                            .await
-                        {
+                        let queue = delivery.as_ref().map(|d| d.queue.as_str());
+                        let retry = self.republish_retry(&message, queue, countdown);
+                        if let Err(e) = Box::pin(retry).await {
                             tracing::error!(id = message.id(), error = %e, "could not send the retry; leaving the job to be redelivered");
                             return;
                         }
@@ -404,11 +398,9 @@ impl Executor {
                         let queue = delivery
                             .as_ref()
                             .map_or(celerity_client::DEFAULT_QUEUE, |d| d.queue.as_str());
-                        if let Err(e) = self
-                            .canvas(queue)
-                            .on_failure(&message, &exc, Some(&tb))
-                            .await
-                        {
+                        let canvas = self.canvas(queue);
+                        let after = canvas.on_failure(&message, &exc, Some(&tb));
+                        if let Err(e) = Box::pin(after).await {
                             tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; leaving the job to be redelivered");
                             return;
                         }
