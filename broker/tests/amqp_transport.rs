@@ -348,6 +348,57 @@ async fn reject_requeues_or_drops() {
     b.close().await.unwrap();
 }
 
+/// Acks sent together (`basic.ack` with `multiple`) settle exactly the deliveries acked: a delivery
+/// held back in the middle, rejects among the acks, two queues merged on one channel.
+#[tokio::test]
+async fn grouped_acks_settle_exactly_what_was_acked() {
+    use futures_util::FutureExt as _;
+    let qs = Queues::new("grouped", 2);
+    let names = [qs.name(0).to_owned(), qs.name(1).to_owned()];
+    let b = broker("").await;
+    for n in 0..40 {
+        b.publish(&names[n % 2], &msg(n)).await.unwrap();
+    }
+    let mut c = b.consume(&names, 64).await.unwrap();
+    let mut held = None;
+    let mut settles = Vec::new();
+    for _ in 0..40 {
+        let d = next_within(&mut c, 10.0).await.expect("all 40 delivered");
+        match n_of(&d) {
+            5 => held = Some(d),
+            n if n % 7 == 3 => settles.push(d.reject(true).boxed()),
+            _ => settles.push(d.ack().boxed()),
+        }
+    }
+    for r in futures_util::future::join_all(settles).await {
+        r.unwrap();
+    }
+    let mut back = Vec::new();
+    for _ in 0..6 {
+        let d = next_within(&mut c, 10.0).await.expect("the rejected ones");
+        assert!(d.redelivered);
+        back.push(n_of(&d));
+        d.ack().await.unwrap();
+    }
+    back.sort_unstable();
+    assert_eq!(back, [3, 10, 17, 24, 31, 38]);
+    assert!(
+        next_within(&mut c, 0.5).await.is_none(),
+        "nothing else comes back"
+    );
+    // Closing with one delivery unacked gives back that one only.
+    c.close().await.unwrap();
+    drop(held);
+    let left = wait_len(&b, &names[0], 0).await + wait_len(&b, &names[1], 1).await;
+    assert_eq!(left, 1);
+    let mut c = b.consume(&names, 64).await.unwrap();
+    let d = next_within(&mut c, 10.0).await.expect("the held one");
+    assert_eq!((n_of(&d), d.redelivered), (5, true));
+    d.ack().await.unwrap();
+    c.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn close_gives_unacked_deliveries_back() {
     let qs = Queues::new("close", 1);

@@ -10,6 +10,9 @@
 //! When the connection or channel dies the consumer reconnects by itself (100 ms doubling to 5 s,
 //! one warning per attempt), re-declares its queues and consumes again. Deliveries handed out before
 //! the drop cannot be acked any more (the broker has requeued them); their ack returns an error.
+//!
+//! Acks and rejects go through the channel's [`AckGroup`], which sends a run of finished acks as one
+//! `basic.ack(multiple)`.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -18,13 +21,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
 use lapin::message::Delivery as LapinDelivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Acker, Channel, Connection};
+use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 
+use super::ack_group::{AckGroup, Settle};
 use super::config::AmqpConfig;
 use super::connection::{connect, lapin_err, Backoff, Failure};
 use super::props::to_message;
@@ -48,6 +50,8 @@ type Item = (Arc<str>, Option<lapin::Result<LapinDelivery>>);
 struct Session {
     conn: Connection,
     channel: Channel,
+    /// Settles the channel's deliveries.
+    acks: Arc<AckGroup>,
     tags: Vec<ShortString>,
     opened: Instant,
     /// Behind a mutex only to be `Sync` (it is reached through `&mut self`, never locked).
@@ -120,6 +124,7 @@ impl AmqpConsumer {
         tracing::debug!(url = %self.config.redacted, queues = self.queues.len(), "amqp: consuming");
         Ok(Session {
             conn,
+            acks: AckGroup::new(channel.clone()),
             channel,
             tags,
             opened: Instant::now(),
@@ -204,18 +209,22 @@ impl AmqpConsumer {
         }
     }
 
-    fn delivery(&self, queue: &str, d: LapinDelivery) -> Delivery {
+    /// Hands out a delivery of the current session, recorded with its ack group first.
+    fn delivery(&self, queue: &str, d: LapinDelivery) -> Option<Delivery> {
+        let acks = self.session.as_ref()?.acks.clone();
+        acks.delivered(d.delivery_tag);
         let message = to_message(&d.properties, d.data);
-        Delivery::new(
+        Some(Delivery::new(
             message,
             queue.to_owned(),
             d.redelivered,
             Box::new(AmqpAck {
-                acker: d.acker,
+                acks,
+                tag: d.delivery_tag,
                 publisher: self.publisher.clone(),
             }),
             None,
-        )
+        ))
     }
 
     /// Cancels the consumers of the current session and keeps what they had already received.
@@ -286,7 +295,10 @@ impl Consumer for AmqpConsumer {
                 return Ok(None);
             }
             if let Some((queue, d)) = self.pending.pop_front() {
-                return Ok(Some(self.delivery(&queue, d)));
+                match self.delivery(&queue, d) {
+                    Some(d) => return Ok(Some(d)),
+                    None => continue,
+                }
             }
             let Some(session) = self.session.as_mut() else {
                 self.session = self.reconnect().await?;
@@ -297,7 +309,10 @@ impl Consumer for AmqpConsumer {
                 item = session.stream().next() => item,
             };
             let reason = match item {
-                Some((queue, Some(Ok(d)))) => return Ok(Some(self.delivery(&queue, d))),
+                Some((queue, Some(Ok(d)))) => match self.delivery(&queue, d) {
+                    Some(d) => return Ok(Some(d)),
+                    None => continue,
+                },
                 Some((queue, Some(Err(e)))) => format!("consumer of `{queue}` failed: {e}"),
                 Some((queue, None)) => format!("consumer of `{queue}` was cancelled by the broker"),
                 None => "all consumers ended".to_owned(),
@@ -343,30 +358,21 @@ impl Consumer for AmqpConsumer {
     }
 }
 
-/// Settles one delivery through lapin's acker.
+/// Settles one delivery through its channel's [`AckGroup`].
 struct AmqpAck {
-    acker: Acker,
+    acks: Arc<AckGroup>,
+    tag: u64,
     publisher: Arc<Publisher>,
-}
-
-fn settled(r: lapin::Result<bool>) -> Result<()> {
-    match r {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(BrokerError::ConnectionLost(
-            "amqp: the delivery's channel is closed; the broker has requeued the message".into(),
-        )),
-        Err(e) => Err(lapin_err(e)),
-    }
 }
 
 #[async_trait]
 impl AckHandle for AmqpAck {
     async fn ack(self: Box<Self>) -> Result<()> {
-        settled(self.acker.ack(BasicAckOptions::default()).await)
+        self.acks.settle(self.tag, Settle::Ack).await
     }
 
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
-        settled(self.acker.reject(BasicRejectOptions { requeue }).await)
+        self.acks.settle(self.tag, Settle::Reject { requeue }).await
     }
 
     /// Only hops of a second or more exist; nearer jobs are held by the worker.
@@ -390,10 +396,7 @@ impl AckHandle for AmqpAck {
             .duration_since(std::time::SystemTime::now())
             .map_or(0.0, |d| d.as_secs_f64());
         let Some(seconds) = super::delay::hop_for(remaining) else {
-            let _ = self
-                .acker
-                .reject(BasicRejectOptions { requeue: true })
-                .await;
+            let _ = self.reject(true).await;
             return Err(BrokerError::Transport {
                 transport: "amqp",
                 message: "due in under a second: nothing to park".into(),
@@ -405,12 +408,9 @@ impl AckHandle for AmqpAck {
             .await
         {
             // Not parked: give it back so it is delivered again rather than stuck unacked here.
-            let _ = self
-                .acker
-                .reject(BasicRejectOptions { requeue: true })
-                .await;
+            let _ = self.reject(true).await;
             return Err(e);
         }
-        settled(self.acker.ack(BasicAckOptions::default()).await)
+        self.ack().await
     }
 }

@@ -6,10 +6,12 @@
 //! - `topology`: Celery's declarations (direct exchange + durable queue + binding, all named `q`).
 //! - `table`, `props`: JSON headers ↔ AMQP tables, [`Message`] ↔ basic properties.
 //! - `publisher`: the shared confirm-mode publishing connection.
-//! - `consumer`: consumers with their own connection, prefetch via `basic.qos`, self-reconnecting.
+//! - `consumer`: consumers with their own connection, prefetch via `basic.qos`, self-reconnecting;
+//!   `ack_group` settles their deliveries, finished runs as one `basic.ack(multiple)`.
 //! - `fanout`: broadcasts (remote control, events): a broadcasting connection, and subscriptions with
 //!   their own connection and exclusive queue, self-reconnecting.
 
+mod ack_group;
 mod config;
 mod connection;
 mod consumer;
