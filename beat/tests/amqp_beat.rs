@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use tokio::task::JoinHandle;
@@ -112,6 +112,10 @@ impl Env {
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
+        // The task queue's exchange of the same name, declared as Celery declares it.
+        let _ = ch
+            .exchange_delete(self.queue.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
         let _ = self.conn.close(200, "OK".into()).await;
         let _ = std::fs::remove_file(&self.file);
         let _ = std::fs::remove_file(&self.state);
