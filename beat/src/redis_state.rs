@@ -6,13 +6,11 @@
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
-use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
 use celerity_broker::url::BrokerUrl;
-use celerity_broker::BrokerError;
 
 use crate::error::Result;
 use crate::lock::Lease;
@@ -41,16 +39,7 @@ impl RedisStore {
         let prefix = url
             .option::<String>("global_keyprefix")?
             .unwrap_or_default();
-        let connect_err = |reason: String| BrokerError::Connect {
-            url: url.redacted(),
-            reason,
-        };
-        let client =
-            redis::Client::open(url.base.as_str()).map_err(|e| connect_err(e.to_string()))?;
-        let conn = tokio::time::timeout(Duration::from_secs(6), ConnectionManager::new(client))
-            .await
-            .map_err(|_| connect_err("no answer within 6 s".into()))?
-            .map_err(|e| connect_err(e.to_string()))?;
+        let conn = celerity_broker::redis::connect_manager(url).await?;
         Ok(RedisStore { conn, prefix })
     }
 

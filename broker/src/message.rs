@@ -56,6 +56,19 @@ pub struct Message {
 }
 
 impl Message {
+    /// A transient message (remote control, events) with a JSON body encoded as Python's `json`
+    /// encodes it.
+    pub fn transient_json(headers: Map<String, Value>, body: &Value) -> Message {
+        Message {
+            properties: Properties {
+                delivery_mode: TRANSIENT,
+                ..Properties::default()
+            },
+            headers,
+            body: crate::pyjson::to_vec(body),
+        }
+    }
+
     /// The `task` header as a string, if there is one (cheap look without a full decode).
     pub fn task_name(&self) -> Option<&str> {
         self.headers.get("task").and_then(Value::as_str)

@@ -9,8 +9,7 @@ use serde_json::{Map, Value};
 
 use super::fields::kind;
 use crate::error::{BrokerError, Result};
-use crate::message::{Message, Properties, TRANSIENT};
-use crate::pyjson;
+use crate::message::Message;
 
 /// The fanout exchange of Celery's remote control.
 pub const PIDBOX_EXCHANGE: &str = "celery.pidbox";
@@ -31,14 +30,7 @@ pub fn reply_message(node: &str, ticket: &str, clock: u64, value: Value) -> Mess
     let mut headers = Map::new();
     headers.insert("ticket".into(), Value::String(ticket.to_owned()));
     headers.insert("clock".into(), Value::from(clock));
-    Message {
-        properties: Properties {
-            delivery_mode: TRANSIENT,
-            ..Properties::default()
-        },
-        headers,
-        body: pyjson::to_vec(&Value::Object(body)),
-    }
+    Message::transient_json(headers, &Value::Object(body))
 }
 
 /// The queue (AMQP) a worker named `node` receives control requests on.
@@ -145,14 +137,7 @@ impl ControlRequest {
         let mut headers = Map::new();
         headers.insert("clock".into(), Value::from(clock));
         headers.insert("expires".into(), Value::from(0));
-        Message {
-            properties: Properties {
-                delivery_mode: TRANSIENT,
-                ..Properties::default()
-            },
-            headers,
-            body: pyjson::to_vec(&Value::Object(body)),
-        }
+        Message::transient_json(headers, &Value::Object(body))
     }
 
     /// Reads a request; anything that is not one is an error naming what is wrong.
@@ -258,7 +243,7 @@ mod tests {
             String::from_utf8(m.body.clone()).unwrap(),
             r#"{"method": "revoke", "arguments": {"task_id": "t1", "terminate": true, "signal": "SIGTERM"}, "destination": null, "pattern": null, "matcher": null}"#
         );
-        assert_eq!(m.properties.delivery_mode, TRANSIENT);
+        assert_eq!(m.properties.delivery_mode, crate::message::TRANSIENT);
         assert_eq!(ControlRequest::from_message(&m).unwrap(), r);
         assert!(r.is_for("celerity@a"));
         let only_b = ControlRequest {

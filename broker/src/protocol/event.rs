@@ -8,8 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 
-use crate::message::{Message, Properties, TRANSIENT};
-use crate::pyjson;
+use crate::message::Message;
 
 /// The events exchange (Celery's `event_exchange`): topic on AMQP, fanout channels on Redis.
 pub const EVENT_EXCHANGE: &str = "celeryev";
@@ -104,15 +103,7 @@ pub fn to_message(hostname: &str, events: Vec<Map<String, Value>>) -> Option<(St
     };
     let mut headers = Map::new();
     headers.insert("hostname".into(), Value::String(hostname.to_owned()));
-    let message = Message {
-        properties: Properties {
-            delivery_mode: TRANSIENT,
-            ..Properties::default()
-        },
-        headers,
-        body: pyjson::to_vec(&body),
-    };
-    Some((key, message))
+    Some((key, Message::transient_json(headers, &body)))
 }
 
 /// The events a message carries (an object or an array of them); empty if it is not JSON.
@@ -144,7 +135,7 @@ mod tests {
         let (key, m) = to_message("celerity@h", vec![e.clone()]).unwrap();
         assert_eq!(key, "task.started");
         assert_eq!(m.headers["hostname"], json!("celerity@h"));
-        assert_eq!(m.properties.delivery_mode, TRANSIENT);
+        assert_eq!(m.properties.delivery_mode, crate::message::TRANSIENT);
         let back = from_message(&m);
         assert_eq!(back.len(), 1);
         assert_eq!(

@@ -161,6 +161,20 @@ fn client_url(url: &BrokerUrl) -> String {
     }
 }
 
+/// Opens a reconnecting connection to the Redis that `url` names, bounded in time, as the broker
+/// opens its own: for the other state kept on that Redis (shared rate limits, beat's lease).
+pub async fn connect_manager(url: &BrokerUrl) -> Result<ConnectionManager> {
+    let connect_error = |reason: String| BrokerError::Connect {
+        url: url.redacted(),
+        reason,
+    };
+    let client =
+        redis::Client::open(client_url(url).as_str()).map_err(|e| connect_error(e.to_string()))?;
+    first_connection(client, url.tls)
+        .await
+        .map_err(connect_error)
+}
+
 /// Opens the shared connection, bounded in time. TLS setup runs in its own task: rustls panics when no
 /// crypto provider is compiled in, and that must be an error here, not a crash.
 async fn first_connection(

@@ -8,7 +8,7 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 
 use super::restore::unix_now;
-use crate::error::{BrokerError, Result};
+use crate::error::Result;
 use crate::url::BrokerUrl;
 
 static TAKE: std::sync::LazyLock<Script> =
@@ -37,20 +37,7 @@ impl RedisRateLimiter {
         let prefix = url
             .option::<String>("global_keyprefix")?
             .unwrap_or_default();
-        let client = redis::Client::open(url.base.as_str()).map_err(|e| BrokerError::Connect {
-            url: url.redacted(),
-            reason: e.to_string(),
-        })?;
-        let conn = tokio::time::timeout(Duration::from_secs(6), ConnectionManager::new(client))
-            .await
-            .map_err(|_| BrokerError::Connect {
-                url: url.redacted(),
-                reason: "no answer within 6 s".into(),
-            })?
-            .map_err(|e| BrokerError::Connect {
-                url: url.redacted(),
-                reason: e.to_string(),
-            })?;
+        let conn = super::connect_manager(&url).await?;
         Ok(RedisRateLimiter { conn, prefix })
     }
 
