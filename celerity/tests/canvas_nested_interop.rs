@@ -10,139 +10,29 @@
 //! Python is celerity/tests/python/canvas_app.py + canvas_nested_driver.py under the pinned venv
 //! (`celery_python()`); with `CELERITY_NO_PYTHON=1` these tests only print a note.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use serde_json::json;
 
-use serde_json::{json, Map, Value};
+use celerity_broker::testkit::celery_python;
+use celerity_client::{chain, chord, Chain, Group, Signature, WorkflowResult};
 
-use celerity_broker::testkit::{celery_python, delete_amqp_queue, delete_redis_prefix};
-use celerity_broker::{connect_backend, connect_broker};
-use celerity_client::{chain, chord, Chain, Client, Group, Signature, WorkflowResult};
-use celerity_worker::{demo, Registry, Shutdown, WorkerConfig};
+mod canvas_support;
+use canvas_support::{s, Setup, WAIT};
 
-const REDIS: &str = "redis://127.0.0.1:6379/0";
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const WAIT: Option<Duration> = Some(Duration::from_secs(60));
-
-fn python_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python")
-}
-
-fn s(task: &str, args: Value) -> Signature {
-    Signature::new(
-        task,
-        args.as_array().cloned().unwrap_or_default(),
-        Map::new(),
-    )
+fn setup(amqp: bool) -> Setup {
+    Setup::new(amqp, "nested-interop", "canvas_nested_driver.py")
 }
 
 fn chain_of(steps: Vec<Signature>) -> Signature {
     Chain::new(steps).unwrap().into()
 }
 
-/// Where both sides connect.
-#[derive(Clone)]
-struct Setup {
-    broker: String,
-    backend: String,
-    prefix: String,
-    queue: String,
-}
-
-impl Setup {
-    fn new(amqp: bool) -> Setup {
-        let queue = format!("nested-interop-{}", uuid::Uuid::new_v4().simple());
-        let prefix = format!("{queue}:");
-        let redis = format!("{REDIS}?global_keyprefix={prefix}");
-        Setup {
-            broker: if amqp { AMQP.to_owned() } else { redis.clone() },
-            backend: redis,
-            prefix,
-            queue,
-        }
-    }
-
-    fn python(&self, python: &Path) -> Command {
-        let mut c = Command::new(python);
-        c.current_dir(python_dir())
-            .env("PYTHONPATH", python_dir())
-            .env(
-                "CANVAS_BROKER",
-                self.broker.split('?').next().unwrap_or_default(),
-            )
-            .env("CANVAS_BACKEND", REDIS)
-            .env("CANVAS_PREFIX", &self.prefix)
-            .env("CANVAS_QUEUE", &self.queue)
-            .stdin(Stdio::null());
-        c
-    }
-
-    async fn driver(&self, python: &Path, args: &[&str]) -> Value {
-        let mut cmd = self.python(python);
-        cmd.arg("canvas_nested_driver.py").args(args);
-        let args = format!("{args:?}");
-        tokio::task::spawn_blocking(move || {
-            let out = cmd.output().expect("run canvas_nested_driver.py");
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success(),
-                "canvas_nested_driver.py {args} failed: {}\n{stdout}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            serde_json::from_str(stdout.lines().last().unwrap_or_default())
-                .unwrap_or_else(|e| panic!("{e}: {stdout}"))
-        })
-        .await
-        .unwrap()
-    }
-
-    async fn client(&self) -> Client {
-        Client::new(
-            connect_broker(&self.broker).await.unwrap(),
-            Some(connect_backend(&self.backend).await.unwrap()),
-        )
-    }
-
-    async fn cleanup(&self) {
-        if self.broker.starts_with("amqp") {
-            delete_amqp_queue(&self.queue).await;
-        }
-        delete_redis_prefix(&self.prefix).await;
-    }
-}
-
-/// A Python worker process, killed (by its pid) when dropped.
-struct PythonWorker(Child);
-
-impl Drop for PythonWorker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn python_builds_our_worker_runs(amqp: bool) {
     let Some(python) = celery_python() else {
         return;
     };
-    let setup = Setup::new(amqp);
+    let setup = setup(amqp);
     let client = setup.client().await;
-    let mut registry = Registry::new();
-    demo::register(&mut registry);
-    let shutdown = Shutdown::default();
-    let worker = tokio::spawn(celerity_worker::run(
-        registry,
-        client.broker().clone(),
-        client.backend().cloned(),
-        WorkerConfig {
-            queues: vec![setup.queue.clone()],
-            concurrency: 4,
-            grace: Duration::from_secs(5),
-            ..WorkerConfig::default()
-        },
-        shutdown.clone(),
-    ));
+    let (worker, shutdown) = setup.our_worker(&client);
 
     let out = setup.driver(&python, &["build"]).await;
     assert_eq!(out["group_step"], json!(7), "2 -> [3, 4] -> 7: {out}");
@@ -166,26 +56,9 @@ async fn we_build_python_worker_runs(amqp: bool) {
     let Some(python) = celery_python() else {
         return;
     };
-    let setup = Setup::new(amqp);
+    let setup = setup(amqp);
     let client = setup.client().await;
-    let _worker = PythonWorker(
-        setup
-            .python(&python)
-            .args(["-m", "celery", "-A", "canvas_app", "worker"])
-            .args([
-                "-Q",
-                &setup.queue,
-                "--pool",
-                "threads",
-                "-c",
-                "4",
-                "-l",
-                "warning",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the Python worker"),
-    );
+    let _worker = setup.python_worker(&python);
     let q = setup.queue.as_str();
 
     // chain(add(1, 1), group(add(1), add(2)), xsum()).
