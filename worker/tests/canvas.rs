@@ -4,67 +4,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-use celerity_broker::backend::memory::MemoryBackend;
-use celerity_broker::memory::MemoryBroker;
-use celerity_broker::testkit::{delete_amqp_queue, delete_redis_prefix, PrivateRedis};
+use celerity_broker::testkit::PrivateRedis;
 use celerity_broker::{connect_backend, connect_broker, Broker, ResultBackend, State};
-use celerity_client::{chain, chord, Chain, Client, ClientError, Group, Signature};
-use celerity_worker::{demo, run, Registry, Shutdown, WorkerConfig};
+use celerity_client::{chain, chord, Chain, Client, ClientError, Group};
 
-const REDIS: &str = "redis://127.0.0.1:6379/0";
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const WAIT: Option<Duration> = Some(Duration::from_secs(30));
-
-fn unique() -> String {
-    format!("canvas-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn s(task: &str, args: Value) -> Signature {
-    Signature::new(
-        task,
-        args.as_array().cloned().unwrap_or_default(),
-        Map::new(),
-    )
-}
-
-struct Worker {
-    shutdown: Shutdown,
-    handle: tokio::task::JoinHandle<celerity_worker::error::Result<celerity_worker::Summary>>,
-}
-
-fn spawn_worker(broker: &Arc<dyn Broker>, backend: &Arc<dyn ResultBackend>, queue: &str) -> Worker {
-    let mut registry = Registry::new();
-    demo::register(&mut registry);
-    let shutdown = Shutdown::default();
-    let config = WorkerConfig {
-        queues: vec![queue.to_owned()],
-        concurrency: 8,
-        grace: Duration::from_secs(5),
-        ..WorkerConfig::default()
-    };
-    let handle = tokio::spawn(run(
-        registry,
-        broker.clone(),
-        Some(backend.clone()),
-        config,
-        shutdown.clone(),
-    ));
-    Worker { shutdown, handle }
-}
-
-impl Worker {
-    async fn stop(self) {
-        self.shutdown.warm.cancel();
-        self.handle.await.unwrap().unwrap();
-    }
-}
+mod canvas_support;
+use canvas_support::{s, unique, Place, Worker, WAIT};
 
 /// Every workflow shape against one broker/backend pair, each job on `queue`.
 async fn exercise(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>, queue: &str) {
     let client = Client::new(broker.clone(), Some(backend.clone()));
-    let worker = spawn_worker(&broker, &backend, queue);
+    let worker = Worker::spawn(&broker, &backend, queue, 8);
 
     // chain: (1 + 2) * 10 + 5, then an immutable step that ignores the result.
     let c = Chain::new(vec![
@@ -200,7 +152,7 @@ async fn exercise(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>, queu
     assert_eq!(eb["args"], json!([cr.body.id()]));
 
     // Retries inside a chain and a chord keep the workflow going.
-    let key = unique();
+    let key = unique("canvas");
     let c = chain(s("demo.flaky", json!([key, 2])))
         .then(s("demo.add", json!([1, 1])).immutable())
         .queue(queue);
@@ -237,34 +189,22 @@ async fn exercise(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>, queu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workflows_on_memory() {
-    let name = unique();
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::named(&name));
-    let backend: Arc<dyn ResultBackend> = Arc::new(MemoryBackend::named(&name));
-    exercise(broker, backend, "jobs").await;
+    let p = Place::memory("canvas");
+    exercise(p.broker.clone(), p.backend.clone(), &p.queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workflows_on_redis() {
-    let id = unique();
-    let prefix = format!("{id}:");
-    let url = format!("{REDIS}?global_keyprefix={prefix}");
-    let broker = connect_broker(&url).await.unwrap();
-    let backend = connect_backend(&url).await.unwrap();
-    exercise(broker, backend, &id).await;
-    delete_redis_prefix(&prefix).await;
+    let p = Place::redis("canvas").await;
+    exercise(p.broker.clone(), p.backend.clone(), &p.queue).await;
+    p.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workflows_on_rabbitmq_with_redis_results() {
-    let id = unique();
-    let prefix = format!("{id}:");
-    let broker = connect_broker(AMQP).await.unwrap();
-    let backend = connect_backend(&format!("{REDIS}?global_keyprefix={prefix}"))
-        .await
-        .unwrap();
-    exercise(broker, backend, &id).await;
-    delete_amqp_queue(&id).await;
-    delete_redis_prefix(&prefix).await;
+    let p = Place::rabbitmq_with_redis_results("canvas").await;
+    exercise(p.broker.clone(), p.backend.clone(), &p.queue).await;
+    p.cleanup().await;
 }
 
 /// Total commands a Redis server has processed.
@@ -313,8 +253,8 @@ async fn chord_of_a_thousand() {
     let broker = connect_broker(&url).await.unwrap();
     let backend = connect_backend(&url).await.unwrap();
     let client = Client::new(broker.clone(), Some(backend.clone()));
-    let queue = unique();
-    let worker = spawn_worker(&broker, &backend, &queue);
+    let queue = unique("canvas");
+    let worker = Worker::spawn(&broker, &backend, &queue, 8);
     // Let the worker settle (consumer registered) before counting.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = commands_processed(&url).await;

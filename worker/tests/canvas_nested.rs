@@ -5,32 +5,14 @@
 //! a failing member of a chord made from a chain (the rest of the chain fails with the ChordError).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde_json::json;
 
-use celerity_broker::backend::memory::MemoryBackend;
-use celerity_broker::memory::MemoryBroker;
-use celerity_broker::testkit::{delete_amqp_queue, delete_redis_prefix};
-use celerity_broker::{connect_backend, connect_broker, Broker, ResultBackend};
+use celerity_broker::{Broker, ResultBackend};
 use celerity_client::{chain, chord, Chain, Client, ClientError, Group, Signature, WorkflowResult};
-use celerity_worker::{demo, run, Registry, Shutdown, WorkerConfig};
 
-const REDIS: &str = "redis://127.0.0.1:6379/0";
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const WAIT: Option<Duration> = Some(Duration::from_secs(30));
-
-fn unique() -> String {
-    format!("nested-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn s(task: &str, args: Value) -> Signature {
-    Signature::new(
-        task,
-        args.as_array().cloned().unwrap_or_default(),
-        Map::new(),
-    )
-}
+mod canvas_support;
+use canvas_support::{s, Place, Worker, WAIT};
 
 fn group(members: Vec<Signature>) -> Signature {
     Group::new(members).into()
@@ -38,22 +20,7 @@ fn group(members: Vec<Signature>) -> Signature {
 
 async fn exercise(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>, queue: &str) {
     let client = Client::new(broker.clone(), Some(backend.clone()));
-    let mut registry = Registry::new();
-    demo::register(&mut registry);
-    let shutdown = Shutdown::default();
-    let config = WorkerConfig {
-        queues: vec![queue.to_owned()],
-        concurrency: 4,
-        grace: Duration::from_secs(5),
-        ..WorkerConfig::default()
-    };
-    let worker = tokio::spawn(run(
-        registry,
-        broker.clone(),
-        Some(backend.clone()),
-        config,
-        shutdown.clone(),
-    ));
+    let worker = Worker::spawn(&broker, &backend, queue, 4);
 
     // chain(add(1, 1), group(add(1), add(2)), xsum()): Celery makes the group and xsum a chord.
     let c = Chain::new(vec![
@@ -212,38 +179,25 @@ async fn exercise(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>, queu
         other => panic!("expected a ChordError, got {other:?}"),
     }
 
-    shutdown.warm.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nested_workflows_on_memory() {
-    let name = unique();
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::named(&name));
-    let backend: Arc<dyn ResultBackend> = Arc::new(MemoryBackend::named(&name));
-    exercise(broker, backend, "jobs").await;
+    let p = Place::memory("nested");
+    exercise(p.broker.clone(), p.backend.clone(), &p.queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nested_workflows_on_redis() {
-    let id = unique();
-    let prefix = format!("{id}:");
-    let url = format!("{REDIS}?global_keyprefix={prefix}");
-    let broker = connect_broker(&url).await.unwrap();
-    let backend = connect_backend(&url).await.unwrap();
-    exercise(broker, backend, &id).await;
-    delete_redis_prefix(&prefix).await;
+    let p = Place::redis("nested").await;
+    exercise(p.broker.clone(), p.backend.clone(), &p.queue).await;
+    p.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nested_workflows_on_rabbitmq_with_redis_results() {
-    let id = unique();
-    let prefix = format!("{id}:");
-    let broker = connect_broker(AMQP).await.unwrap();
-    let backend = connect_backend(&format!("{REDIS}?global_keyprefix={prefix}"))
-        .await
-        .unwrap();
-    exercise(broker, backend, &id).await;
-    delete_amqp_queue(&id).await;
-    delete_redis_prefix(&prefix).await;
+    let p = Place::rabbitmq_with_redis_results("nested").await;
+    exercise(p.broker.clone(), p.backend.clone(), &p.queue).await;
+    p.cleanup().await;
 }
