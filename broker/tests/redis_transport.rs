@@ -468,19 +468,30 @@ async fn a_consumer_killed_mid_flight_loses_nothing() {
         task.abort();
         let _ = task.await;
     }
-    // A consumer killed the same way while waiting on an empty queue holds nothing either.
+    // A process killed while its consumer waits on an empty queue holds nothing either. Its fetch is
+    // queued behind the wait on a connection of its own, so the kill must close that connection, as
+    // a dying process does: the consumer runs on a runtime of its own, which is then dropped with
+    // everything on it, the consumer's cleanup never running.
     let idle_space = "kill.idle";
-    let waiting = {
-        let b = b.clone();
-        tokio::spawn(async move {
-            let mut c = ManuallyDrop::new(b.consume(&queue(idle_space), 4).await.unwrap());
-            let _ = c.next().await;
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    waiting.abort();
-    let _ = waiting.await;
+    let b_idle = b.clone();
+    tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut c = ManuallyDrop::new(b_idle.consume(&queue(idle_space), 4).await.unwrap());
+            let waited = tokio::time::timeout(Duration::from_millis(300), c.next()).await;
+            assert!(waited.is_err(), "nothing to take: still waiting");
+        });
+        drop(rt);
+    })
+    .await
+    .unwrap();
+    // Redis sees the closed sockets before this push (same machine, and a margin).
+    tokio::time::sleep(Duration::from_millis(200)).await;
     b.publish(idle_space, &message(9999, 0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(b.queue_len(idle_space).await.unwrap(), 1);
 
     let (h, z) = s.unacked().await;
@@ -699,6 +710,41 @@ async fn idle_consumer_picks_up_later_messages() {
     );
     assert_eq!(s.unacked().await, (0, 0));
     c.close().await.unwrap();
+}
+
+/// An idle consumer's fetch waits in Redis, queued behind its blocking wait: it takes (and records)
+/// a message even while no one polls the consumer, a cancelled `next()` leaves it to the next call,
+/// and closing ends the wait without taking anything more.
+#[tokio::test]
+async fn idle_wait_survives_a_cancelled_next_and_ends_on_close() {
+    let s = Space::new().await;
+    let b = s.broker("&restore_interval=3600").await;
+    let mut c = b.consume(&queue("idle"), 4).await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(200), c.next()).await;
+    assert!(waited.is_err(), "nothing to take yet");
+    b.publish("idle", &message(1, 0)).await.unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while s.unacked().await != (1, 1) {
+        assert!(
+            Instant::now() < deadline,
+            "the waiting fetch never took the message"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let d = next(&mut c).await;
+    assert_eq!(task_id(&d), "task-1");
+    d.ack().await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(200), c.next()).await;
+    assert!(waited.is_err(), "waiting again");
+    c.close().await.unwrap();
+    b.publish("idle", &message(2, 0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        b.queue_len("idle").await.unwrap(),
+        1,
+        "a closed consumer takes nothing"
+    );
+    assert_eq!(s.unacked().await, (0, 0));
 }
 
 #[tokio::test]

@@ -6,12 +6,22 @@
 //! `unacked` / `unacked_index` exactly as kombu does. A consumer killed at any instant therefore
 //! loses nothing: a message is either still in its list or recorded where any restore sweep (ours or
 //! a Python worker's) finds it after the visibility timeout. Queues served by a batch are rotated to
-//! the end of the order for the next one (kombu's round-robin). When nothing is there, the consumer
-//! waits on its [`Waiters`] (see that module) and fetches again when woken.
+//! the end of the order for the next one (kombu's round-robin).
+//!
+//! When a fetch comes back empty the consumer is idle, and its next fetch is queued behind a
+//! blocking wait: on a connection of its own it sends `BLMOVE k k RIGHT RIGHT 1` on its first key
+//! (the step-0 list of its first queue, where messages without a priority go) and `fetch.lua` in the
+//! same write. Redis runs the script the moment the wait returns, so a message that arrives on an
+//! idle consumer costs one round trip, not two. That fetch records its messages with the server's
+//! clock, as it runs at a time the consumer does not know. The other keys are watched by
+//! [`Waiters`] (see that module); when one of them gets a message, the consumer `CLIENT UNBLOCK`s
+//! the first key's wait and its queued fetch runs at once (it pops from every key). A wait that times
+//! out runs the fetch too, which finds nothing, and the consumer queues the next one.
 //!
 //! `next()` is cancel-safe: the in-flight fetch (and the idle waits) are futures kept in the consumer,
 //! so a caller that stops waiting (a `select!`, a timeout) leaves the reply to the next call instead of
-//! stranding what it fetched. They are polled in place, with no task hop on the latency path.
+//! stranding what it fetched. They are polled in place, with no task hop on the latency path. Closing
+//! unblocks a fetch that is still queued behind its wait and gives back whatever it brought.
 //!
 //! Malformed messages are never lost and never stop the consumer. An envelope the script cannot read
 //! (not JSON, or no delivery tag) is pushed by the script to `<queue>.celerity.dead`. One that parses
@@ -30,6 +40,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::BoxFuture;
+use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
@@ -40,7 +51,7 @@ use super::backoff::Backoff;
 use super::envelope;
 use super::restore::{self, unix_now, Side};
 use super::scripts::FETCH;
-use super::waiter::Waiters;
+use super::waiter::{self, Waiters, BLOCK_SECS};
 use super::Shared;
 use crate::error::{BrokerError, Result};
 use crate::transport::{Consumer, Delivery, PrefetchWindow};
@@ -62,10 +73,27 @@ struct Fetched {
 
 /// A fetch whose reply has not been taken yet (it survives a cancelled `next()`).
 struct PendingFetch {
-    reply: BoxFuture<'static, Result<Vec<Fetched>>>,
-    /// The `unacked_index` score the fetched messages were recorded with.
-    score: String,
+    /// The `unacked_index` score the messages were recorded with, and the messages.
+    reply: BoxFuture<'static, Result<(String, Vec<Fetched>)>>,
+    /// While the fetch is queued behind a blocking wait: that connection's client id.
+    behind: Option<i64>,
     permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// The connection an idle consumer's fetch waits on, and its client id.
+struct Blocking {
+    conn: MultiplexedConnection,
+    id: i64,
+}
+
+/// What one turn of waiting for a fetch came to.
+enum Turn {
+    Reply(Result<(String, Vec<Fetched>)>),
+    /// Another key got a message: unblock the wait the fetch is queued behind.
+    Woken,
+    /// Nothing yet: keep waiting.
+    Again,
+    Closed,
 }
 
 /// A consumer of one or more queues (see the module doc).
@@ -75,6 +103,11 @@ pub(crate) struct RedisConsumer {
     queues: Vec<String>,
     /// The five keys of each queue: priority steps 0, 3, 6, 9, then the dead-letter list.
     queue_keys: Vec<[String; 5]>,
+    /// The key an idle consumer's fetch waits on (see the module doc); `waiters` watch the others.
+    wake_key: String,
+    blocking: Option<Blocking>,
+    /// The last fetch found nothing: the next one waits for a message.
+    idle: bool,
     /// Queue positions in the order the next fetch visits them.
     order: Vec<usize>,
     buffer: VecDeque<Delivery>,
@@ -101,10 +134,17 @@ impl RedisConsumer {
             })
             .collect();
         let cancel = shared.closed.child_token();
-        let wait_keys: Vec<String> = queue_keys
+        let mut wait_keys: Vec<String> = queue_keys
             .iter()
             .flat_map(|k| k[..4].iter().cloned())
             .collect();
+        if wait_keys.is_empty() {
+            return Err(BrokerError::Transport {
+                transport: "redis",
+                message: "a consumer needs at least one queue".into(),
+            });
+        }
+        let wake_key = wait_keys.remove(0);
         let waiters = Waiters::new(&shared.client, wait_keys);
         // kombu restores at poll start; a failure here is not fatal (the periodic sweep retries).
         if let Err(e) = restore::sweep(&shared).await {
@@ -117,6 +157,9 @@ impl RedisConsumer {
             order: (0..queues.len()).collect(),
             queues,
             queue_keys,
+            wake_key,
+            blocking: None,
+            idle: false,
             buffer: VecDeque::new(),
             pending: None,
             window: PrefetchWindow::new(prefetch),
@@ -127,8 +170,13 @@ impl RedisConsumer {
         })
     }
 
-    /// Starts `fetch.lua` for as many messages as `permits` allows (sent when first polled).
-    fn start_fetch(&self, permits: Vec<OwnedSemaphorePermit>) -> PendingFetch {
+    /// Starts `fetch.lua` for as many messages as `permits` allows (sent when first polled), on the
+    /// shared connection or, if `behind` is given, queued behind a blocking wait on the wake key.
+    fn start_fetch(
+        &self,
+        permits: Vec<OwnedSemaphorePermit>,
+        behind: Option<&Blocking>,
+    ) -> PendingFetch {
         let keys = &self.shared.keys;
         let mut inv = FETCH.prepare_invoke();
         inv.key(keys.unacked()).key(keys.unacked_index());
@@ -137,21 +185,71 @@ impl RedisConsumer {
                 inv.key(k);
             }
         }
-        let score = format!("{:.6}", unix_now());
-        inv.arg(&score).arg(permits.len());
+        // Behind a wait, the script takes the time when it runs.
+        let score = match behind {
+            Some(_) => String::new(),
+            None => format!("{:.6}", unix_now()),
+        };
+        inv.arg(score).arg(permits.len());
         for &i in &self.order {
             inv.arg(&self.queues[i]);
         }
-        let mut conn = self.shared.conn.clone();
         let nqueues = self.order.len();
+        let Some(blocking) = behind else {
+            let mut conn = self.shared.conn.clone();
+            return PendingFetch {
+                reply: Box::pin(async move {
+                    let reply: Value = inv.invoke_async(&mut conn).await?;
+                    parse_fetch(reply, nqueues)
+                }),
+                behind: None,
+                permits,
+            };
+        };
+        let mut conn = blocking.conn.clone();
+        let key = self.wake_key.clone();
         let reply = Box::pin(async move {
-            let reply: Value = inv.invoke_async(&mut conn).await?;
-            parse_fetch(reply, nqueues)
+            let mut pipe = redis::pipe();
+            pipe.cmd("BLMOVE")
+                .arg(&key)
+                .arg(&key)
+                .arg("RIGHT")
+                .arg("RIGHT")
+                .arg(BLOCK_SECS)
+                .ignore()
+                .invoke_script(&inv);
+            match pipe.query_async::<(Value,)>(&mut conn).await {
+                Ok((reply,)) => parse_fetch(reply, nqueues),
+                // The script was flushed from Redis: nothing ran. Load it; the next fetch works.
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    FETCH.load_async(&mut conn).await?;
+                    Ok((String::new(), Vec::new()))
+                }
+                Err(e) => Err(e.into()),
+            }
         });
         PendingFetch {
             reply,
-            score,
+            behind: Some(blocking.id),
             permits,
+        }
+    }
+
+    /// Waits for the pending fetch's reply; while it is queued behind a wait, also for the other keys
+    /// and for the consumer to close.
+    async fn turn(&mut self) -> Turn {
+        let Some(pending) = self.pending.as_mut() else {
+            return Turn::Again;
+        };
+        if pending.behind.is_none() {
+            return Turn::Reply(pending.reply.as_mut().await);
+        }
+        tokio::select! {
+            reply = pending.reply.as_mut() => Turn::Reply(reply),
+            woken = self.waiters.wait(IDLE_RECHECK) => if woken { Turn::Woken } else { Turn::Again },
+            () = self.cancel.cancelled() => Turn::Closed,
         }
     }
 
@@ -204,12 +302,19 @@ impl RedisConsumer {
         self.order = order;
     }
 
-    /// Waits while there is nothing to fetch. True if the consumer was closed meanwhile.
-    async fn wait_idle(&mut self) -> bool {
-        tokio::select! {
-            () = self.waiters.wait(IDLE_RECHECK) => false,
+    /// Sleeps for `delay` after a connection error. True if the consumer was closed meanwhile (it is
+    /// then shut down, best effort: Redis may be why we are here).
+    async fn sleep_or_close(&mut self, delay: Duration) -> bool {
+        let closed = tokio::select! {
+            () = tokio::time::sleep(delay) => false,
             () = self.cancel.cancelled() => true,
+        };
+        if closed {
+            if let Err(e) = self.shut_down().await {
+                tracing::warn!(error = %e, "could not give back unacked deliveries on close");
+            }
         }
+        closed
     }
 
     /// Stops the background tasks and hands back every outstanding delivery. The giving back runs in
@@ -244,16 +349,19 @@ impl RedisConsumer {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             // What an unfinished fetch brought was never handed out: it goes back first, so it ends up
-            // behind the deliveries that were.
+            // behind the deliveries that were. One still waiting is woken so that it ends now.
             let mut tags = Vec::new();
             if let Some(p) = pending {
-                if let Ok(batch) = p.reply.await {
+                if let Some(id) = p.behind {
+                    unblock(&shared, id).await;
+                }
+                if let Ok((score, batch)) = p.reply.await {
                     tags.extend(
                         batch
                             .into_iter()
                             .rev()
                             .filter(|f| f.recorded)
-                            .map(|f| (f.tag, vec![p.score.clone()])),
+                            .map(|f| (f.tag, vec![score.clone()])),
                     );
                 }
             }
@@ -276,6 +384,21 @@ impl Consumer for RedisConsumer {
             }
             // A fetch left by a cancelled call is finished before a new one starts.
             if self.pending.is_none() {
+                if self.idle && self.blocking.is_none() {
+                    match waiter::connect_blocking(&self.shared.client).await {
+                        Ok((conn, id)) => self.blocking = Some(Blocking { conn, id }),
+                        Err(e) => {
+                            // Fetch on the shared connection meanwhile, after a backoff.
+                            self.idle = false;
+                            let delay = backoff.fail();
+                            tracing::warn!(error = %e, retry_in = ?delay, "redis consumer could not open its waiting connection");
+                            if self.sleep_or_close(delay).await {
+                                return Ok(None);
+                            }
+                            continue;
+                        }
+                    }
+                }
                 let first = tokio::select! {
                     p = self.window.permits().clone().acquire_owned() => p.ok(),
                     () = self.cancel.cancelled() => None,
@@ -291,42 +414,52 @@ impl Consumer for RedisConsumer {
                         Err(_) => break,
                     }
                 }
-                self.pending = Some(self.start_fetch(permits));
+                let behind = if self.idle {
+                    self.blocking.as_ref()
+                } else {
+                    None
+                };
+                self.pending = Some(self.start_fetch(permits, behind));
             }
-            let Some(pending) = self.pending.as_mut() else {
-                continue;
+            let fetched = match self.turn().await {
+                Turn::Reply(r) => r,
+                Turn::Again => continue,
+                Turn::Woken => {
+                    if let Some(id) = self.pending.as_mut().and_then(|p| p.behind.take()) {
+                        unblock(&self.shared, id).await;
+                    }
+                    continue;
+                }
+                Turn::Closed => {
+                    self.shut_down().await?;
+                    return Ok(None);
+                }
             };
-            let fetched = pending.reply.as_mut().await;
-            let Some(PendingFetch { score, permits, .. }) = self.pending.take() else {
+            let Some(PendingFetch { permits, .. }) = self.pending.take() else {
                 continue;
             };
             match fetched {
-                Ok(batch) if !batch.is_empty() => {
+                Ok((score, batch)) if !batch.is_empty() => {
                     backoff.reset();
+                    self.idle = false;
                     // Everything fetched may have been malformed: then the loop fetches again.
                     self.accept(batch, &score, permits);
                 }
                 Ok(_) => {
+                    // Nothing there: the next fetch waits for a message.
                     backoff.reset();
+                    self.idle = true;
                     drop(permits);
-                    if self.wait_idle().await {
-                        self.shut_down().await?;
-                        return Ok(None);
-                    }
                 }
                 Err(e) if e.is_connection() => {
                     drop(permits);
+                    if self.idle {
+                        // It waited on the blocking connection: open a new one next time.
+                        self.blocking = None;
+                    }
                     let delay = backoff.fail();
                     tracing::warn!(error = %e, retry_in = ?delay, "redis fetch failed; retrying");
-                    let closed = tokio::select! {
-                        () = tokio::time::sleep(delay) => false,
-                        () = self.cancel.cancelled() => true,
-                    };
-                    if closed {
-                        // Best effort: Redis may be why we are here.
-                        if let Err(e) = self.shut_down().await {
-                            tracing::warn!(error = %e, "could not give back unacked deliveries on close");
-                        }
+                    if self.sleep_or_close(delay).await {
                         return Ok(None);
                     }
                 }
@@ -401,6 +534,20 @@ async fn sweep_periodically(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
+/// Ends the blocking wait of connection `id` early (as if it timed out), so the fetch queued behind
+/// it runs now. Failing is harmless: the wait ends by itself within [`BLOCK_SECS`].
+async fn unblock(shared: &Shared, id: i64) {
+    let mut conn = shared.conn.clone();
+    let done: redis::RedisResult<i64> = redis::cmd("CLIENT")
+        .arg("UNBLOCK")
+        .arg(id)
+        .query_async(&mut conn)
+        .await;
+    if let Err(e) = done {
+        tracing::debug!(error = %e, "CLIENT UNBLOCK failed; the wait ends by itself");
+    }
+}
+
 /// How often due parked messages are moved back to their queues.
 const FORWARD_EVERY: Duration = Duration::from_secs(1);
 /// Most parked messages moved per script call.
@@ -426,11 +573,10 @@ async fn dead_letter(shared: Arc<Shared>, queue: String, tag: String, score: Str
     }
 }
 
-/// Reads `fetch.lua`'s flat reply.
-fn parse_fetch(reply: Value, nqueues: usize) -> Result<Vec<Fetched>> {
+/// Reads `fetch.lua`'s flat reply: the score the messages were recorded with, and the messages.
+fn parse_fetch(reply: Value, nqueues: usize) -> Result<(String, Vec<Fetched>)> {
     let items = match reply {
         Value::Array(items) => items,
-        Value::Nil => Vec::new(),
         other => {
             return Err(BrokerError::malformed(format!(
                 "unexpected reply from fetch.lua: {other:?}"
@@ -440,6 +586,10 @@ fn parse_fetch(reply: Value, nqueues: usize) -> Result<Vec<Fetched>> {
     let bad = || BrokerError::malformed("unexpected item in the reply of fetch.lua");
     let mut out = Vec::with_capacity(items.len() / 4);
     let mut it = items.into_iter();
+    let score = match it.next() {
+        Some(Value::BulkString(b)) => String::from_utf8(b).map_err(|_| bad())?,
+        _ => return Err(bad()),
+    };
     while let (Some(kind), Some(pos), Some(tag), Some(raw)) =
         (it.next(), it.next(), it.next(), it.next())
     {
@@ -465,7 +615,7 @@ fn parse_fetch(reply: Value, nqueues: usize) -> Result<Vec<Fetched>> {
             raw,
         });
     }
-    Ok(out)
+    Ok((score, out))
 }
 
 /// The start of a message, for logs.

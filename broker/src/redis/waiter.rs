@@ -14,6 +14,10 @@
 //! next `wait` returns at once and the consumer fetches again. Waits time out after [`BLOCK_SECS`] and
 //! are re-armed while the consumer is still waiting. After a connection error a key's wait
 //! reconnects after a backoff.
+//!
+//! The consumer's first key (the step-0 list of its first queue, where messages without a priority
+//! go) is not among them: the consumer waits on it itself, with its fetch queued behind the wait on
+//! the same connection (see the consumer's module doc). [`connect_blocking`] opens that connection.
 
 use std::time::Duration;
 
@@ -26,7 +30,7 @@ use super::backoff::Backoff;
 use super::CONNECT_TIMEOUT;
 
 /// How long one blocking wait lasts before it is re-issued.
-const BLOCK_SECS: f64 = 1.0;
+pub(super) const BLOCK_SECS: f64 = 1.0;
 
 /// What one blocking wait saw.
 enum Outcome {
@@ -70,9 +74,10 @@ impl Waiters {
         }
     }
 
-    /// Waits until a message may have arrived on one of the keys, or for at most `limit`. Cancel-safe:
-    /// waits in flight are kept for the next call.
-    pub(crate) async fn wait(&mut self, limit: Duration) {
+    /// Waits until a message may have arrived on one of the keys (true), or for at most `limit`
+    /// (false). A lost connection counts as a wake-up: the consumer should look for itself.
+    /// Cancel-safe: waits in flight are kept for the next call.
+    pub(crate) async fn wait(&mut self, limit: Duration) -> bool {
         for i in 0..self.keys.len() {
             self.arm(i);
         }
@@ -84,14 +89,14 @@ impl Waiters {
                     let Some((i, conn, outcome)) = finished else {
                         // Nothing in flight (no keys): wait out the limit.
                         deadline.as_mut().await;
-                        return;
+                        return false;
                     };
                     self.armed[i] = false;
                     self.conns[i] = conn;
                     match outcome {
                         Outcome::Arrived => {
                             self.backoff[i].reset();
-                            return;
+                            return true;
                         }
                         Outcome::Empty => self.backoff[i].reset(),
                         Outcome::Failed(e) => {
@@ -99,12 +104,12 @@ impl Waiters {
                             tracing::warn!(error = %e, retry_in = ?delay, "redis waiter lost its connection");
                             self.retry_in[i] = Some(delay);
                             // Let the consumer look for itself meanwhile.
-                            return;
+                            return true;
                         }
                     }
                     self.arm(i);
                 }
-                () = &mut deadline => return,
+                () = &mut deadline => return false,
             }
         }
     }
@@ -145,6 +150,19 @@ impl Waiters {
             }
         }));
     }
+}
+
+/// A connection for blocking commands, and its `CLIENT ID` (so another connection can `CLIENT
+/// UNBLOCK` it).
+pub(super) async fn connect_blocking(
+    client: &redis::Client,
+) -> redis::RedisResult<(MultiplexedConnection, i64)> {
+    let mut conn = connect(client).await?;
+    let id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut conn)
+        .await?;
+    Ok((conn, id))
 }
 
 async fn connect(client: &redis::Client) -> redis::RedisResult<MultiplexedConnection> {

@@ -6,7 +6,8 @@
 -- KEYS[2]  unacked_index    (zset  delivery_tag scored by delivery time)
 -- KEYS[3..] five keys per queue, queues in the consumer's current order: the lists of priority
 --           steps 0, 3, 6, 9, then the queue's dead-letter list.
--- ARGV[1]  now, unix seconds as a decimal (the unacked_index score)
+-- ARGV[1]  now, unix seconds as a decimal (the unacked_index score), or '' to use the server's
+--          clock (a fetch queued behind a blocking wait runs at an unknown later time)
 -- ARGV[2]  N, the most messages to pop
 -- ARGV[3..] the queue names, in the same order (routing key for envelopes without delivery_info)
 --
@@ -16,12 +17,17 @@
 -- An envelope that is not a JSON object with a string `properties.delivery_tag` goes to its queue's
 -- dead-letter list instead (LPUSH) and is reported, so nothing is lost silently.
 --
--- Returns a flat array, four items per popped message:
+-- Returns a flat array: the score used, then four items per popped message:
 --   kind (1 = recorded as unacked, 0 = dead-lettered), queue position (1-based), delivery tag
 --   ("" when dead-lettered), envelope.
 local nqueues = #ARGV - 2
 local want = tonumber(ARGV[2])
-local out = {}
+local score = ARGV[1]
+if score == '' then
+  local t = redis.call('TIME')
+  score = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+end
+local out = {score}
 local got = 0
 for step = 1, 4 do
   for q = 1, nqueues do
@@ -46,7 +52,7 @@ for step = 1, 4 do
           if type(ex) ~= 'string' then ex = '' end
           if type(rk) ~= 'string' then rk = ARGV[2 + q] end
           local record = '[' .. item .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']'
-          redis.call('ZADD', KEYS[2], ARGV[1], tag)
+          redis.call('ZADD', KEYS[2], score, tag)
           redis.call('HSET', KEYS[1], tag, record)
           out[#out + 1] = 1
           out[#out + 1] = q
