@@ -8,6 +8,7 @@
 mod error;
 mod probe;
 mod procs;
+mod rawamqp;
 mod rawredis;
 mod report;
 mod setup;
@@ -76,7 +77,7 @@ struct Args {
     /// Brokers to run (default both)
     #[arg(long, value_delimiter = ',', default_values_t = vec!["redis".to_string(), "amqp".to_string()])]
     brokers: Vec<String>,
-    /// Skip the raw redis-benchmark rows
+    /// Skip the raw broker rows (redis-benchmark, and a bare lapin client on RabbitMQ)
     #[arg(long)]
     skip_raw: bool,
     /// Also write the table to this file
@@ -189,7 +190,12 @@ async fn run(args: &Args) -> Result<String> {
     }
     let mut raw = String::new();
     if !args.skip_raw {
-        raw = raw_redis(&plan).await?;
+        if brokers.contains(&BrokerKind::Redis) {
+            raw = raw_redis(&plan).await?;
+        }
+        if brokers.contains(&BrokerKind::Amqp) {
+            raw.push_str(&raw_amqp(&plan).await?);
+        }
     }
     let table = format!(
         "{}\n{}{}\n",
@@ -466,6 +472,45 @@ async fn raw_redis(plan: &Plan) -> Result<String> {
         ));
     }
     Ok(out)
+}
+
+/// A bare lapin client on RabbitMQ, job-shaped persistent messages (see `rawamqp`), as markdown.
+async fn raw_amqp(plan: &Plan) -> Result<String> {
+    let (mut publish, mut drain, mut both) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut p50, mut p99) = (Vec::new(), Vec::new());
+    for _ in 0..plan.runs {
+        let raw = rawamqp::run(setup::AMQP_URL, plan.jobs, plan.latency_calls).await?;
+        publish.push(raw.publish_per_s);
+        drain.push(raw.drain_per_s);
+        both.push(raw.both_per_s);
+        p50.push(shapes::quantile(&raw.latency_ms, 0.50));
+        p99.push(shapes::quantile(&raw.latency_ms, 0.99));
+    }
+    let cell = |v: &[f64], ms: bool| match report::summary(v) {
+        Some((med, lo, hi)) if ms => format!("{med:.2} ({lo:.2}–{hi:.2})"),
+        Some((med, lo, hi)) => format!(
+            "{} ({}–{})",
+            report::fmt_num(med),
+            report::fmt_num(lo),
+            report::fmt_num(hi)
+        ),
+        None => "—".into(),
+    };
+    Ok(format!(
+        "\nRaw RabbitMQ on this machine (one bare lapin client, {} persistent job-shaped messages; \
+         confirms; prefetch 512, one ack per 64; latency: publish → delivery on a second connection, \
+         {} sequential):\n\n\
+         | publish msgs/s | drain msgs/s | both at once msgs/s | one-way p50 ms | one-way p99 ms |\n\
+         |---|---|---|---|---|\n\
+         | {} | {} | {} | {} | {} |\n",
+        plan.jobs,
+        plan.latency_calls,
+        cell(&publish, false),
+        cell(&drain, false),
+        cell(&both, false),
+        cell(&p50, true),
+        cell(&p99, true)
+    ))
 }
 
 fn loadavg() -> String {

@@ -84,4 +84,14 @@ fn quick_matrix_runs_end_to_end() {
         }
     }
     assert!(stdout.contains("| -P 16 |"), "no raw redis-benchmark rows");
+    let raw_amqp = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("Raw RabbitMQ"))
+        .find(|l| l.starts_with("| ") && l.as_bytes().get(2).is_some_and(u8::is_ascii_digit))
+        .unwrap_or_else(|| panic!("no raw RabbitMQ row in\n{stdout}"));
+    assert_eq!(
+        raw_amqp.split('|').count(),
+        7,
+        "five raw RabbitMQ numbers: {raw_amqp}"
+    );
 }
