@@ -8,15 +8,16 @@
 //! a Python worker's) finds it after the visibility timeout. Queues served by a batch are rotated to
 //! the end of the order for the next one (kombu's round-robin).
 //!
-//! When a fetch comes back empty the consumer is idle, and its next fetch is queued behind a
-//! blocking wait: on a connection of its own it sends `BLMOVE k k RIGHT RIGHT 1` on its first key
-//! (the step-0 list of its first queue, where messages without a priority go) and `fetch.lua` in the
-//! same write. Redis runs the script the moment the wait returns, so a message that arrives on an
-//! idle consumer costs one round trip, not two. That fetch records its messages with the server's
-//! clock, as it runs at a time the consumer does not know. The other keys are watched by
-//! [`Waiters`] (see that module); when one of them gets a message, the consumer `CLIENT UNBLOCK`s
-//! the first key's wait and its queued fetch runs at once (it pops from every key). A wait that times
-//! out runs the fetch too, which finds nothing, and the consumer queues the next one.
+//! When a fetch comes back empty, or with fewer messages than it asked for, the queues were empty
+//! and the next fetch is queued behind a blocking wait: on a connection of its own the consumer
+//! sends `BLMOVE k k RIGHT RIGHT 1` on its first key (the step-0 list of its first queue, where
+//! messages without a priority go) and `fetch.lua` in the same write. Redis runs the script the
+//! moment the wait returns, so a message that arrives on an idle consumer costs one round trip, not
+//! two. That fetch records its messages with the server's clock, as it runs at a time the consumer
+//! does not know. The other keys are watched by [`Waiters`] (see that module); when one of them gets
+//! a message, the consumer `CLIENT UNBLOCK`s the first key's wait and its queued fetch runs at once
+//! (it pops from every key). A wait that times out runs the fetch too, which finds nothing, and the
+//! consumer queues the next one.
 //!
 //! `next()` is cancel-safe: the in-flight fetch (and the idle waits) are futures kept in the consumer,
 //! so a caller that stops waiting (a `select!`, a timeout) leaves the reply to the next call instead of
@@ -441,7 +442,9 @@ impl Consumer for RedisConsumer {
             match fetched {
                 Ok((score, batch)) if !batch.is_empty() => {
                     backoff.reset();
-                    self.idle = false;
+                    // Fewer than asked for: the queues were empty after it, so the next fetch may
+                    // as well wait for a message (it returns at once if one is there by then).
+                    self.idle = batch.len() < permits.len();
                     // Everything fetched may have been malformed: then the loop fetches again.
                     self.accept(batch, &score, permits);
                 }
