@@ -471,6 +471,22 @@ async fn raw_redis(plan: &Plan) -> Result<String> {
             report::fmt_num(pop)
         ));
     }
+    let (mut p50, mut p99) = (Vec::new(), Vec::new());
+    for _ in 0..plan.runs {
+        let ms = rawredis::relay_latency(plan.latency_calls).await?;
+        p50.push(shapes::quantile(&ms, 0.50));
+        p99.push(shapes::quantile(&ms, 0.99));
+    }
+    if let (Some((p50, lo50, hi50)), Some((p99, lo99, hi99))) =
+        (report::summary(&p50), report::summary(&p99))
+    {
+        out.push_str(&format!(
+            "\nRound-trip floor through Redis ({} sequential: LPUSH → a relay thread's BLPOP → its \
+             PUBLISH → the caller's subscription): p50 {p50:.2} ms ({lo50:.2}–{hi50:.2}), p99 \
+             {p99:.2} ms ({lo99:.2}–{hi99:.2}).\n",
+            plan.latency_calls
+        ));
+    }
     Ok(out)
 }
 
