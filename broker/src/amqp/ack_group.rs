@@ -13,19 +13,25 @@
 //! Frames are queued on the channel in that order by the flusher alone, so a multiple ack can never
 //! overtake a reject of a tag it covers. Each caller returns once its own frame is written, as a
 //! single ack would: acks stay late. On a dead channel every waiter gets an error (the broker has
-//! requeued those messages already).
+//! requeued those messages already). A frame not written within [`FRAME_TIMEOUT`] counts as a dead
+//! channel too (lapin can leave a frame queued behind a connection that just died); the channel is
+//! then closed, so its consumer reconnects and the broker requeues what it held.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
+use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::Channel;
 use tokio::sync::oneshot;
 
 use crate::error::{BrokerError, Result};
+
+/// How long a settle frame may take to be written before the channel is given up.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a finished delivery is to be settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,12 +148,19 @@ impl AckGroup {
                 round
             };
             if let Err(e) = self.send(round).await {
-                let mut st = self.lock();
-                st.dead = true;
-                st.flushing = false;
-                tracing::debug!(error = %e, "amqp: settling on a dead channel");
-                // Waiters of later rounds learn it from their dropped sender.
-                st.open.clear();
+                {
+                    let mut st = self.lock();
+                    st.dead = true;
+                    st.flushing = false;
+                    tracing::debug!(error = %e, "amqp: settling on a dead channel");
+                    // Waiters of later rounds learn it from their dropped sender.
+                    st.open.clear();
+                }
+                if self.channel.status().connected() {
+                    // Stuck rather than closed: close it, so the consumer notices and reconnects.
+                    let close = self.channel.close(200, "settling stalled".into());
+                    let _ = tokio::time::timeout(FRAME_TIMEOUT, close).await;
+                }
                 return;
             }
         }
@@ -182,9 +195,13 @@ impl AckGroup {
         }
         let mut failure = None;
         for (frame, waiters) in frames {
-            let outcome = frame.await;
+            let outcome = match tokio::time::timeout(FRAME_TIMEOUT, frame).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("not written within {FRAME_TIMEOUT:?}")),
+            };
             if let Err(e) = &outcome {
-                failure.get_or_insert_with(|| e.to_string());
+                failure.get_or_insert_with(|| e.clone());
             }
             for w in waiters {
                 let _ = w.send(match &outcome {

@@ -115,12 +115,23 @@ impl AmqpConsumer {
 
     async fn open(&self) -> std::result::Result<Session, Failure> {
         let conn = connect(&self.config, "consumer").await?;
-        let channel = conn.create_channel().await?;
-        self.apply_qos(&channel).await?;
-        for (_, name) in &self.queues {
-            declare_task_queue(&channel, name, &self.config.queue_args).await?;
-        }
-        let (tags, stream) = self.start_consumers(&channel).await?;
+        // A connection cut in the middle of the set-up must not leave it waiting forever: the
+        // whole of it is bounded like the handshake, and retried.
+        let limit = self.config.connect_timeout;
+        let set_up = match tokio::time::timeout(limit, self.set_up(&conn)).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure {
+                error: BrokerError::Timeout(limit),
+                fatal: false,
+            }),
+        };
+        let (channel, tags, stream) = match set_up {
+            Ok(parts) => parts,
+            Err(f) => {
+                let _ = tokio::time::timeout(STEP_TIMEOUT, conn.close(200, "OK".into())).await;
+                return Err(f);
+            }
+        };
         tracing::debug!(url = %self.config.redacted, queues = self.queues.len(), "amqp: consuming");
         Ok(Session {
             conn,
@@ -130,6 +141,20 @@ impl AmqpConsumer {
             opened: Instant::now(),
             stream: Mutex::new(stream),
         })
+    }
+
+    /// A channel on `conn` with the qos, the queues declared and their consumers started.
+    async fn set_up(
+        &self,
+        conn: &Connection,
+    ) -> std::result::Result<(Channel, Vec<ShortString>, Merged), Failure> {
+        let channel = conn.create_channel().await?;
+        self.apply_qos(&channel).await?;
+        for (_, name) in &self.queues {
+            declare_task_queue(&channel, name, &self.config.queue_args).await?;
+        }
+        let (tags, stream) = self.start_consumers(&channel).await?;
+        Ok((channel, tags, stream))
     }
 
     async fn apply_qos(&self, channel: &Channel) -> lapin::Result<()> {
