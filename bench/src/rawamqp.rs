@@ -119,16 +119,7 @@ async fn measure(
     for i in 0..calls {
         let (props, body) = job(i);
         let t = Instant::now();
-        let confirm = pub_ch
-            .basic_publish(
-                ShortString::default(),
-                queue.clone(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await
-            .map_err(amqp)?;
+        let confirm = send(&pub_ch, queue, props, &body).await?;
         let d = next(&mut deliveries).await?;
         latency_ms.push(t.elapsed().as_secs_f64() * 1e3);
         sub_ch
@@ -158,22 +149,31 @@ async fn publish(channel: &lapin::Channel, queue: &ShortString, n: usize) -> Res
             }
         }
         let (props, body) = job(i);
-        let confirm = channel
-            .basic_publish(
-                ShortString::default(),
-                queue.clone(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await
-            .map_err(amqp)?;
-        inflight.push_back(confirm);
+        inflight.push_back(send(channel, queue, props, &body).await?);
     }
     for confirm in inflight {
         confirmed(confirm).await?;
     }
     Ok(())
+}
+
+/// Publishes one message to `queue` through the default exchange; the confirm comes later.
+async fn send(
+    channel: &lapin::Channel,
+    queue: &ShortString,
+    props: BasicProperties,
+    body: &[u8],
+) -> Result<lapin::PublisherConfirm> {
+    channel
+        .basic_publish(
+            ShortString::default(),
+            queue.clone(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .map_err(amqp)
 }
 
 /// Takes `n` deliveries, acking them [`ACK_EVERY`] at a time.
