@@ -76,12 +76,15 @@ pub fn worker_main(registry: celerity_worker::Registry) -> ExitCode {
     }
 }
 
-/// Sends `tracing` logs to stderr, filtered by `CELERITY_LOG` (else `default`).
+/// Sends `tracing` logs to stderr, filtered by `CELERITY_LOG` (else `default`). A line that cannot
+/// be written (stderr closed, its reader gone) is dropped: the subscriber's default is to report that
+/// with `eprintln!`, which panics on the same closed stderr, in whatever task was logging.
 pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CELERITY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .try_init();
 }

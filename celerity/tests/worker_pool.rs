@@ -25,6 +25,17 @@ struct Pool {
 
 impl Pool {
     fn start(broker: &str, backend: &str, queue: &str, extra: &[&str]) -> Pool {
+        Pool::start_logging_to(broker, backend, queue, extra, Stdio::null())
+    }
+
+    /// Like `start`, with the pool's log (stderr) going to `stderr`.
+    fn start_logging_to(
+        broker: &str,
+        backend: &str,
+        queue: &str,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> Pool {
         let child = Command::new(env!("CARGO_BIN_EXE_celerity"))
             .args([
                 "--broker",
@@ -39,7 +50,7 @@ impl Pool {
             .env("CELERITY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start celerity worker");
         Pool { child }
@@ -207,6 +218,44 @@ async fn hard_time_limit_ends_a_spinning_job_and_the_pool_keeps_serving() {
     );
     drop(pool);
     delete_amqp_queue(&q).await;
+    delete_redis_prefix(&q).await;
+}
+
+/// A pool whose log reader went away (stderr is a pipe nobody reads any more, as when the terminal
+/// or the process manager that started it is gone) keeps working and still stops on SIGTERM: a log
+/// line that cannot be written is dropped. (It used to panic in the logger: the signal handler
+/// died with it, and the pool ignored SIGTERM from then on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_log_pipe_closed_runs_and_stops_on_sigterm() {
+    let q = unique();
+    let url = format!("{REDIS}?global_keyprefix={q}:");
+    let mut pool = Pool::start_logging_to(&url, &url, &q, &["-P", "2", "-c", "4"], Stdio::piped());
+    drop(pool.child.stderr.take());
+    assert_eq!(
+        pool.wait_for_children(2).len(),
+        2,
+        "pool did not start 2 processes"
+    );
+    let c = client(&url, &url).await;
+    let add = c
+        .send_task(
+            "demo.add",
+            vec![json!(2), json!(3)],
+            Default::default(),
+            &SendOptions::new().queue(&q),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        add.get(Some(Duration::from_secs(20))).await.unwrap(),
+        json!(5)
+    );
+    pool.signal(libc::SIGTERM);
+    let status = pool
+        .wait_exit(Duration::from_secs(30))
+        .expect("the pool did not stop on SIGTERM");
+    assert!(status.success(), "pool exited with {status}");
+    let _ = c.close().await;
     delete_redis_prefix(&q).await;
 }
 
