@@ -111,6 +111,23 @@ async fn client(broker: &str, backend: &str) -> Client {
     Client::new(b, Some(connect_backend(backend).await.unwrap()))
 }
 
+/// Sends `demo.add(2, 3)` to `queue` and checks the pool answers 5.
+async fn assert_pool_adds(c: &Client, queue: &str) {
+    let add = c
+        .send_task(
+            "demo.add",
+            vec![json!(2), json!(3)],
+            Default::default(),
+            &SendOptions::new().queue(queue),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        add.get(Some(Duration::from_secs(20))).await.unwrap(),
+        json!(5)
+    );
+}
+
 /// Sends `n` short jobs, SIGKILLs one worker process while they run, and checks every job still
 /// finishes exactly with its value.
 async fn killed_process_loses_nothing(broker: &str, backend: &str, queue: &str) {
@@ -195,19 +212,7 @@ async fn hard_time_limit_ends_a_spinning_job_and_the_pool_keeps_serving() {
         m.exception().map(|e| e.exc_type),
         Some("TimeLimitExceeded".to_owned())
     );
-    let add = c
-        .send_task(
-            "demo.add",
-            vec![json!(2), json!(3)],
-            Default::default(),
-            &SendOptions::new().queue(&q),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        add.get(Some(Duration::from_secs(20))).await.unwrap(),
-        json!(5)
-    );
+    assert_pool_adds(&c, &q).await;
     // RabbitMQ gave the spinning job back when its process died; the pool must drop it, not run it again.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(c.broker().queue_len(&q).await.unwrap(), 0);
@@ -237,19 +242,7 @@ async fn a_pool_whose_log_pipe_closed_runs_and_stops_on_sigterm() {
         "pool did not start 2 processes"
     );
     let c = client(&url, &url).await;
-    let add = c
-        .send_task(
-            "demo.add",
-            vec![json!(2), json!(3)],
-            Default::default(),
-            &SendOptions::new().queue(&q),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        add.get(Some(Duration::from_secs(20))).await.unwrap(),
-        json!(5)
-    );
+    assert_pool_adds(&c, &q).await;
     pool.signal(libc::SIGTERM);
     let status = pool
         .wait_exit(Duration::from_secs(30))
