@@ -13,6 +13,7 @@
 //! - [`backend`]: the [`ResultBackend`] seam, task states and Celery's result meta document, with
 //!   memory and Redis backends.
 //! - [`url`]: picks a transport or backend from a URL.
+//! - [`wait_lock`]: lets the processes of one worker pool take turns at waiting for work.
 //! - [`error`]: [`BrokerError`], the one error type of this crate.
 
 pub mod backend;
@@ -23,6 +24,7 @@ pub mod protocol;
 pub mod pyjson;
 pub mod transport;
 pub mod url;
+pub mod wait_lock;
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
@@ -36,3 +38,4 @@ pub use error::{BrokerError, Result};
 pub use message::{Message, Properties};
 pub use transport::{AckHandle, Broker, Consumer, Delivery};
 pub use url::{connect_backend, connect_broker, BrokerUrl};
+pub use wait_lock::WaitLock;

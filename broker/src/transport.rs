@@ -13,6 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::Result;
 use crate::message::Message;
+use crate::wait_lock::WaitLock;
 
 /// A connected transport. Cheap to share behind an `Arc`; every method may be called concurrently.
 #[async_trait]
@@ -43,6 +44,13 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Closes connections. Outstanding consumers stop.
     async fn close(&self) -> Result<()>;
+
+    /// Makes the consumers this broker opens from now on take turns at waiting for work with the
+    /// other processes of their pool that share `lock` (see [`WaitLock`]). Transports whose idle
+    /// wait wakes only one consumer per message (RabbitMQ, `memory://`) have no use for it.
+    fn share_wait_lock(&self, lock: Arc<WaitLock>) {
+        let _ = lock;
+    }
 
     /// Publishes `message` on fanout exchange `exchange` with `routing_key` (Celery's remote control
     /// `celery.pidbox` uses `""`, events `celeryev` use e.g. `task.succeeded`): every current

@@ -148,6 +148,11 @@ pub async fn run_worker(
             config.global_rate_limits = Some(global_limiter(conn).await?);
         }
         let broker = connect_broker(&conn.broker).await?;
+        if is_child {
+            if let Some(lock) = supervisor::inherited_wait_lock() {
+                broker.share_wait_lock(lock);
+            }
+        }
         let backend = backend_for(conn).await?;
         let summary = run(registry, broker.clone(), backend, config, shutdown).await;
         let _ = broker.close().await;

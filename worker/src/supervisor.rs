@@ -11,11 +11,16 @@
 //!   delivered again by the broker.
 //! - the first SIGTERM/SIGINT asks every child for a warm shutdown, a second one for a cold one.
 //!
+//! The children share a wait lock (an unlinked file each of them opens for itself, named to them by
+//! [`WAIT_LOCK_ENV`]), so that only one idle child at a time blocks on the broker for new work
+//! (see `celerity_broker::wait_lock`).
+//!
 //! Children run in their own process group, so a Ctrl-C in a terminal reaches only the supervisor,
 //! which forwards it once. Children report jobs that carry a hard time limit as JSON lines
 //! ([`JobEvent`]) on their stdout.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +39,8 @@ use crate::server::Shutdown;
 
 /// Set in a child's environment (to its slot number); a worker that sees it runs as a child.
 pub const CHILD_ENV: &str = "CELERITY_WORKER_CHILD";
+/// Set in a child's environment to the descriptor number of the pool's wait lock file.
+pub const WAIT_LOCK_ENV: &str = "CELERITY_POOL_WAIT_LOCK";
 
 /// A child that lived at least this long resets the restart backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
@@ -54,12 +61,22 @@ pub async fn supervise(
         WorkerError::Config(format!("cannot find this program to start children: {e}"))
     })?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // Kept open for as long as children may be started; without it every child waits on its own.
+    let wait_lock = match wait_lock_file() {
+        Ok(file) => Some(file),
+        Err(e) => {
+            tracing::warn!(error = %e, "no wait lock for the pool; every idle process waits on the broker");
+            None
+        }
+    };
+    let wait_lock_fd = wait_lock.as_ref().map(|f| f.as_raw_fd().to_string());
     let slots: Vec<_> = (0..processes)
         .map(|slot| {
             let slot_args = SlotArgs {
                 slot,
                 exe: exe.clone(),
                 args: args.clone(),
+                wait_lock_fd: wait_lock_fd.clone(),
                 backend: backend.clone(),
                 shutdown: shutdown.clone(),
             };
@@ -73,11 +90,48 @@ pub async fn supervise(
         }
     }
     tracing::info!("all worker processes stopped");
+    drop(wait_lock);
     Ok(())
+}
+
+/// The pool's wait lock: a file in the temporary directory, unlinked at once (nothing is left
+/// behind however the supervisor ends), its descriptor inherited by the children.
+fn wait_lock_file() -> std::io::Result<std::fs::File> {
+    let path = std::env::temp_dir().join(format!(
+        "celerity-pool-{}-{}.lock",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    // std opens files close-on-exec; the children need this one.
+    // SAFETY: fcntl on a descriptor this function owns; no memory is passed.
+    let cleared = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) };
+    if cleared == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// In a child: its own handle on the pool's wait lock, if the supervisor passed one.
+pub fn inherited_wait_lock() -> Option<Arc<celerity_broker::WaitLock>> {
+    let fd: i32 = std::env::var(WAIT_LOCK_ENV).ok()?.parse().ok()?;
+    match celerity_broker::WaitLock::reopen_inherited(fd) {
+        Ok(lock) => Some(lock),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the pool's wait lock; waiting on the broker alone");
+            None
+        }
+    }
 }
 
 struct SlotArgs {
     slot: usize,
+    wait_lock_fd: Option<String>,
     exe: std::path::PathBuf,
     args: Vec<std::ffi::OsString>,
     backend: Option<Arc<dyn ResultBackend>>,
@@ -91,7 +145,11 @@ async fn run_slot(a: SlotArgs) {
         if a.shutdown.warm.is_cancelled() {
             return;
         }
-        let mut child = match Command::new(&a.exe)
+        let mut command = Command::new(&a.exe);
+        if let Some(fd) = &a.wait_lock_fd {
+            command.env(WAIT_LOCK_ENV, fd);
+        }
+        let mut child = match command
             .args(&a.args)
             .env(CHILD_ENV, a.slot.to_string())
             .stdin(Stdio::null())

@@ -19,6 +19,13 @@
 //! (it pops from every key). A wait that times out runs the fetch too, which finds nothing, and the
 //! consumer queues the next one.
 //!
+//! The processes of one pool take turns at that wait when they share a [`WaitLock`] (see that
+//! module): an idle consumer queues its wait-and-fetch only while it holds the lock, so a message
+//! wakes one process of the pool, not all of them. It keeps the lock while it goes on waiting (a fetch
+//! that found the queues empty or nearly so) and lets go when a fetch comes back full, when all its
+//! prefetch slots are taken, on a connection error and on close. Without the lock it waits for it,
+//! and looks for work itself every [`IDLE_RECHECK`] meanwhile.
+//!
 //! `next()` is cancel-safe: the in-flight fetch (and the idle waits) are futures kept in the consumer,
 //! so a caller that stops waiting (a `select!`, a timeout) leaves the reply to the next call instead of
 //! stranding what it fetched. They are polled in place, with no task hop on the latency path. Closing
@@ -56,11 +63,29 @@ use super::waiter::{self, Waiters, BLOCK_SECS};
 use super::Shared;
 use crate::error::{BrokerError, Result};
 use crate::transport::{Consumer, Delivery, PrefetchWindow};
+use crate::wait_lock::WaitLock;
 
 /// The most messages one fetch pops.
 const MAX_BATCH: usize = 64;
 /// How often an idle consumer looks for itself, in case a wake-up was missed.
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
+/// Whether a consumer may queue its fetch behind a blocking wait now: always without a wait lock;
+/// with one, once it holds the lock. Still without it after [`IDLE_RECHECK`] (or on close) it
+/// fetches without waiting instead, so work is found even if the holder is stuck.
+async fn my_turn(lock: Option<Arc<WaitLock>>, cancel: CancellationToken) -> bool {
+    let Some(lock) = lock else {
+        return true;
+    };
+    if lock.try_take() {
+        return true;
+    }
+    tokio::select! {
+        () = lock.take() => true,
+        () = tokio::time::sleep(IDLE_RECHECK) => false,
+        () = cancel.cancelled() => false,
+    }
+}
 
 /// One message popped by `fetch.lua`.
 struct Fetched {
@@ -116,6 +141,8 @@ pub(crate) struct RedisConsumer {
     window: PrefetchWindow,
     cancel: CancellationToken,
     waiters: Waiters,
+    /// Shared with the other processes of the pool: whose turn it is to wait (see the module doc).
+    wait_lock: Option<Arc<WaitLock>>,
     sweeper: Option<JoinHandle<()>>,
     closed: bool,
 }
@@ -125,6 +152,7 @@ impl RedisConsumer {
         shared: Arc<Shared>,
         queues: Vec<String>,
         prefetch: usize,
+        wait_lock: Option<Arc<WaitLock>>,
     ) -> Result<Self> {
         let prefetch = prefetch.max(1);
         let queue_keys: Vec<[String; 5]> = queues
@@ -166,6 +194,7 @@ impl RedisConsumer {
             window: PrefetchWindow::new(prefetch),
             cancel,
             waiters,
+            wait_lock,
             sweeper: Some(sweeper),
             closed: false,
         })
@@ -235,6 +264,19 @@ impl RedisConsumer {
             reply,
             behind: Some(blocking.id),
             permits,
+        }
+    }
+
+    /// After a fetch: a consumer that will wait again (`again`) keeps its turn for the next wait
+    /// (released if that does not come soon); one that is busy or stopping lets a sibling wait.
+    fn let_go(&self, again: bool) {
+        let Some(lock) = &self.wait_lock else {
+            return;
+        };
+        if !again {
+            lock.release();
+        } else if lock.is_held() {
+            lock.release_soon();
         }
     }
 
@@ -339,6 +381,7 @@ impl RedisConsumer {
     fn stop(&mut self) -> JoinHandle<Result<usize>> {
         self.closed = true;
         self.cancel.cancel();
+        self.let_go(false);
         self.waiters = Waiters::new(&self.shared.client, Vec::new());
         if let Some(s) = self.sweeper.take() {
             s.abort();
@@ -400,9 +443,16 @@ impl Consumer for RedisConsumer {
                         }
                     }
                 }
-                let first = tokio::select! {
-                    p = self.window.permits().clone().acquire_owned() => p.ok(),
-                    () = self.cancel.cancelled() => None,
+                let first = match self.window.permits().clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        // Every slot is taken: a sibling process waits for new work meanwhile.
+                        self.let_go(false);
+                        tokio::select! {
+                            p = self.window.permits().clone().acquire_owned() => p.ok(),
+                            () = self.cancel.cancelled() => None,
+                        }
+                    }
                 };
                 let Some(first) = first else {
                     self.shut_down().await?;
@@ -415,11 +465,13 @@ impl Consumer for RedisConsumer {
                         Err(_) => break,
                     }
                 }
-                let behind = if self.idle {
-                    self.blocking.as_ref()
-                } else {
-                    None
-                };
+                let wait = self.idle && my_turn(self.wait_lock.clone(), self.cancel.clone()).await;
+                if self.cancel.is_cancelled() {
+                    drop(permits);
+                    self.shut_down().await?;
+                    return Ok(None);
+                }
+                let behind = if wait { self.blocking.as_ref() } else { None };
                 self.pending = Some(self.start_fetch(permits, behind));
             }
             let fetched = match self.turn().await {
@@ -445,6 +497,7 @@ impl Consumer for RedisConsumer {
                     // Fewer than asked for: the queues were empty after it, so the next fetch may
                     // as well wait for a message (it returns at once if one is there by then).
                     self.idle = batch.len() < permits.len();
+                    self.let_go(self.idle);
                     // Everything fetched may have been malformed: then the loop fetches again.
                     self.accept(batch, &score, permits);
                 }
@@ -452,10 +505,12 @@ impl Consumer for RedisConsumer {
                     // Nothing there: the next fetch waits for a message.
                     backoff.reset();
                     self.idle = true;
+                    self.let_go(true);
                     drop(permits);
                 }
                 Err(e) if e.is_connection() => {
                     drop(permits);
+                    self.let_go(false);
                     if self.idle {
                         // It waited on the blocking connection: open a new one next time.
                         self.blocking = None;

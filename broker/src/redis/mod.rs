@@ -45,6 +45,7 @@ use crate::error::{BrokerError, Result};
 use crate::message::Message;
 use crate::transport::{Broker, Consumer, Subscription};
 use crate::url::BrokerUrl;
+use crate::wait_lock::WaitLock;
 use keys::Keys;
 
 /// How long a connection attempt may take.
@@ -59,6 +60,8 @@ const OPTIONS: &[&str] = &["global_keyprefix", "visibility_timeout", "restore_in
 /// A connection to a Redis broker. Cheap to share; every method may be called concurrently.
 pub struct RedisBroker {
     shared: Arc<Shared>,
+    /// The pool's wait lock, handed to every consumer opened after it was set.
+    wait_lock: Mutex<Option<Arc<WaitLock>>>,
 }
 
 /// What the broker, its consumers and their ack handles share.
@@ -133,6 +136,7 @@ impl RedisBroker {
                 closed: CancellationToken::new(),
                 declared: Mutex::default(),
             }),
+            wait_lock: Mutex::default(),
         })
     }
 
@@ -298,8 +302,14 @@ impl Broker for RedisBroker {
         for q in &unique {
             self.declare_queue(q).await?;
         }
+        let wait_lock = self
+            .wait_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let consumer =
-            consumer::RedisConsumer::start(self.shared.clone(), unique, prefetch).await?;
+            consumer::RedisConsumer::start(self.shared.clone(), unique, prefetch, wait_lock)
+                .await?;
         Ok(Box::new(consumer))
     }
 
@@ -332,6 +342,10 @@ impl Broker for RedisBroker {
     async fn close(&self) -> Result<()> {
         self.shared.closed.cancel();
         Ok(())
+    }
+
+    fn share_wait_lock(&self, lock: Arc<WaitLock>) {
+        *self.wait_lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(lock);
     }
 
     /// `PUBLISH`es the message on kombu's channel for the exchange and routing key (`fanout.rs`);
