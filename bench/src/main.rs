@@ -33,6 +33,19 @@ enum Only {
     Celerity,
 }
 
+/// The shapes that can be picked with `--shapes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Shape {
+    /// noop throughput (enqueue and drain), no results
+    Noop,
+    /// add with results, and the memory rows (idle and under that load)
+    Add,
+    /// round-trip latency of sequential add calls
+    Latency,
+    /// sleep_ms(100) IO-bound
+    Io,
+}
+
 /// Celerity vs Python Celery, same machine, brokers and job shapes.
 #[derive(Debug, Parser)]
 #[command(name = "bench")]
@@ -77,6 +90,9 @@ struct Args {
     /// Brokers to run (default both)
     #[arg(long, value_delimiter = ',', default_values_t = vec!["redis".to_string(), "amqp".to_string()])]
     brokers: Vec<String>,
+    /// Shapes to run (default all)
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io])]
+    shapes: Vec<Shape>,
     /// Skip the raw broker rows (redis-benchmark, and a bare lapin client on RabbitMQ)
     #[arg(long)]
     skip_raw: bool,
@@ -86,8 +102,9 @@ struct Args {
 }
 
 /// Job counts and repetitions.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Plan {
+    shapes: Vec<Shape>,
     runs: usize,
     jobs: usize,
     celery_jobs: usize,
@@ -106,6 +123,7 @@ impl Plan {
         };
         let jobs = args.jobs.unwrap_or(jobs);
         Plan {
+            shapes: args.shapes.clone(),
             runs: args.runs.unwrap_or(runs).max(1),
             jobs,
             celery_jobs: args.celery_jobs.unwrap_or(jobs),
@@ -114,6 +132,10 @@ impl Plan {
             latency_calls: args.latency_calls.unwrap_or(lat),
             raw_requests: raw,
         }
+    }
+
+    fn has(&self, shape: Shape) -> bool {
+        self.shapes.contains(&shape)
     }
 }
 
@@ -184,7 +206,7 @@ async fn run(args: &Args) -> Result<String> {
         for &broker in &brokers {
             throughput_rows(&programs, system, broker, &plan, &mut rows).await?;
         }
-        if brokers.contains(&BrokerKind::Redis) {
+        if brokers.contains(&BrokerKind::Redis) && plan.has(Shape::Io) {
             io_rows(&programs, system, &plan, &mut rows).await?;
         }
     }
@@ -296,32 +318,12 @@ async fn throughput_rows(
         String::new()
     };
 
-    // noop, no result backend.
-    let mut s = Session::start(programs, system, broker, false, Pool::TwoProcesses).await?;
-    let label = s.setup.label();
-    let outcome = async {
-        for run in 0..plan.runs {
-            let shape = format!("noop ×{}", plan.jobs);
-            let e = shapes::enqueue(programs, system, &s.setup, &s.queue, &mut s.probe, n).await?;
-            let t = shapes::noop(programs, &s.setup, &s.queue, &mut s.probe, n).await?;
-            eprintln!(
-                "{system:?} {label} noop run {}: enqueue {e:.0}/s, drain {:.0}/s ({:.2} s)",
-                run + 1,
-                t.drain,
-                t.seconds
-            );
-            samples(row(rows, &shape, &label, "enqueue msgs/s"), system).push(e);
-            let r = row(rows, &shape, &label, "drain jobs/s");
-            samples(r, system).push(t.drain);
-            if !note.is_empty() {
-                r.note = note.clone();
-            }
-        }
-        Ok::<_, BenchError>(())
+    if plan.has(Shape::Noop) {
+        noop_rows(programs, system, broker, plan, n, &note, rows).await?;
     }
-    .await;
-    s.end().await?;
-    outcome?;
+    if !plan.has(Shape::Add) && !plan.has(Shape::Latency) {
+        return Ok(());
+    }
 
     // add with results, latency, memory.
     let s = Session::start(programs, system, broker, true, Pool::TwoProcesses).await?;
@@ -342,7 +344,8 @@ async fn throughput_rows(
             })
         };
         let mut loaded = Vec::new();
-        for run in 0..plan.runs {
+        let add_runs = if plan.has(Shape::Add) { plan.runs } else { 0 };
+        for run in 0..add_runs {
             peak.store(0, Ordering::Relaxed);
             let t = shapes::with_results(
                 programs,
@@ -374,7 +377,12 @@ async fn throughput_rows(
         sampling.store(false, Ordering::Relaxed);
         let _ = sampler.await;
         results.close().await;
-        for run in 0..plan.runs {
+        let latency_runs = if plan.has(Shape::Latency) {
+            plan.runs
+        } else {
+            0
+        };
+        for run in 0..latency_runs {
             let ms =
                 shapes::latency(programs, system, &s.setup, &s.queue, plan.latency_calls).await?;
             let (p50, p99) = (shapes::quantile(&ms, 0.5), shapes::quantile(&ms, 0.99));
@@ -387,9 +395,48 @@ async fn throughput_rows(
             samples(row(rows, &shape, &label, "p99 ms"), system).push(p99);
         }
         let shape = "memory (RSS, worker + children)";
-        samples(row(rows, shape, &label, "idle MiB"), system).push(idle);
+        if plan.has(Shape::Add) {
+            samples(row(rows, shape, &label, "idle MiB"), system).push(idle);
+        }
         for l in loaded {
             samples(row(rows, shape, &label, "under add load, peak MiB"), system).push(l);
+        }
+        Ok::<_, BenchError>(())
+    }
+    .await;
+    s.end().await?;
+    outcome
+}
+
+/// noop throughput (enqueue and drain), no result backend, for one system and broker.
+async fn noop_rows(
+    programs: &Programs,
+    system: System,
+    broker: BrokerKind,
+    plan: &Plan,
+    n: usize,
+    note: &str,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let mut s = Session::start(programs, system, broker, false, Pool::TwoProcesses).await?;
+    let label = s.setup.label();
+    let outcome = async {
+        for run in 0..plan.runs {
+            let shape = format!("noop ×{}", plan.jobs);
+            let e = shapes::enqueue(programs, system, &s.setup, &s.queue, &mut s.probe, n).await?;
+            let t = shapes::noop(programs, &s.setup, &s.queue, &mut s.probe, n).await?;
+            eprintln!(
+                "{system:?} {label} noop run {}: enqueue {e:.0}/s, drain {:.0}/s ({:.2} s)",
+                run + 1,
+                t.drain,
+                t.seconds
+            );
+            samples(row(rows, &shape, &label, "enqueue msgs/s"), system).push(e);
+            let r = row(rows, &shape, &label, "drain jobs/s");
+            samples(r, system).push(t.drain);
+            if !note.is_empty() {
+                r.note = note.to_owned();
+            }
         }
         Ok::<_, BenchError>(())
     }
