@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 
 /// How long a holder keeps the lock after a wait ended with the queues empty, for the next wait it
 /// is about to start; if that does not come (the process stopped fetching), the lock is let go.
-pub(crate) const KEEP_FOR: Duration = Duration::from_millis(5);
+const KEEP_FOR: Duration = Duration::from_millis(5);
 
 /// One process's handle on the pool's wait lock (see the module doc). Cheap to share.
 #[derive(Debug)]
@@ -76,13 +76,25 @@ impl WaitLock {
     /// Takes the lock if it is free; true if this handle holds it afterwards. A deferred release
     /// still pending is cancelled.
     pub fn try_take(&self) -> bool {
-        let mut st = self.lock();
+        self.claim(&mut self.lock()).is_ok_and(|held| held)
+    }
+
+    /// Under the state lock: marks the lock wanted (cancelling a deferred release) and takes it if
+    /// it is free. `Ok(true)` if this handle holds it afterwards, `Ok(false)` if another does.
+    fn claim(&self, st: &mut State) -> std::io::Result<bool> {
         st.generation += 1;
         st.wanted = true;
-        if !st.held && self.file.try_lock().is_ok() {
-            st.held = true;
+        if st.held {
+            return Ok(true);
         }
-        st.held
+        match self.file.try_lock() {
+            Ok(()) => {
+                st.held = true;
+                Ok(true)
+            }
+            Err(TryLockError::WouldBlock) => Ok(false),
+            Err(TryLockError::Error(e)) => Err(e),
+        }
     }
 
     /// Waits until this handle holds the lock. Cancel-safe: a grant that arrives after the caller
@@ -94,17 +106,9 @@ impl WaitLock {
             granted.as_mut().enable();
             let unusable = {
                 let mut st = self.lock();
-                st.generation += 1;
-                st.wanted = true;
-                if st.held {
-                    return;
-                }
-                match self.file.try_lock() {
-                    Ok(()) => {
-                        st.held = true;
-                        return;
-                    }
-                    Err(TryLockError::WouldBlock) => {
+                match self.claim(&mut st) {
+                    Ok(true) => return,
+                    Ok(false) => {
                         if !st.taking {
                             st.taking = true;
                             let me = self.clone();
@@ -112,7 +116,7 @@ impl WaitLock {
                         }
                         false
                     }
-                    Err(TryLockError::Error(e)) => {
+                    Err(e) => {
                         tracing::debug!(error = %e, "wait lock unusable");
                         true
                     }
