@@ -334,6 +334,44 @@ async fn wait_times_out_and_leaves_no_subscription() {
 }
 
 #[tokio::test]
+async fn a_channel_left_and_joined_at_once_stays_subscribed() {
+    // The listener sends the UNSUBSCRIBE of the waiter that leaves and the SUBSCRIBE of the one
+    // that joins in one go, without waiting between them: the server must still see them in order.
+    let p = prefix();
+    let b = backend(&p, NO_POLL).await;
+    let mut admin = raw().await;
+    let tid = id();
+    let channel = key(&p, &tid);
+    let mut leaving = Box::pin(b.wait(&tid, None));
+    tokio::select! {
+        r = &mut leaving => panic!("nothing was stored, the wait cannot finish: {r:?}"),
+        n = subscribers_reach(&mut admin, &channel, 1) => assert_eq!(n, 1),
+    }
+    // Leave and join with no await in between, so both commands reach the listener together.
+    drop(leaving);
+    let mut joining = Box::pin(tokio::time::timeout(LONG, b.wait(&tid, None)));
+    tokio::select! {
+        r = &mut joining => panic!("nothing was stored, the wait cannot finish: {r:?}"),
+        () = tokio::time::sleep(Duration::from_millis(300)) => {}
+    }
+    assert_eq!(
+        numsub(&mut admin, &channel).await,
+        1,
+        "the channel was left"
+    );
+    let writer = backend(&p, "").await;
+    writer.store(&success(&tid, json!("again"))).await.unwrap();
+    let got = joining
+        .await
+        .expect("no notification reached the waiter")
+        .unwrap();
+    assert_eq!(got.result, json!("again"));
+    assert_eq!(subscribers_settle(&channel).await, 0);
+    writer.close().await.unwrap();
+    cleanup(&p).await;
+}
+
+#[tokio::test]
 async fn hundreds_of_concurrent_waiters_are_all_resolved() {
     let p = prefix();
     let b = Arc::new(backend(&p, NO_POLL).await);

@@ -5,7 +5,7 @@
 //! queues a `SUBSCRIBE`; later ones share it, and the last one to leave queues the `UNSUBSCRIBE`
 //! (from `Drop`, so timeouts and dropped futures clean up too). Commands are queued under the same
 //! lock that updates the table of channels, so the server sees them in the order the table changed.
-//! The listener task sends queued commands in batches (one `SUBSCRIBE` for many channels),
+//! The listener task sends queued commands in batches (one `SUBSCRIBE` for many channels), pipelined,
 //! dispatches each message to the channel's waiters through a `watch` slot holding the latest
 //! payload, and pings the connection now and then. It starts on first use; when the connection
 //! drops it reconnects with backoff, subscribes again to every channel still wanted, and tells
@@ -15,7 +15,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -352,8 +353,13 @@ async fn bounded<T>(
     }
 }
 
-/// Sends a batch of commands in order, merging runs of the same kind into one command.
+/// Sends a batch of commands in order, merging runs of the same kind into one command, and all of
+/// them in one go: each is handed to the connection before the reply to the one before it is in,
+/// so an `UNSUBSCRIBE` of the last call does not hold back the `SUBSCRIBE` of the next by a round
+/// trip. The connection keeps them in order; each subscription counts as confirmed once its own
+/// reply is in.
 async fn apply(sink: &mut PubSubSink, batch: Vec<Command>) -> redis::RedisResult<()> {
+    let mut in_flight = Vec::new();
     let mut rest = batch.as_slice();
     while let Some(first) = rest.first() {
         let subscribe = matches!(first, Command::Subscribe(..));
@@ -363,24 +369,41 @@ async fn apply(sink: &mut PubSubSink, batch: Vec<Command>) -> redis::RedisResult
             .count();
         let (now, later) = rest.split_at(run);
         rest = later;
-        let names: Vec<&str> = now
+        let names: Vec<String> = now
             .iter()
             .map(|c| match c {
-                Command::Subscribe(name, _) | Command::Unsubscribe(name) => name.as_str(),
+                Command::Subscribe(name, _) | Command::Unsubscribe(name) => name.clone(),
             })
             .collect();
-        if subscribe {
-            sink.subscribe(names).await?;
-            for c in now {
-                if let Command::Subscribe(_, slot) = c {
-                    slot.subscribed.send_replace(true);
-                }
-            }
+        let mut sink = sink.clone();
+        let mut request: BoxFuture<'static, redis::RedisResult<()>> = if subscribe {
+            Box::pin(async move { sink.subscribe(names).await })
         } else {
-            sink.unsubscribe(names).await?;
+            Box::pin(async move { sink.unsubscribe(names).await })
+        };
+        // The first poll queues the command on the connection (it cannot have its reply yet).
+        match (&mut request).now_or_never() {
+            Some(done) => {
+                done?;
+                confirm(now);
+            }
+            None => in_flight.push((request, now)),
         }
     }
+    for (request, commands) in in_flight {
+        request.await?;
+        confirm(commands);
+    }
     Ok(())
+}
+
+/// Marks the subscriptions among `commands` as confirmed by the server.
+fn confirm(commands: &[Command]) {
+    for c in commands {
+        if let Command::Subscribe(_, slot) = c {
+            slot.subscribed.send_replace(true);
+        }
+    }
 }
 
 /// Hands a message to the waiters of its channel, if any are left.
