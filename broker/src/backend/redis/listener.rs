@@ -369,14 +369,14 @@ async fn apply(sink: &mut PubSubSink, batch: Vec<Command>) -> redis::RedisResult
             .count();
         let (now, later) = rest.split_at(run);
         rest = later;
-        let names: Vec<String> = now
+        let names: Vec<&str> = now
             .iter()
             .map(|c| match c {
-                Command::Subscribe(name, _) | Command::Unsubscribe(name) => name.clone(),
+                Command::Subscribe(name, _) | Command::Unsubscribe(name) => name.as_str(),
             })
             .collect();
         let mut sink = sink.clone();
-        let mut request: BoxFuture<'static, redis::RedisResult<()>> = if subscribe {
+        let mut request: BoxFuture<'_, redis::RedisResult<()>> = if subscribe {
             Box::pin(async move { sink.subscribe(names).await })
         } else {
             Box::pin(async move { sink.unsubscribe(names).await })
