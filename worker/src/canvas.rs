@@ -43,7 +43,6 @@
 //!   above. The body therefore runs once.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::Value;
 
@@ -54,42 +53,33 @@ use celerity_client::canvas::Call;
 use celerity_client::canvas_plan::{self as plan, Action};
 
 use crate::error::Result;
-use crate::executor::Executor;
-
-/// Attempts at a backend call before the job is left unacked for redelivery.
-const ATTEMPTS: u32 = 5;
+use crate::results::{retry_delay, ResultStore, ATTEMPTS};
 
 /// The workflow steps of one job, sent from the queue it came from.
 pub(crate) struct Canvas<'a> {
     broker: &'a Arc<dyn Broker>,
-    backend: Option<&'a Arc<dyn ResultBackend>>,
+    results: &'a ResultStore,
     /// Where children go when their signature names no queue: the queue this job came from.
     queue: &'a str,
 }
 
-impl Executor {
+impl<'a> Canvas<'a> {
     /// The workflow steps of a job that came from `queue`.
-    pub(crate) fn canvas<'a>(&'a self, queue: &'a str) -> Canvas<'a> {
+    pub(crate) fn new(
+        broker: &'a Arc<dyn Broker>,
+        results: &'a ResultStore,
+        queue: &'a str,
+    ) -> Self {
         Canvas {
-            broker: &self.broker,
-            backend: self.backend.as_ref(),
+            broker,
+            results,
             queue,
         }
     }
-}
 
-/// Python's `repr` of an exception: `ValueError('boom')`.
-fn exception_repr(e: &ExceptionInfo) -> String {
-    let args: Vec<String> = e
-        .exc_message
-        .iter()
-        .map(|a| match a {
-            Value::String(s) if s.contains('\'') && !s.contains('"') => format!("\"{s}\""),
-            Value::String(s) => format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'")),
-            other => other.to_string(),
-        })
-        .collect();
-    format!("{}({})", e.exc_type, args.join(", "))
+    fn backend(&self) -> Option<&'a Arc<dyn ResultBackend>> {
+        self.results.backend()
+    }
 }
 
 impl Canvas<'_> {
@@ -111,7 +101,7 @@ impl Canvas<'_> {
             match action {
                 Action::ChordSize { group_id, size } => {
                     let backend = self
-                        .backend
+                        .backend()
                         .ok_or(celerity_client::ClientError::NoBackend)?;
                     backend.set_chord_size(&group_id, size).await?;
                 }
@@ -126,7 +116,7 @@ impl Canvas<'_> {
 
     /// True if a frozen child has not been seen by any worker yet (so it may be sent again).
     async fn still_pending(&self, sig: &Signature) -> bool {
-        match (plan::result_id(sig), self.backend) {
+        match (plan::result_id(sig), self.backend()) {
             (Some(id), Some(b)) => matches!(b.get(&id).await, Ok(m) if m.status == State::Pending),
             _ => true,
         }
@@ -221,23 +211,9 @@ impl Canvas<'_> {
                 if let Some(g) = step.options.get("group_id").filter(|g| g.is_string()) {
                     m.extra.insert("group_id".into(), g.clone());
                 }
-                self.store(&m).await;
+                self.results.store(&m).await;
             }
         }
-    }
-
-    async fn store(&self, meta: &TaskMeta) {
-        let Some(backend) = self.backend else { return };
-        for attempt in 0..ATTEMPTS {
-            match backend.store(meta).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(id = meta.task_id, error = %e, attempt, "storing a workflow result failed");
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-                }
-            }
-        }
-        tracing::error!(id = meta.task_id, "giving up storing a workflow result");
     }
 
     /// Adds a chord header member's outcome to the join; the member that completes it sends the
@@ -251,7 +227,7 @@ impl Canvas<'_> {
         if !message.embed.chord.is_object() {
             return Ok(());
         }
-        let (Some(group_id), Some(backend)) = (&message.headers.group, self.backend) else {
+        let (Some(group_id), Some(backend)) = (&message.headers.group, self.backend()) else {
             tracing::error!(
                 id = message.id(),
                 "chord member without a group id or a result backend; the chord cannot join"
@@ -271,7 +247,7 @@ impl Canvas<'_> {
                 Ok(j) => break j,
                 Err(e) if attempt + 1 < ATTEMPTS => {
                     tracing::warn!(id = message.id(), error = %e, attempt, "chord join failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                    tokio::time::sleep(retry_delay(attempt)).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
@@ -296,7 +272,7 @@ impl Canvas<'_> {
             });
             let exc = ExceptionInfo::new(
                 "ChordError",
-                format!("Dependency {} raised {}", f.task_id, exception_repr(&cause)),
+                format!("Dependency {} raised {}", f.task_id, cause.repr()),
                 "celery.exceptions",
             );
             tracing::warn!(group = group_id, failed = f.task_id, "chord failed: {exc}");
@@ -304,7 +280,7 @@ impl Canvas<'_> {
                 let mut m = TaskMeta::failure(&body_id, &exc, None);
                 m.extra
                     .insert("group_id".into(), Value::String(group_id.clone()));
-                self.store(&m).await;
+                self.results.store(&m).await;
                 let id = Value::String(body_id.clone());
                 let errbacks = body.options.get("link_error").cloned().unwrap_or_default();
                 let errbacks = match errbacks {
@@ -368,20 +344,5 @@ impl Canvas<'_> {
             }
             _ => Ok(()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn exceptions_print_like_python() {
-        let e = ExceptionInfo::new("ValueError", "it's bad", "builtins");
-        assert_eq!(exception_repr(&e), r#"ValueError("it's bad")"#);
-        let mut e = e;
-        e.exc_message = vec![json!("a"), json!(2)];
-        assert_eq!(exception_repr(&e), "ValueError('a', 2)");
     }
 }

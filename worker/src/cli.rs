@@ -17,10 +17,10 @@ use celerity_client::cli::ConnectionArgs;
 use celerity_client::{default_backend_url, Client, SendOptions};
 
 use crate::error::{Result, WorkerError};
-use crate::executor::Reporter;
 use crate::registry::Registry;
-use crate::server::{run, Shutdown, Summary, WorkerConfig};
+use crate::report::Reporter;
 use crate::supervisor;
+use crate::{run, Shutdown, Summary, WorkerConfig};
 
 /// `celerity worker`.
 #[derive(Debug, Clone, Args)]

@@ -12,12 +12,40 @@
 //! Anything else gets `{"error": "No such command: …"}`, as from Celery. `stats` adds two fields of
 //! ours: `rate_limits` (task → current limit) and `events_dropped`.
 
-use serde_json::{json, Map, Value};
+use std::sync::Arc;
 
+use serde_json::{json, Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use celerity_broker::protocol::clock::LamportClock;
 use celerity_broker::protocol::control::ControlRequest;
 
-use crate::control::{task_ids, Job, Phase, Remote};
-use crate::limits::RateLimit;
+use crate::events::EventSender;
+use crate::jobs::{Job, Jobs, Phase};
+use crate::limits::{RateLimit, RateLimits};
+use crate::pool::Pool;
+use crate::registry::Registry;
+
+/// What the commands read and act on: handles on the worker's components, each owned elsewhere.
+pub(crate) struct Remote {
+    /// This node's name.
+    pub hostname: String,
+    /// The broker's transport name (`redis`, `amqp`, `memory`), for `stats` and `conf`.
+    pub transport: &'static str,
+    /// The queues consumed (`active_queues`).
+    pub queues: Vec<String>,
+    /// When this worker started (`stats` → `uptime`).
+    pub started: std::time::Instant,
+    pub clock: Arc<LamportClock>,
+    /// In-flight jobs, revoked ids and counters.
+    pub jobs: Arc<Jobs>,
+    pub registry: Arc<Registry>,
+    pub limits: Arc<RateLimits>,
+    pub pool: Arc<Pool>,
+    pub events: EventSender,
+    /// Cancelled by a remote `shutdown` (a warm stop).
+    pub shutdown: CancellationToken,
+}
 
 /// Acts on `request`; returns the reply body for this node (`None`: nothing to reply, as for
 /// `heartbeat`).
@@ -29,22 +57,22 @@ pub(crate) fn dispatch(remote: &Remote, request: &ControlRequest) -> Option<Valu
         "reserved" => Value::Array(infos(remote, Phase::Reserved)),
         "scheduled" => Value::Array(
             remote
-                .state
-                .jobs(Phase::Scheduled)
+                .jobs
+                .in_phase(Phase::Scheduled)
                 .into_iter()
                 .map(|j| {
                     json!({"eta": j.eta, "priority": j.priority, "request": j.info(&remote.hostname)})
                 })
                 .collect(),
         ),
-        "revoked" => json!(remote.state.revoked_ids()),
+        "revoked" => json!(remote.jobs.revoked_ids()),
         "registered" => registered(remote),
         "stats" => stats(remote),
         "active_queues" => Value::Array(remote.queues.iter().map(|q| queue_dict(q)).collect()),
         "conf" => json!({
             "worker_concurrency": remote.pool.size(),
             "task_default_queue": celerity_client::DEFAULT_QUEUE,
-            "broker_transport": remote.broker.transport(),
+            "broker_transport": remote.transport,
         }),
         "clock" => json!({"clock": remote.clock.value()}),
         "hello" => {
@@ -54,9 +82,9 @@ pub(crate) fn dispatch(remote: &Remote, request: &ControlRequest) -> Option<Valu
             }
             if let Some(Value::Object(theirs)) = args.get("revoked") {
                 let ids: Vec<String> = theirs.keys().cloned().collect();
-                remote.state.revoke(&ids, false);
+                remote.jobs.revoke(&ids, false);
             }
-            json!({"revoked": remote.state.revoked_for_hello(), "clock": remote.clock.forward()})
+            json!({"revoked": remote.jobs.revoked_for_hello(), "clock": remote.clock.forward()})
         }
         "query_task" => query_task(remote, args.get("ids")),
         "revoke" | "terminate" => {
@@ -66,7 +94,7 @@ pub(crate) fn dispatch(remote: &Remote, request: &ControlRequest) -> Option<Valu
                     .get("terminate")
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
-            let stopped = remote.state.revoke(&ids, terminate);
+            let stopped = remote.jobs.revoke(&ids, terminate);
             tracing::info!(?ids, terminate, terminated_here = stopped, "revoked");
             let list = ids.join(", ");
             if terminate {
@@ -135,7 +163,7 @@ fn count_arg(args: &Map<String, Value>) -> usize {
 }
 
 fn infos(remote: &Remote, phase: Phase) -> Vec<Value> {
-    let mut jobs: Vec<Job> = remote.state.jobs(phase);
+    let mut jobs: Vec<Job> = remote.jobs.in_phase(phase);
     jobs.sort_by(|a, b| {
         a.time_start
             .unwrap_or(0.0)
@@ -203,7 +231,7 @@ fn query_task(remote: &Remote, ids: Option<&Value>) -> Value {
         (Phase::Reserved, "reserved"),
         (Phase::Scheduled, "scheduled"),
     ] {
-        for j in remote.state.jobs(phase) {
+        for j in remote.jobs.in_phase(phase) {
             if wanted.contains(&j.id) {
                 out.insert(j.id.clone(), json!([name, j.info(&remote.hostname)]));
             }
@@ -238,7 +266,7 @@ fn stats(remote: &Remote) -> Value {
         .collect();
     let size = remote.pool.size();
     json!({
-        "total": remote.state.totals(),
+        "total": remote.jobs.totals(),
         "pid": std::process::id(),
         "clock": remote.clock.value().to_string(),
         "uptime": remote.started.elapsed().as_secs(),
@@ -249,12 +277,12 @@ fn stats(remote: &Remote) -> Value {
             "max-tasks-per-child": "N/A",
             "put-guarded-by-semaphore": false,
             "timeouts": [0, 0],
-            "running": remote.state.active_count(),
+            "running": remote.jobs.active_count(),
         },
-        "broker": {"transport": remote.broker.transport()},
+        "broker": {"transport": remote.transport},
         "prefetch_count": size,
         "rusage": rusage(),
-        "processed": remote.counters.processed(),
+        "processed": remote.jobs.processed(),
         "rate_limits": limits,
         "events_dropped": remote.events.dropped(),
         "sw_ident": celerity_broker::protocol::event::SW_IDENT,
@@ -279,4 +307,16 @@ fn rusage() -> Value {
         "msgrcv": r.ru_msgrcv, "nsignals": r.ru_nsignals, "nvcsw": r.ru_nvcsw,
         "nivcsw": r.ru_nivcsw,
     })
+}
+
+/// `task_id` as one id or a list of ids.
+fn task_ids(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
 }

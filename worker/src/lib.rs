@@ -3,45 +3,59 @@
 //! Runs jobs: a registry of tasks and a worker process that consumes, executes and stores results
 //! with Celery's semantics (acks late, retries with backoff, soft time limits, rate limits, ETA).
 //!
-//! Layout (one concern per module):
-//! - [`task`]: what a task sees and returns: [`TaskContext`], [`TaskError`], [`TaskOptions`], [`Run`].
-//! - [`args`]: maps Celery's `[args, kwargs]` onto typed arguments.
-//! - [`registry`]: task name → handler and options.
-//! - `executor`: one delivery from decode to ack.
+//! Layout — where a message goes, in order:
+//! - `fetcher`: takes deliveries from the broker within the prefetch window; one task each.
+//! - `processor/`: one delivery from decode to settle — `admit` (decode, dead-letter, skip
+//!   finished/revoked/expired/unknown, ETA, rate limit, slot), `invoke` (the handler under its time
+//!   limits), `finish` (success or failure, retry, store, ack).
+//! - `results`: the result backend writes (one store-with-retry) and Celery's result documents.
 //! - `canvas`: workflow steps after a job's outcome (callbacks, chain, chord join, errbacks).
-//! - [`retry`]: retry-or-fail decisions and backoff (pure).
-//! - [`limits`]: rate limits.
-//! - [`server`]: the fetch loop and the warm/cold stop of one worker process.
-//! - [`control`]: remote control on Celery's pidbox: the listener and what it shares with jobs.
-//! - `commands`: the remote-control commands (inspect ping/active/stats/…, revoke, rate_limit,
-//!   pool_grow/pool_shrink, shutdown, enable_events, …) with Celery's reply shapes.
-//! - [`events`]: Celery events (worker heartbeats, task events) published off the job path.
-//! - [`node`]: node names (`--hostname NAME@%h`, pool children).
-//! - `pool`: the resizable concurrency of one worker process.
-//! - [`supervisor`]: the parent of a pool of worker processes (restart, recycle, hard time limits).
-//! - [`demo`]: the built-in `demo.*` tasks.
-//! - [`error`]: the crate's error type, [`WorkerError`].
+//!
+//! Around it, each a component with a start and a stop, wired by [`server`]:
+//! - `jobs`: the one owner of in-flight state (held jobs and their phase, revoked ids, counters).
+//! - `heartbeat`: publishes worker events (online/heartbeat/offline) and the queued task events.
+//! - `control` + `commands`: remote control on Celery's pidbox (the listener; the commands with
+//!   Celery's reply shapes).
+//! - [`supervisor`]: the parent of a pool of worker processes (restart, recycle, hard time limits),
+//!   and `report`, the line protocol its children use to tell it about jobs with a hard time limit.
+//!
+//! Pieces they share: [`task`] (what a task sees and returns), [`args`] (Celery's `[args, kwargs]`
+//! onto typed arguments), [`registry`], [`retry`] (pure retry decisions), [`limits`] (rate limits),
+//! `pool` (the resizable concurrency), `events` (building task events), [`node`] (node names),
+//! [`config`], [`shutdown`], [`demo`] (the built-in `demo.*` tasks), [`error`].
 
 pub mod args;
 mod canvas;
 pub mod cli;
 mod commands;
-pub mod control;
+pub mod config;
+mod control;
 pub mod demo;
 pub mod error;
 pub mod events;
-mod executor;
+mod fetcher;
+mod heartbeat;
+mod jobs;
 pub mod limits;
 pub mod node;
 mod pool;
+mod processor;
 pub mod registry;
+mod report;
+mod results;
 pub mod retry;
 pub mod server;
+pub mod shutdown;
 pub mod supervisor;
 pub mod task;
 
+pub use config::WorkerConfig;
 pub use error::WorkerError;
-pub use executor::DEAD_LETTER_QUEUE;
+pub use events::EventsConfig;
+pub use jobs::Summary;
+pub use processor::DEAD_LETTER_QUEUE;
 pub use registry::Registry;
-pub use server::{run, Shutdown, Summary, WorkerConfig};
+pub use report::{JobEvent, Reporter};
+pub use server::run;
+pub use shutdown::Shutdown;
 pub use task::{Handler, Run, TaskContext, TaskError, TaskOptions};

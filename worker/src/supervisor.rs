@@ -34,8 +34,8 @@ use celerity_broker::backend::ExceptionInfo;
 use celerity_broker::{ResultBackend, TaskMeta};
 
 use crate::error::{Result, WorkerError};
-use crate::executor::JobEvent;
-use crate::server::Shutdown;
+use crate::report::JobEvent;
+use crate::shutdown::Shutdown;
 
 /// Set in a child's environment (to its slot number); a worker that sees it runs as a child.
 pub const CHILD_ENV: &str = "CELERITY_WORKER_CHILD";

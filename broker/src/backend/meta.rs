@@ -109,6 +109,17 @@ impl ExceptionInfo {
         }
     }
 
+    /// Python's `repr()` of the exception, as Celery shows it in events and chord errors:
+    /// `ValueError('boom')`, `ValueError("it's bad")`, `KeyError('a', 2)`.
+    pub fn repr(&self) -> String {
+        let args: Vec<String> = self
+            .exc_message
+            .iter()
+            .map(crate::protocol::repr::value_repr)
+            .collect();
+        format!("{}({})", self.exc_type, args.join(", "))
+    }
+
     /// The JSON object Celery stores as the `result` of a failed task.
     pub fn to_value(&self) -> Value {
         let mut m = Map::new();
@@ -317,6 +328,17 @@ impl TaskMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exceptions_repr_like_python() {
+        let e = ExceptionInfo::new("ValueError", "boom", "builtins");
+        assert_eq!(e.repr(), "ValueError('boom')");
+        let e = ExceptionInfo::new("ValueError", "it's bad", "builtins");
+        assert_eq!(e.repr(), r#"ValueError("it's bad")"#);
+        let mut e = e;
+        e.exc_message = vec![serde_json::json!("a"), serde_json::json!(2)];
+        assert_eq!(e.repr(), "ValueError('a', 2)");
+    }
 
     #[test]
     fn states_round_trip_and_readiness() {

@@ -1,0 +1,251 @@
+//! Finishing: what happens once a job has an outcome, up to its settle. A success sends the
+//! workflow's next steps (before the result is stored, as Celery does), stores SUCCESS and joins
+//! its chord; a failure is either retried (the message sent again with `retries + 1` and an ETA,
+//! RETRY stored) or stored as FAILURE with the workflow's failure steps. Also here: the jobs that end
+//! without running (revoked, dead-lettered) and the settle itself.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::Value;
+
+use celerity_broker::backend::ExceptionInfo;
+use celerity_broker::protocol::TaskMessage;
+use celerity_broker::{Delivery, State, TaskMeta};
+
+use crate::canvas::Canvas;
+use crate::jobs::Outcome;
+use crate::registry::Registered;
+use crate::results::{failure_meta, meta};
+use crate::retry::{decide, random_unit, Decision};
+use crate::task::TaskError;
+
+use super::{Processor, DEAD_LETTER_QUEUE};
+
+/// What to do with a finished job's delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Next {
+    /// Everything is done and stored: ack.
+    Ack,
+    /// A step could not be done: leave the delivery for the broker to hand out again.
+    Leave,
+}
+
+/// How a delivery is settled.
+pub(super) enum Settle {
+    Ack,
+    Requeue,
+}
+
+impl Processor {
+    /// The workflow steps of a job that came from `queue`.
+    pub(super) fn canvas<'a>(&'a self, queue: &'a str) -> Canvas<'a> {
+        Canvas::new(&self.broker, &self.results, queue)
+    }
+
+    /// Stores STARTED for a task that tracks it.
+    pub(super) async fn store_started(&self, message: &TaskMessage) {
+        let started =
+            serde_json::json!({"pid": std::process::id(), "hostname": self.results.hostname()});
+        self.results
+            .store_outcome(meta(message, State::Started, started, None))
+            .await;
+    }
+
+    /// A run that returned `value`: next workflow steps, SUCCESS stored, chord joined.
+    pub(super) async fn succeed(
+        &self,
+        message: &TaskMessage,
+        queue: &str,
+        value: Value,
+        runtime: Duration,
+        ignore_result: bool,
+    ) -> Next {
+        tracing::info!(
+            id = message.id(),
+            task = message.task(),
+            runtime_ms = runtime.as_secs_f64() * 1e3,
+            "succeeded"
+        );
+        self.events.succeeded(message.id(), &value, runtime);
+        let canvas = self.canvas(queue);
+        // Callbacks and the next chain step go out before the result is stored (as in Celery).
+        let children = match canvas.dispatch_success(message, &value, false).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(id = message.id(), error = %e, "could not send the workflow's next steps; leaving the job to be redelivered");
+                return Next::Leave;
+            }
+        };
+        let joined = message.embed.chord.is_object().then(|| value.clone());
+        if !ignore_result {
+            let mut m = meta(message, State::Success, value, None);
+            m.children = children;
+            self.results.store_outcome(m).await;
+        }
+        if let Some(value) = joined {
+            let join = canvas.chord_part(message, State::Success, &value);
+            if let Err(e) = Box::pin(join).await {
+                tracing::error!(id = message.id(), error = %e, "chord join failed; leaving the job to be redelivered");
+                return Next::Leave;
+            }
+        }
+        self.jobs.count(Outcome::Succeeded);
+        Next::Ack
+    }
+
+    /// A run that ended in `error`: retried or failed, as the task's options decide.
+    pub(super) async fn fail(
+        &self,
+        message: &TaskMessage,
+        task: &Registered,
+        queue: &str,
+        error: TaskError,
+        runtime: Duration,
+    ) -> Next {
+        match decide(error, message.headers.retries, &task.options, random_unit()) {
+            Decision::Retry { countdown, cause } => {
+                Box::pin(self.retry(message, queue, countdown, &cause)).await
+            }
+            Decision::Fail(cause) => {
+                tracing::warn!(id = message.id(), task = message.task(), runtime_ms = runtime.as_secs_f64() * 1e3, error = %cause, "failed");
+                let exc = exception_of(&cause);
+                let tb = traceback(message, &cause);
+                self.events.failed("task-failed", message.id(), &exc, &tb);
+                self.results
+                    .store_outcome(failure_meta(message, &exc, Some(tb.clone())))
+                    .await;
+                self.jobs.count(Outcome::Failed);
+                let canvas = self.canvas(queue);
+                if let Err(e) = Box::pin(canvas.on_failure(message, &exc, Some(&tb))).await {
+                    tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; leaving the job to be redelivered");
+                    return Next::Leave;
+                }
+                Next::Ack
+            }
+        }
+    }
+
+    /// Sends the job again with `retries + 1`, due after `countdown`; stores RETRY.
+    async fn retry(
+        &self,
+        message: &TaskMessage,
+        queue: &str,
+        countdown: Duration,
+        cause: &TaskError,
+    ) -> Next {
+        let mut next = message.clone();
+        next.headers.retries += 1;
+        next.headers.eta = Some(
+            (Utc::now() + chrono::Duration::from_std(countdown).unwrap_or_default()).fixed_offset(),
+        );
+        if let Err(e) = self.broker.publish(queue, &next.encode()).await {
+            tracing::error!(id = message.id(), error = %e, "could not send the retry; leaving the job to be redelivered");
+            return Next::Leave;
+        }
+        tracing::info!(id = message.id(), task = message.task(), retries = message.headers.retries + 1, countdown_s = countdown.as_secs_f64(), reason = %cause, "retry");
+        let exc = exception_of(cause);
+        let tb = traceback(message, cause);
+        self.events.failed("task-retried", message.id(), &exc, &tb);
+        self.results
+            .store_outcome(meta(message, State::Retry, exc.to_value(), Some(tb)))
+            .await;
+        self.jobs.count(Outcome::Retried);
+        Next::Ack
+    }
+
+    /// Stores REVOKED for a job that will not run (or was stopped) and acks it.
+    pub(super) async fn skip_revoked(&self, delivery: Delivery, message: &TaskMessage, why: &str) {
+        tracing::info!(
+            id = message.id(),
+            task = message.task(),
+            why,
+            "revoked; not running it"
+        );
+        self.events
+            .revoked(message.id(), why == "terminated", false);
+        let exc = ExceptionInfo::new("TaskRevokedError", why, "celery.exceptions");
+        self.results
+            .store_outcome(meta(message, State::Revoked, exc.to_value(), None))
+            .await;
+        self.jobs.count(Outcome::Revoked);
+        let joined = self
+            .canvas(&delivery.queue)
+            .chord_part(message, State::Revoked, &exc.to_value())
+            .await;
+        if let Err(e) = joined {
+            tracing::error!(id = message.id(), error = %e, "chord join failed; leaving the job to be redelivered");
+            return;
+        }
+        self.settle(delivery, Settle::Ack).await;
+    }
+
+    /// Copies an undecodable message to [`DEAD_LETTER_QUEUE`] with the reason, stores a FAILURE
+    /// (`DecodeError`) under its id if it has one, and acks it.
+    pub(super) async fn dead_letter(&self, delivery: Delivery, reason: String) {
+        let id = delivery.message.task_id().map(str::to_owned);
+        tracing::error!(queue = delivery.queue, id = ?id, reason, "undecodable message; moving it to {DEAD_LETTER_QUEUE}");
+        if let Some(id) = &id {
+            let exc = ExceptionInfo::new("DecodeError", reason.clone(), "kombu.exceptions");
+            self.results
+                .store_outcome(TaskMeta::failure(id.clone(), &exc, None))
+                .await;
+        }
+        self.jobs.count(Outcome::Rejected);
+        let mut kept = delivery.message.clone();
+        kept.headers
+            .insert("x-celerity-dead-reason".into(), Value::String(reason));
+        kept.headers.insert(
+            "x-celerity-dead-queue".into(),
+            Value::String(delivery.queue.clone()),
+        );
+        match self.broker.publish(DEAD_LETTER_QUEUE, &kept).await {
+            Ok(()) => self.settle(delivery, Settle::Ack).await,
+            Err(e) => {
+                // Keep it where it is rather than lose it.
+                tracing::error!(error = %e, "could not dead-letter the message; leaving it unacked");
+            }
+        }
+    }
+
+    /// Acks or requeues `delivery`; a failed settle is logged (the broker delivers it again).
+    pub(super) async fn settle(&self, delivery: Delivery, how: Settle) {
+        let r = match how {
+            Settle::Ack => delivery.ack().await,
+            Settle::Requeue => delivery.reject(true).await,
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not settle a delivery; the broker will deliver it again");
+        }
+    }
+}
+
+fn exception_of(e: &TaskError) -> ExceptionInfo {
+    match e {
+        TaskError::Failed {
+            exc_type,
+            message,
+            module,
+            ..
+        } => ExceptionInfo::new(exc_type.clone(), message.clone(), module.clone()),
+        TaskError::Retry { .. } => {
+            ExceptionInfo::new("Retry", "retry requested", "celery.exceptions")
+        }
+    }
+}
+
+/// A Python-style traceback text: what the Celery result's `traceback` field holds.
+fn traceback(message: &TaskMessage, e: &TaskError) -> String {
+    let mut tb = format!(
+        "Traceback (most recent call last):\n  celerity task \"{}\", id {}\n",
+        message.task(),
+        message.id()
+    );
+    if let TaskError::Failed { causes, .. } = e {
+        for c in causes.iter().rev() {
+            tb.push_str(&format!("  caused by: {c}\n"));
+        }
+    }
+    tb.push_str(&format!("{e}\n"));
+    tb
+}
