@@ -11,7 +11,7 @@
 //! - `results`: the result backend writes (one store-with-retry) and Celery's result documents.
 //! - `canvas`: workflow steps after a job's outcome (callbacks, chain, chord join, errbacks).
 //!
-//! Around it, each a component with a start and a stop, wired by [`server`]:
+//! Around it, each a component with a start and a stop, wired by `server`:
 //! - `jobs`: the one owner of in-flight state (held jobs and their phase, revoked ids, counters).
 //! - `heartbeat`: publishes worker events (online/heartbeat/offline) and the queued task events.
 //! - `control` + `commands`: remote control on Celery's pidbox (the listener; the commands with
@@ -19,16 +19,16 @@
 //! - [`supervisor`]: the parent of a pool of worker processes (restart, recycle, hard time limits),
 //!   and `report`, the line protocol its children use to tell it about jobs with a hard time limit.
 //!
-//! Pieces they share: [`task`] (what a task sees and returns), [`args`] (Celery's `[args, kwargs]`
-//! onto typed arguments), [`registry`], [`retry`] (pure retry decisions), [`limits`] (rate limits),
+//! Pieces they share: [`task`] (what a task sees and returns), `args` (Celery's `[args, kwargs]`
+//! onto typed arguments), [`registry`], `retry` (pure retry decisions), [`limits`] (rate limits),
 //! `pool` (the resizable concurrency), `events` (building task events), [`node`] (node names),
-//! [`config`], [`shutdown`], [`demo`] (the built-in `demo.*` tasks), [`error`].
+//! `config` ([`WorkerConfig`]), `shutdown` ([`Shutdown`]), [`demo`] (the built-in `demo.*` tasks), [`error`].
 
-pub mod args;
+mod args;
 mod canvas;
 pub mod cli;
 mod commands;
-pub mod config;
+mod config;
 mod control;
 pub mod demo;
 pub mod error;
@@ -43,9 +43,9 @@ mod processor;
 pub mod registry;
 mod report;
 mod results;
-pub mod retry;
-pub mod server;
-pub mod shutdown;
+mod retry;
+mod server;
+mod shutdown;
 pub mod supervisor;
 pub mod task;
 
@@ -53,6 +53,7 @@ pub use config::WorkerConfig;
 pub use error::WorkerError;
 pub use events::EventsConfig;
 pub use jobs::Summary;
+pub use limits::RateLimit;
 pub use processor::DEAD_LETTER_QUEUE;
 pub use registry::Registry;
 pub use report::{JobEvent, Reporter};

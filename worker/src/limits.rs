@@ -56,7 +56,7 @@ impl std::fmt::Display for RateLimit {
 /// `rate_limit` command). A job looks its task's limiter up when it is about to start, so a change
 /// applies to jobs that have not started yet.
 #[derive(Debug, Default)]
-pub struct RateLimits {
+pub(crate) struct RateLimits {
     map: std::sync::RwLock<HashMap<String, (RateLimit, Arc<Limiter>)>>,
     /// With `--global-rate-limits`: new limits are shared through this Redis too.
     global: Option<celerity_broker::redis::RedisRateLimiter>,
@@ -123,7 +123,7 @@ impl RateLimits {
 
 /// A token bucket that hands out starts at the configured rate (burst = one interval's count).
 #[derive(Debug)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     limit: RateLimit,
     state: Mutex<(f64, Instant)>,
 }
@@ -158,7 +158,7 @@ impl TokenBucket {
 
 /// The limit of one task: in this process, or shared by every worker through Redis.
 #[derive(Debug)]
-pub enum Limiter {
+pub(crate) enum Limiter {
     Local(TokenBucket),
     Global {
         redis: celerity_broker::redis::RedisRateLimiter,
