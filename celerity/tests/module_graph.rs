@@ -40,7 +40,10 @@ fn module_of(src: &Path, file: &Path) -> Vec<String> {
         .components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect();
-    if matches!(parts.last().map(String::as_str), Some("mod" | "lib" | "main")) {
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "lib" | "main")
+    ) {
         parts.pop();
     }
     parts
@@ -94,7 +97,9 @@ fn expand(prefix: &str, tree: &str, out: &mut Vec<String>) {
         None => out.push(format!("{prefix}{tree}")),
         Some(open) => {
             let head = &tree[..open];
-            let inner = tree[open + 1..].strip_suffix('}').unwrap_or(&tree[open + 1..]);
+            let inner = tree[open + 1..]
+                .strip_suffix('}')
+                .unwrap_or(&tree[open + 1..]);
             let mut depth = 0;
             let mut start = 0;
             for (i, c) in inner.char_indices() {
@@ -196,7 +201,10 @@ fn root_reexports(root: &str, modules: &BTreeSet<Vec<String>>) -> HashMap<String
             .map(|s| s.to_string())
             .collect();
         if modules.contains(&module) {
-            out.insert(name.split(" as ").next().unwrap_or(name).to_string(), module);
+            out.insert(
+                name.split(" as ").next().unwrap_or(name).to_string(),
+                module,
+            );
         }
     }
     out
@@ -205,7 +213,10 @@ fn root_reexports(root: &str, modules: &BTreeSet<Vec<String>>) -> HashMap<String
 fn graph(src: &Path) -> BTreeMap<Vec<String>, BTreeSet<Vec<String>>> {
     let sources = read_sources(src);
     let modules: BTreeSet<Vec<String>> = sources.keys().cloned().collect();
-    let root_names = root_reexports(sources.get(&Vec::new()).map_or("", String::as_str), &modules);
+    let root_names = root_reexports(
+        sources.get(&Vec::new()).map_or("", String::as_str),
+        &modules,
+    );
     let mut edges = BTreeMap::new();
     for (m, code) in &sources {
         let is_mod_rs = m.is_empty() || {
@@ -288,7 +299,10 @@ fn assert_acyclic(krate: &str) {
     let edges = graph(&crate_src(krate));
     assert!(edges.len() > 3, "{krate}: no modules found");
     if let Some(cycle) = find_cycle(&edges) {
-        panic!("{krate}/src: modules import each other in a cycle: {}", cycle.join(" -> "));
+        panic!(
+            "{krate}/src: modules import each other in a cycle: {}",
+            cycle.join(" -> ")
+        );
     }
 }
 
@@ -319,7 +333,10 @@ fn a_cycle_is_found() {
     edges.insert(v("a"), BTreeSet::from([v("b")]));
     edges.insert(v("b"), BTreeSet::from([v("c")]));
     edges.insert(v("c"), BTreeSet::from([v("a")]));
-    assert_eq!(find_cycle(&edges).map(|c| c.join(" ")), Some("a b c a".into()));
+    assert_eq!(
+        find_cycle(&edges).map(|c| c.join(" ")),
+        Some("a b c a".into())
+    );
     edges.insert(v("c"), BTreeSet::new());
     assert_eq!(find_cycle(&edges), None);
 }

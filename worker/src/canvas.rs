@@ -46,7 +46,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use celerity_broker::backend::{ChordJoin, ChordPart, ExceptionInfo};
+use celerity_broker::backend::{ChordEntry, ChordJoin, ChordPart, ExceptionInfo};
 use celerity_broker::protocol::{Signature, TaskMessage};
 use celerity_broker::{Broker, ResultBackend, State, TaskMeta};
 use celerity_client::canvas::Call;
@@ -266,51 +266,80 @@ impl Canvas<'_> {
         let failed = entries
             .iter()
             .find(|e| matches!(e.state, State::Failure | State::Revoked));
-        if let Some(f) = failed {
-            let cause = ExceptionInfo::from_value(&f.result).unwrap_or_else(|| {
-                ExceptionInfo::new("Exception", f.result.to_string(), "builtins")
-            });
-            let exc = ExceptionInfo::new(
-                "ChordError",
-                format!("Dependency {} raised {}", f.task_id, cause.repr()),
-                "celery.exceptions",
-            );
-            tracing::warn!(group = group_id, failed = f.task_id, "chord failed: {exc}");
-            for body_id in plan::leaf_ids(&body) {
-                let mut m = TaskMeta::failure(&body_id, &exc, None);
-                m.extra
-                    .insert("group_id".into(), Value::String(group_id.clone()));
-                self.results.store(&m).await;
-                let id = Value::String(body_id.clone());
-                let errbacks = body.options.get("link_error").cloned().unwrap_or_default();
-                let errbacks = match errbacks {
-                    one @ Value::Object(_) => Value::Array(vec![one]),
-                    other => other,
-                };
-                for eb in Signature::list_from_value(&errbacks)? {
-                    self.send_errback(&eb, message, &id).await?;
-                }
-            }
-            let chain = body.options.get("chain").cloned().unwrap_or_default();
-            self.fail_chain(&Signature::list_from_value(&chain)?, &exc, None)
-                .await;
-        } else {
-            let results = Value::Array(entries.into_iter().map(|e| e.result).collect());
-            match self
-                .publish(&body, &self.call(message, Some(&results)))
-                .await
-            {
-                Ok(child) => {
-                    tracing::info!(group = group_id, body = %child, "chord complete; body sent")
-                }
-                Err(crate::WorkerError::Client(e)) => {
-                    tracing::error!(group = group_id, error = %e, "chord body cannot be sent")
-                }
-                Err(e) => return Err(e),
+        match failed {
+            Some(f) => self.fail_chord_body(message, group_id, &body, f).await?,
+            None => {
+                let results = Value::Array(entries.into_iter().map(|e| e.result).collect());
+                self.send_chord_body(message, group_id, &body, &results)
+                    .await?;
             }
         }
         backend.chord_done(group_id, &claim).await?;
         Ok(())
+    }
+
+    /// A completed chord whose member `failed` failed or was revoked: the body is stored as
+    /// FAILURE with Celery's `ChordError`, its errbacks are sent and its own chain is failed.
+    async fn fail_chord_body(
+        &self,
+        message: &TaskMessage,
+        group_id: &str,
+        body: &Signature,
+        failed: &ChordEntry,
+    ) -> Result<()> {
+        let cause = ExceptionInfo::from_value(&failed.result).unwrap_or_else(|| {
+            ExceptionInfo::new("Exception", failed.result.to_string(), "builtins")
+        });
+        let exc = ExceptionInfo::new(
+            "ChordError",
+            format!("Dependency {} raised {}", failed.task_id, cause.repr()),
+            "celery.exceptions",
+        );
+        tracing::warn!(
+            group = group_id,
+            failed = failed.task_id,
+            "chord failed: {exc}"
+        );
+        let errbacks = match body.options.get("link_error").cloned().unwrap_or_default() {
+            one @ Value::Object(_) => Value::Array(vec![one]),
+            other => other,
+        };
+        let errbacks = Signature::list_from_value(&errbacks)?;
+        for body_id in plan::leaf_ids(body) {
+            let mut m = TaskMeta::failure(&body_id, &exc, None);
+            m.extra
+                .insert("group_id".into(), Value::String(group_id.to_owned()));
+            self.results.store(&m).await;
+            let id = Value::String(body_id.clone());
+            for eb in &errbacks {
+                self.send_errback(eb, message, &id).await?;
+            }
+        }
+        let chain = body.options.get("chain").cloned().unwrap_or_default();
+        self.fail_chain(&Signature::list_from_value(&chain)?, &exc, None)
+            .await;
+        Ok(())
+    }
+
+    /// A completed chord with every member successful: the body gets their `results` in order.
+    async fn send_chord_body(
+        &self,
+        message: &TaskMessage,
+        group_id: &str,
+        body: &Signature,
+        results: &Value,
+    ) -> Result<()> {
+        match self.publish(body, &self.call(message, Some(results))).await {
+            Ok(child) => {
+                tracing::info!(group = group_id, body = %child, "chord complete; body sent");
+                Ok(())
+            }
+            Err(crate::WorkerError::Client(e)) => {
+                tracing::error!(group = group_id, error = %e, "chord body cannot be sent");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// For a redelivered job whose result is already final: redo what may not have happened before

@@ -55,16 +55,7 @@ pub(crate) fn dispatch(remote: &Remote, request: &ControlRequest) -> Option<Valu
         "ping" => ok("pong"),
         "active" => Value::Array(infos(remote, Phase::Active)),
         "reserved" => Value::Array(infos(remote, Phase::Reserved)),
-        "scheduled" => Value::Array(
-            remote
-                .jobs
-                .in_phase(Phase::Scheduled)
-                .into_iter()
-                .map(|j| {
-                    json!({"eta": j.eta, "priority": j.priority, "request": j.info(&remote.hostname)})
-                })
-                .collect(),
-        ),
+        "scheduled" => scheduled(remote),
         "revoked" => json!(remote.jobs.revoked_ids()),
         "registered" => registered(remote),
         "stats" => stats(remote),
@@ -75,51 +66,12 @@ pub(crate) fn dispatch(remote: &Remote, request: &ControlRequest) -> Option<Valu
             "broker_transport": remote.transport,
         }),
         "clock" => json!({"clock": remote.clock.value()}),
-        "hello" => {
-            // Mingle: a worker starting up tells its revoked ids and learns ours.
-            if args.get("from_node").and_then(Value::as_str) == Some(&remote.hostname) {
-                return Some(Value::Null);
-            }
-            if let Some(Value::Object(theirs)) = args.get("revoked") {
-                let ids: Vec<String> = theirs.keys().cloned().collect();
-                remote.jobs.revoke(&ids, false);
-            }
-            json!({"revoked": remote.jobs.revoked_for_hello(), "clock": remote.clock.forward()})
-        }
+        "hello" => hello(remote, args),
         "query_task" => query_task(remote, args.get("ids")),
-        "revoke" | "terminate" => {
-            let ids = task_ids(args.get("task_id"));
-            let terminate = request.method == "terminate"
-                || args
-                    .get("terminate")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
-            let stopped = remote.jobs.revoke(&ids, terminate);
-            tracing::info!(?ids, terminate, terminated_here = stopped, "revoked");
-            let list = ids.join(", ");
-            if terminate {
-                ok(&format!("terminate: tasks {{{list}}} flagged as revoked"))
-            } else {
-                ok(&format!("tasks {{{list}}} flagged as revoked"))
-            }
-        }
+        "revoke" | "terminate" => revoke(remote, request),
         "rate_limit" => rate_limit(remote, args),
-        "pool_grow" => {
-            let n = count_arg(args);
-            remote.pool.grow(n);
-            tracing::info!(n, size = remote.pool.size(), "pool grown by remote control");
-            ok("pool will grow")
-        }
-        "pool_shrink" => {
-            let n = count_arg(args);
-            let removed = remote.pool.shrink(n);
-            tracing::info!(
-                removed,
-                size = remote.pool.size(),
-                "pool shrunk by remote control"
-            );
-            ok("pool will shrink")
-        }
+        "pool_grow" => pool_grow(remote, args),
+        "pool_shrink" => pool_shrink(remote, args),
         "shutdown" => {
             tracing::warn!("shutdown requested by remote control");
             remote.shutdown.cancel();
@@ -143,6 +95,61 @@ pub(crate) fn dispatch(remote: &Remote, request: &ControlRequest) -> Option<Valu
         }
     };
     Some(reply)
+}
+
+fn scheduled(remote: &Remote) -> Value {
+    let jobs = remote.jobs.in_phase(Phase::Scheduled);
+    let entries = jobs.into_iter().map(
+        |j| json!({"eta": j.eta, "priority": j.priority, "request": j.info(&remote.hostname)}),
+    );
+    Value::Array(entries.collect())
+}
+
+/// Mingle: a worker starting up tells its revoked ids and learns ours (null to our own hello).
+fn hello(remote: &Remote, args: &Map<String, Value>) -> Value {
+    if args.get("from_node").and_then(Value::as_str) == Some(&remote.hostname) {
+        return Value::Null;
+    }
+    if let Some(Value::Object(theirs)) = args.get("revoked") {
+        let ids: Vec<String> = theirs.keys().cloned().collect();
+        remote.jobs.revoke(&ids, false);
+    }
+    json!({"revoked": remote.jobs.revoked_for_hello(), "clock": remote.clock.forward()})
+}
+
+fn revoke(remote: &Remote, request: &ControlRequest) -> Value {
+    let args = &request.arguments;
+    let ids = task_ids(args.get("task_id"));
+    let terminate = request.method == "terminate"
+        || args
+            .get("terminate")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+    let stopped = remote.jobs.revoke(&ids, terminate);
+    tracing::info!(?ids, terminate, terminated_here = stopped, "revoked");
+    let list = ids.join(", ");
+    if terminate {
+        ok(&format!("terminate: tasks {{{list}}} flagged as revoked"))
+    } else {
+        ok(&format!("tasks {{{list}}} flagged as revoked"))
+    }
+}
+
+fn pool_grow(remote: &Remote, args: &Map<String, Value>) -> Value {
+    let n = count_arg(args);
+    remote.pool.grow(n);
+    tracing::info!(n, size = remote.pool.size(), "pool grown by remote control");
+    ok("pool will grow")
+}
+
+fn pool_shrink(remote: &Remote, args: &Map<String, Value>) -> Value {
+    let removed = remote.pool.shrink(count_arg(args));
+    tracing::info!(
+        removed,
+        size = remote.pool.size(),
+        "pool shrunk by remote control"
+    );
+    ok("pool will shrink")
 }
 
 fn ok(text: &str) -> Value {
