@@ -70,23 +70,39 @@ pub async fn supervise(
         }
     };
     let wait_lock_fd = wait_lock.as_ref().map(|f| f.as_raw_fd().to_string());
-    let slots: Vec<_> = (0..processes)
-        .map(|slot| {
-            let slot_args = SlotArgs {
-                slot,
-                exe: exe.clone(),
-                args: args.clone(),
-                wait_lock_fd: wait_lock_fd.clone(),
-                backend: backend.clone(),
-                shutdown: shutdown.clone(),
-            };
-            tokio::spawn(run_slot(slot_args))
-        })
-        .collect();
+    let slot_args = |slot| SlotArgs {
+        slot,
+        exe: exe.clone(),
+        args: args.clone(),
+        wait_lock_fd: wait_lock_fd.clone(),
+        backend: backend.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let mut slots = tokio::task::JoinSet::new();
+    let mut slot_of = HashMap::new();
+    for slot in 0..processes {
+        slot_of.insert(slots.spawn(run_slot(slot_args(slot))).id(), slot);
+    }
     tracing::info!(processes, "supervisor started");
-    for s in slots {
-        if let Err(e) = s.await {
-            tracing::error!(error = %e, "a pool slot ended abnormally");
+    // A slot ends only on shutdown; one that ends otherwise (a panic) is started again, so the
+    // supervisor never stops supervising while it should.
+    while let Some(ended) = slots.join_next_with_id().await {
+        let id = match ended {
+            Ok((id, ())) => id,
+            Err(e) => {
+                tracing::error!(error = %e, "a pool slot ended abnormally");
+                e.id()
+            }
+        };
+        let Some(slot) = slot_of.remove(&id) else {
+            continue;
+        };
+        if !shutdown.warm.is_cancelled() {
+            tracing::error!(
+                slot,
+                "a pool slot stopped while the pool runs; restarting it"
+            );
+            slot_of.insert(slots.spawn(run_slot(slot_args(slot))).id(), slot);
         }
     }
     tracing::info!("all worker processes stopped");
@@ -138,6 +154,32 @@ struct SlotArgs {
     shutdown: Shutdown,
 }
 
+/// Makes the child get SIGTERM (a warm shutdown) when the supervisor dies, however it dies, so no
+/// worker process runs on as an orphan. Linux only; elsewhere a no-op.
+fn die_with_parent(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: getpid is async-signal-safe and touches no memory of ours.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: the closure runs in the forked child before exec and calls only prctl and getppid,
+        // which are async-signal-safe; it allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The supervisor died before the prctl took effect: do not start an orphan.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
+}
+
 /// Keeps one child alive until shutdown.
 async fn run_slot(a: SlotArgs) {
     let mut backoff = Duration::from_secs(1);
@@ -149,15 +191,15 @@ async fn run_slot(a: SlotArgs) {
         if let Some(fd) = &a.wait_lock_fd {
             command.env(WAIT_LOCK_ENV, fd);
         }
-        let mut child = match command
+        command
             .args(&a.args)
             .env(CHILD_ENV, a.slot.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .process_group(0)
-            .spawn()
-        {
+            .process_group(0);
+        die_with_parent(&mut command);
+        let mut child = match command.spawn() {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(slot = a.slot, error = %e, "cannot start a worker process; retrying");
@@ -225,10 +267,10 @@ async fn watch_child(a: &SlotArgs, child: &mut Child) -> End {
             }
             line = next_line(&mut lines) => match line {
                 Some(line) => match serde_json::from_str::<JobEvent>(&line) {
-                    Ok(JobEvent::Started { id, task, hard }) => {
-                        let deadline = Instant::now() + Duration::try_from_secs_f64(hard).unwrap_or(Duration::MAX / 4);
-                        running.insert(id, (task, hard, deadline));
-                    }
+                    Ok(JobEvent::Started { id, task, hard }) => match deadline_after(hard) {
+                        Some(deadline) => { running.insert(id, (task, hard, deadline)); }
+                        None => tracing::warn!(id, task, hard_limit_s = hard, "hard time limit out of range; not enforced"),
+                    },
                     Ok(JobEvent::Finished { id }) => { running.remove(&id); }
                     Err(_) => tracing::debug!(line, "ignoring a line a worker process printed"),
                 },
@@ -261,6 +303,13 @@ async fn watch_child(a: &SlotArgs, child: &mut Child) -> End {
             }
         }
     }
+}
+
+/// When a job with `hard` seconds to run must be over; `None` for a limit that is not a positive
+/// number of seconds this clock can reach (a message may say anything).
+fn deadline_after(hard: f64) -> Option<Instant> {
+    let limit = Duration::try_from_secs_f64(hard).ok()?;
+    Instant::now().checked_add(limit)
 }
 
 async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(
@@ -307,5 +356,19 @@ async fn store_time_limit(backend: Option<&dyn ResultBackend>, id: &str, hard: f
     let tb = format!("Traceback (most recent call last):\n  celerity worker process killed at the hard time limit\nTimeLimitExceeded: {hard}\n");
     if let Err(e) = backend.store(&TaskMeta::failure(id, &exc, Some(tb))).await {
         tracing::error!(id, error = %e, "could not store the time-limit failure");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_hard_limits_have_no_deadline_and_do_not_panic() {
+        for hard in [1e19, 1e300, f64::MAX, f64::INFINITY, f64::NAN, -1.0] {
+            assert_eq!(deadline_after(hard), None, "{hard}");
+        }
+        let d = deadline_after(0.5).map(|d| d.saturating_duration_since(Instant::now()));
+        assert!(d.is_some_and(|d| d <= Duration::from_millis(500)));
     }
 }
