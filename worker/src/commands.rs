@@ -137,9 +137,16 @@ fn revoke(remote: &Remote, request: &ControlRequest) -> Value {
 
 fn pool_grow(remote: &Remote, args: &Map<String, Value>) -> Value {
     let n = count_arg(args);
-    remote.pool.grow(n);
-    tracing::info!(n, size = remote.pool.size(), "pool grown by remote control");
-    ok("pool will grow")
+    match remote.pool.grow(n) {
+        Ok(()) => {
+            tracing::info!(n, size = remote.pool.size(), "pool grown by remote control");
+            ok("pool will grow")
+        }
+        Err(e) => {
+            tracing::warn!(n, "refused a pool growth: {e}");
+            nok(&e)
+        }
+    }
 }
 
 fn pool_shrink(remote: &Remote, args: &Map<String, Value>) -> Value {
@@ -163,7 +170,9 @@ fn nok(text: &str) -> Value {
 /// `n` of pool_grow/pool_shrink (default 1; Celery sends an int, the CLI may send a string).
 fn count_arg(args: &Map<String, Value>) -> usize {
     match args.get("n") {
-        Some(Value::Number(n)) => n.as_u64().map_or(1, |n| n as usize),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX)),
         Some(Value::String(s)) => s.trim().parse().unwrap_or(1),
         _ => 1,
     }

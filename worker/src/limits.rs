@@ -9,6 +9,13 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+/// The smallest count a rate limit may have (one start per 1,000 intervals).
+pub const MIN_COUNT: f64 = 0.001;
+/// The largest count a rate limit may have.
+pub const MAX_COUNT: f64 = 1e9;
+/// The longest a token bucket sleeps before it looks again.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
 /// At most `count` starts per `per`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
@@ -29,6 +36,11 @@ impl FromStr for RateLimit {
             .map_err(|_| format!("rate limit `{s}`: `{n}` is not a number"))?;
         if !(count > 0.0 && count.is_finite()) {
             return Err(format!("rate limit `{s}`: the count must be above 0"));
+        }
+        if !(MIN_COUNT..=MAX_COUNT).contains(&count) {
+            return Err(format!(
+                "rate limit `{s}`: the count must be between {MIN_COUNT} and {MAX_COUNT}"
+            ));
         }
         let per = match unit.trim().chars().next() {
             Some('s') => Duration::from_secs(1),
@@ -149,7 +161,8 @@ impl TokenBucket {
                     st.0 -= 1.0;
                     return;
                 }
-                Duration::from_secs_f64((1.0 - st.0) / rate)
+                Duration::try_from_secs_f64((1.0 - st.0) / rate)
+                    .map_or(MAX_WAIT, |w| w.min(MAX_WAIT))
             };
             tokio::time::sleep(wait).await;
         }
@@ -215,6 +228,10 @@ mod tests {
         assert!("x/s".parse::<RateLimit>().is_err());
         assert!("0/s".parse::<RateLimit>().is_err());
         assert!("5/d".parse::<RateLimit>().is_err());
+        // Absurd rates are refused with a clear error, not accepted to panic later.
+        for absurd in ["1e-17/h", "1e300/s", "0.0000001/s"] {
+            assert!(absurd.parse::<RateLimit>().is_err(), "{absurd}");
+        }
     }
 
     #[test]
@@ -231,6 +248,17 @@ mod tests {
             .collect();
         assert_eq!(snap, ["b=5/m"]);
         assert_eq!("2.5/h".parse::<RateLimit>().unwrap().to_string(), "2.5/h");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_bucket_waits_without_panicking() {
+        let b = TokenBucket::new(RateLimit {
+            count: 1e-17,
+            per: Duration::from_secs(3600),
+        });
+        // Before the fix the wait (3.6e20 s) overflowed `Duration` and panicked.
+        let first = tokio::time::timeout(Duration::from_secs(7200), b.acquire()).await;
+        assert!(first.is_err(), "a start came at a rate of 1e-17/h");
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,6 +6,9 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, Semaphore};
 
+/// The most jobs one process may run at once, however remote control grows it.
+pub(crate) const MAX_SIZE: usize = 1_000_000;
+
 /// Running-job slots and their count.
 #[derive(Debug)]
 pub(crate) struct Pool {
@@ -34,11 +37,21 @@ impl Pool {
         self.size.load(Ordering::Relaxed)
     }
 
-    /// Adds `n` slots (and as much prefetch).
-    pub fn grow(&self, n: usize) {
-        self.size.fetch_add(n, Ordering::Relaxed);
+    /// Adds `n` slots (and as much prefetch); refused past [`MAX_SIZE`] slots in all.
+    pub fn grow(&self, n: usize) -> Result<(), String> {
+        let grown = self
+            .size
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                s.checked_add(n).filter(|t| *t <= MAX_SIZE)
+            });
+        if grown.is_err() {
+            return Err(format!(
+                "the pool cannot grow by {n}: at most {MAX_SIZE} jobs at once"
+            ));
+        }
         self.slots.add_permits(n);
         let _ = self.window.send(isize::try_from(n).unwrap_or(isize::MAX));
+        Ok(())
     }
 
     /// Removes up to `n` slots, keeping at least one; running jobs finish first (a removed slot is
@@ -73,7 +86,7 @@ mod tests {
     async fn grows_and_shrinks_but_keeps_one() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let p = Pool::new(2, tx);
-        p.grow(3);
+        assert!(p.grow(3).is_ok());
         assert_eq!(p.size(), 5);
         assert_eq!(rx.recv().await, Some(3));
         assert_eq!(p.shrink(10), 4);
@@ -83,5 +96,15 @@ mod tests {
         tokio::task::yield_now().await;
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         assert_eq!(p.slots().available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_absurd_growth_is_refused_without_panicking() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let p = Pool::new(2, tx);
+        assert!(p.grow(usize::MAX).is_err());
+        assert!(p.grow(MAX_SIZE).is_err());
+        assert_eq!(p.size(), 2);
+        assert_eq!(p.slots().available_permits(), 2);
     }
 }
