@@ -17,11 +17,14 @@
 //! - [`error`]: [`BrokerError`], the one error type of this crate.
 
 pub mod backend;
+pub mod backoff;
+pub mod connect;
 pub mod error;
 pub mod memory;
 pub mod message;
 pub mod protocol;
 pub mod pyjson;
+pub mod topic;
 pub mod transport;
 pub mod url;
 pub mod wait_lock;
@@ -34,8 +37,9 @@ pub mod redis;
 pub mod testkit;
 
 pub use backend::{ResultBackend, State, TaskMeta};
+pub use connect::{connect_backend, connect_broker};
 pub use error::{BrokerError, Result};
 pub use message::{Message, Properties};
 pub use transport::{AckHandle, Broker, Consumer, Delivery};
-pub use url::{connect_backend, connect_broker, BrokerUrl};
+pub use url::BrokerUrl;
 pub use wait_lock::WaitLock;

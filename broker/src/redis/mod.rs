@@ -19,7 +19,6 @@
 //! `RPOP` with a count, `ZRANGE … BYSCORE`).
 
 mod ack;
-mod backoff;
 mod consumer;
 mod direct;
 mod envelope;

@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
+use crate::backoff::retry_idempotent;
 use crate::error::Result;
-use crate::redis::backoff::retry_idempotent;
 use crate::redis::group_commit::GroupCommit;
 use crate::redis::scripts::SETTLE_MANY;
 use crate::redis::Shared;
