@@ -20,6 +20,7 @@ pub mod backend;
 pub mod backoff;
 pub mod connect;
 pub mod error;
+pub mod lease;
 pub mod memory;
 pub mod message;
 pub mod protocol;
