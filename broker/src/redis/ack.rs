@@ -20,7 +20,7 @@ mod batch;
 
 use super::restore::{self, unix_now, Side};
 use super::scripts::SETTLE;
-use super::Shared;
+use super::shared::Shared;
 use crate::backoff::retry_idempotent;
 use crate::error::Result;
 use crate::transport::AckHandle;

@@ -20,8 +20,9 @@ use redis::AsyncConnectionConfig;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::envelope;
 use super::keys::{binding_member, SEP};
-use super::{envelope, Shared, CONNECT_TIMEOUT};
+use super::shared::{Shared, CONNECT_TIMEOUT};
 use crate::backoff::Backoff;
 use crate::error::Result;
 use crate::message::{Message, TRANSIENT};

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::envelope;
-use super::{Shared, CONNECT_TIMEOUT};
+use super::shared::{Shared, CONNECT_TIMEOUT};
 use crate::backoff::Backoff;
 use crate::error::{BrokerError, Result};
 use crate::message::{Message, TRANSIENT};

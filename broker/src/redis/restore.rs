@@ -19,7 +19,7 @@ use redis::aio::ConnectionManager;
 use super::envelope;
 use super::keys::SEP;
 use super::scripts::{FORGET_ORPHAN, FORWARD, PARK, RESTORE, UNLOCK};
-use super::Shared;
+use super::shared::Shared;
 use crate::error::Result;
 use crate::topic::topic_matches;
 

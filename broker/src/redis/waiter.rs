@@ -26,7 +26,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 
-use super::CONNECT_TIMEOUT;
+use super::shared::CONNECT_TIMEOUT;
 use crate::backoff::Backoff;
 
 /// How long one blocking wait lasts before it is re-issued.

@@ -9,7 +9,7 @@ use crate::backoff::retry_idempotent;
 use crate::error::Result;
 use crate::redis::group_commit::GroupCommit;
 use crate::redis::scripts::SETTLE_MANY;
-use crate::redis::Shared;
+use crate::redis::shared::Shared;
 
 /// Most acks in one script call.
 const MAX_BATCH: usize = 512;
