@@ -19,8 +19,6 @@ pub enum BeatError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
 }
 
 /// Shorthand for this crate's results.

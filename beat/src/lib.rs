@@ -3,13 +3,22 @@
 //! single-active-consumer queue on RabbitMQ) and persisted last-run times (a Redis hash, or a local
 //! state file) so restarts neither repeat nor silently drop a tick. The schedule reloads on SIGHUP
 //! and when its file changes.
+//!
+//! Layout:
+//! - [`schedule`]: the TOML schedule file → [`Entry`]s (cron or interval, time zone, catch-up); pure.
+//! - [`entry`]: when an entry is next due, from its last run and the clock; pure.
+//! - [`state`]: beat's lock and last-run state by broker ([`state::Store`]): the wire-level
+//!   lease and last-run record are `celerity_broker::lease` (a fenced Redis lease + hash, or a
+//!   RabbitMQ single-active-consumer queue); the local state file for AMQP brokers is `state_file`.
+//! - [`ticker`]: leads while it holds the lease, sleeps until the next due entry, claims each tick
+//!   (fenced) and sends it through the client.
+//! - `reload`: reloads the schedule on SIGHUP and when its file changes.
+//! - [`cli`]: `celerity beat` (arguments, `--check`, wiring).
+//! - [`error`]: [`BeatError`], the one error type of this crate.
 
-mod amqp_lock;
 pub mod cli;
 pub mod entry;
 pub mod error;
-pub mod lock;
-mod redis_state;
 mod reload;
 pub mod schedule;
 pub mod state;

@@ -1,34 +1,30 @@
 //! Where beat keeps its leader lock and last-run times, by broker: on Redis a fenced lease and a
-//! hash (see [`crate::redis_state`]); on RabbitMQ a single-active-consumer lock queue (see
-//! [`crate::amqp_lock`]) and a local state file (see [`crate::state_file`]).
+//! hash ([`RedisLease`], keys `<prefix>celerity.beat.lock` / `.epoch` / `.last_run`); on RabbitMQ a
+//! single-active-consumer lock queue ([`AmqpLease`]) and a local state file (see
+//! [`crate::state_file`]), merged with the copy the last leader mirrored. The wire-level parts live
+//! in `celerity_broker::lease`; this module picks one by URL and decides how they combine.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use celerity_broker::lease::amqp::AmqpLease;
+use celerity_broker::lease::redis::RedisLease;
 use celerity_broker::url::{BrokerUrl, Scheme};
 
-use crate::amqp_lock::AmqpLock;
 use crate::error::{BeatError, Result};
-use crate::lock::Lease;
-use crate::redis_state::RedisStore;
 use crate::state_file::StateFile;
+
+pub use celerity_broker::lease::{Lease, Recorded};
 
 /// Default state file (AMQP brokers), relative to the working directory.
 pub const DEFAULT_STATE_FILE: &str = "celerity-beat.state.json";
 /// Default RabbitMQ lock queue.
 pub const DEFAULT_LOCK_QUEUE: &str = "celerity.beat.lock";
-
-/// What recording a tick found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recorded {
-    /// Ours now: send the job.
-    Fresh,
-    /// This tick (or a later one) was already recorded: do not send.
-    AlreadySent,
-    /// We no longer hold the lock: do not send, stand by.
-    NotLeader,
-}
+/// The stem of beat's Redis keys (after the broker's `global_keyprefix`).
+const REDIS_STEM: &str = "celerity.beat";
+/// How beat's RabbitMQ connections are named (`celerity-beat <lock queue> <uuid>`).
+const AMQP_ROLE: &str = "celerity-beat";
 
 /// Where a beat's lock and state live, for AMQP brokers.
 #[derive(Debug, Clone)]
@@ -51,9 +47,9 @@ impl Default for AmqpPlaces {
 /// A beat's lock and last-run state.
 #[derive(Debug)]
 pub enum Store {
-    Redis(RedisStore),
+    Redis(RedisLease),
     Amqp {
-        lock: Box<AmqpLock>,
+        lock: Box<AmqpLease>,
         file: StateFile,
     },
 }
@@ -68,9 +64,9 @@ impl Store {
     pub async fn connect_with(raw: &str, amqp: &AmqpPlaces) -> Result<Self> {
         let url = BrokerUrl::parse(raw)?;
         match url.scheme {
-            Scheme::Redis => Ok(Store::Redis(RedisStore::connect(&url).await?)),
+            Scheme::Redis => Ok(Store::Redis(RedisLease::connect(&url, REDIS_STEM).await?)),
             Scheme::Amqp => Ok(Store::Amqp {
-                lock: Box::new(AmqpLock::new(&url, &amqp.lock_queue)),
+                lock: Box::new(AmqpLease::new(&url, &amqp.lock_queue, AMQP_ROLE)),
                 file: StateFile::new(Path::new(&amqp.state_file)),
             }),
             _ => Err(BeatError::Unsupported(
@@ -82,24 +78,24 @@ impl Store {
     /// Takes the lock (Redis: for `lease`) if it is free.
     pub async fn try_acquire(&self, lease: Duration) -> Result<Option<Lease>> {
         match self {
-            Store::Redis(r) => r.try_acquire(lease).await,
-            Store::Amqp { lock, .. } => lock.try_acquire().await,
+            Store::Redis(r) => Ok(r.try_acquire(lease).await?),
+            Store::Amqp { lock, .. } => Ok(lock.try_acquire().await?),
         }
     }
 
     /// Keeps the lock (Redis: resets the lease); `false` if it is no longer ours.
     pub async fn renew(&self, held: &Lease, lease: Duration) -> Result<bool> {
         match self {
-            Store::Redis(r) => r.renew(held, lease).await,
-            Store::Amqp { lock, .. } => lock.check(held).await,
+            Store::Redis(r) => Ok(r.renew(held, lease).await?),
+            Store::Amqp { lock, .. } => Ok(lock.check(held).await?),
         }
     }
 
     /// Gives the lock up; harmless if it is no longer ours.
     pub async fn release(&self, held: &Lease) -> Result<()> {
         match self {
-            Store::Redis(r) => r.release(held).await,
-            Store::Amqp { lock, .. } => lock.release().await,
+            Store::Redis(r) => Ok(r.release(held).await?),
+            Store::Amqp { lock, .. } => Ok(lock.release().await?),
         }
     }
 
@@ -113,7 +109,7 @@ impl Store {
     /// Every entry's last recorded tick (Unix seconds).
     pub async fn last_runs(&self) -> Result<HashMap<String, i64>> {
         match self {
-            Store::Redis(r) => r.last_runs().await,
+            Store::Redis(r) => Ok(r.last_runs().await?),
             Store::Amqp { lock, file } => {
                 // A beat on another host may have led last: the later tick wins per entry.
                 let mut all = file.read()?;
@@ -136,7 +132,7 @@ impl Store {
     /// Claims `tick` for `entry` under `lease` (see [`Recorded`]); fenced on both brokers.
     pub async fn record(&self, lease: &Lease, entry: &str, tick: i64) -> Result<Recorded> {
         match self {
-            Store::Redis(r) => r.record(lease, entry, tick).await,
+            Store::Redis(r) => Ok(r.record(lease, entry, tick).await?),
             Store::Amqp { lock, file } => {
                 if !lock.check(lease).await? {
                     return Ok(Recorded::NotLeader);

@@ -15,9 +15,8 @@ use tracing::{debug, error, info, warn};
 use celerity_client::{Client, Expires, SendOptions};
 
 use crate::error::Result;
-use crate::lock::Lease;
 use crate::schedule::{CatchUp, Entry};
-use crate::state::{Recorded, Store};
+use crate::state::{Lease, Recorded, Store};
 
 /// Longest single sleep, so a wall-clock jump is noticed.
 const MAX_SLEEP: Duration = Duration::from_secs(30);

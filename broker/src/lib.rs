@@ -12,16 +12,30 @@
 //! - [`memory`], `redis`, `amqp`: the three transports (`memory://`, `redis://`, `amqp://`).
 //! - [`backend`]: the [`ResultBackend`] seam, task states and Celery's result meta document, with
 //!   memory and Redis backends.
-//! - [`url`]: picks a transport or backend from a URL.
+//! - [`url`]: parses and classifies broker/backend URLs ([`BrokerUrl`], query options); a leaf.
+//! - [`connect`]: the URL → transport/backend factory ([`connect_broker`], [`connect_backend`]);
+//!   only the crate root imports it, so no transport imports the factory back.
+//! - [`backoff`]: the one reconnect pacing ([`backoff::Backoff`], [`backoff::delay`]: exponential,
+//!   capped, with equal jitter) every transport's and backend's reconnect loop uses.
+//! - [`topic`]: the one AMQP topic matcher (memory broadcasts, the Redis restore's bindings).
+//! - [`lease`]: leader leases on the broker (a fenced Redis lease with its last-run hash, a RabbitMQ
+//!   single-active-consumer lock queue), used by beat.
 //! - [`wait_lock`]: lets the processes of one worker pool take turns at waiting for work.
 //! - [`error`]: [`BrokerError`], the one error type of this crate.
+//!
+//! Imports go one way: leaves (`error`, `pyjson`, `url`, `topic`, `backoff`, `wait_lock`,
+//! `message`, `protocol`) under `transport` and `backend`, under the transports, under `connect`.
 
 pub mod backend;
+pub mod backoff;
+pub mod connect;
 pub mod error;
+pub mod lease;
 pub mod memory;
 pub mod message;
 pub mod protocol;
 pub mod pyjson;
+pub mod topic;
 pub mod transport;
 pub mod url;
 pub mod wait_lock;
@@ -34,8 +48,9 @@ pub mod redis;
 pub mod testkit;
 
 pub use backend::{ResultBackend, State, TaskMeta};
+pub use connect::{connect_backend, connect_broker};
 pub use error::{BrokerError, Result};
 pub use message::{Message, Properties};
 pub use transport::{AckHandle, Broker, Consumer, Delivery};
-pub use url::{connect_backend, connect_broker, BrokerUrl};
+pub use url::BrokerUrl;
 pub use wait_lock::WaitLock;

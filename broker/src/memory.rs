@@ -203,7 +203,7 @@ impl Subscription for MemorySubscription {
         use tokio::sync::broadcast::error::RecvError;
         loop {
             match self.rx.recv().await {
-                Ok((key, m)) if crate::transport::binding_matches(&self.binding_key, &key) => {
+                Ok((key, m)) if crate::topic::binding_matches(&self.binding_key, &key) => {
                     return Ok(Some(m))
                 }
                 Ok(_) => {}

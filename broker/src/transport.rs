@@ -15,6 +15,9 @@ use crate::error::Result;
 use crate::message::Message;
 use crate::wait_lock::WaitLock;
 
+/// Moved to [`crate::topic`] (the one topic matcher); kept here so the old path still works.
+pub use crate::topic::binding_matches;
+
 /// A connected transport. Cheap to share behind an `Arc`; every method may be called concurrently.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
@@ -260,41 +263,5 @@ impl PrefetchWindow {
             });
         }
         self.size = size;
-    }
-}
-
-/// Whether a routing key matches a binding key: `""` and `#` match everything, otherwise AMQP topic
-/// rules (words split on `.`, `*` one word, `#` zero or more).
-pub fn binding_matches(binding: &str, key: &str) -> bool {
-    fn go(p: &[&str], k: &[&str]) -> bool {
-        match (p.first(), k.first()) {
-            (None, None) => true,
-            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
-            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &k[1..]),
-            _ => false,
-        }
-    }
-    if binding.is_empty() || binding == "#" {
-        return true;
-    }
-    let p: Vec<&str> = binding.split('.').collect();
-    let k: Vec<&str> = key.split('.').collect();
-    go(&p, &k)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::binding_matches;
-
-    #[test]
-    fn bindings_match_like_amqp_topics() {
-        assert!(binding_matches("", "anything"));
-        assert!(binding_matches("#", "task.succeeded"));
-        assert!(binding_matches("task.*", "task.succeeded"));
-        assert!(!binding_matches("task.*", "worker.heartbeat"));
-        assert!(binding_matches("task.#", "task.a.b"));
-        assert!(binding_matches("task.succeeded", "task.succeeded"));
-        assert!(!binding_matches("task.succeeded", "task.failed"));
     }
 }

@@ -4,13 +4,13 @@
 //! `amqp://user:pass@host[:port][/vhost]`, `amqps://…` (TLS). Options go in the query string
 //! (`redis://localhost/0?global_keyprefix=app1:&visibility_timeout=600`); an option a transport does
 //! not know is an error, so a typo does not silently do nothing.
+//!
+//! A leaf: it parses and classifies only. Opening the transport or backend a URL names is
+//! [`crate::connect`]'s job, so the transports can read their options from here without a cycle.
 
 use std::str::FromStr;
-use std::sync::Arc;
 
-use crate::backend::ResultBackend;
 use crate::error::{BrokerError, Result};
-use crate::transport::Broker;
 
 /// The kind of transport a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,42 +110,6 @@ pub fn redact(raw: &str) -> String {
         }
         Ok(_) => raw.to_owned(),
         Err(_) => raw.split('@').next_back().unwrap_or(raw).to_owned(),
-    }
-}
-
-/// Connects to the broker a URL names.
-pub async fn connect_broker(raw: &str) -> Result<Arc<dyn Broker>> {
-    let url = BrokerUrl::parse(raw)?;
-    match url.scheme {
-        Scheme::Memory => Ok(Arc::new(crate::memory::MemoryBroker::from_url(&url)?)),
-        #[cfg(feature = "redis")]
-        Scheme::Redis => Ok(Arc::new(crate::redis::RedisBroker::connect(&url).await?)),
-        #[cfg(not(feature = "redis"))]
-        Scheme::Redis => Err(BrokerError::NotCompiled("redis")),
-        #[cfg(feature = "amqp")]
-        Scheme::Amqp => Ok(Arc::new(crate::amqp::AmqpBroker::connect(&url).await?)),
-        #[cfg(not(feature = "amqp"))]
-        Scheme::Amqp => Err(BrokerError::NotCompiled("amqp")),
-    }
-}
-
-/// Connects to the result backend a URL names (`memory://` or `redis://`).
-pub async fn connect_backend(raw: &str) -> Result<Arc<dyn ResultBackend>> {
-    let url = BrokerUrl::parse(raw)?;
-    match url.scheme {
-        Scheme::Memory => Ok(Arc::new(crate::backend::memory::MemoryBackend::from_url(
-            &url,
-        )?)),
-        #[cfg(feature = "redis")]
-        Scheme::Redis => Ok(Arc::new(
-            crate::backend::redis::RedisBackend::connect(&url).await?,
-        )),
-        #[cfg(not(feature = "redis"))]
-        Scheme::Redis => Err(BrokerError::NotCompiled("redis")),
-        Scheme::Amqp => Err(BrokerError::InvalidUrl {
-            url: url.redacted(),
-            reason: "AMQP is not a result backend here; use redis:// or memory://".into(),
-        }),
     }
 }
 

@@ -27,7 +27,7 @@ use serde_json::{json, Map, Value};
 use celerity_broker::protocol::node::new_task_id;
 use celerity_broker::protocol::{Signature as Sig, TaskMessage};
 
-use crate::canvas::{freeze_task, signature_message, Call};
+use crate::canvas_encode::{freeze, signature_message, Call};
 use crate::error::{ClientError, Result};
 
 /// The task name Celery gives a serialized group.
@@ -194,7 +194,7 @@ fn set_tasks(sig: &mut Sig, key: &str, tasks: &[Sig]) {
 /// id of its result (see [`result_id`]).
 pub fn freeze_deep(sig: &mut Sig) -> Result<String> {
     match kind(sig)? {
-        Kind::Task => Ok(freeze_task(sig)),
+        Kind::Task => Ok(freeze(sig)),
         Kind::Group(mut members) => {
             let gid = match sig.task_id() {
                 Some(g) => g.to_owned(),
@@ -482,7 +482,7 @@ impl Planner<'_> {
     }
 
     fn task(&mut self, mut sig: Sig, ctx: Ctx) -> Result<Value> {
-        let id = freeze_task(&mut sig);
+        let id = freeze(&mut sig);
         for (k, v) in ctx.opts {
             if k == "group_id" && sig.options.contains_key("group_id") {
                 continue;

@@ -9,9 +9,13 @@
 //!   worker.
 //! - [`AsyncResult`] ([`result`]): a handle on one job's result: state, wait with a timeout, forget.
 //! - [`canvas`]: workflows — [`Signature`], [`chain`], [`Group`], [`chord`], `link`/`link_error` —
-//!   encoded as Celery encodes them; [`GroupResult`] ([`group_result`]) reads a group's results.
+//!   built in Rust and sent by the [`Client`]; [`GroupResult`] ([`group_result`]) reads a group's
+//!   results.
 //! - [`canvas_plan`]: how nested workflows (groups of chains, chains with group/chord steps, chords
 //!   with chain bodies) are applied, as Celery applies them; shared with the worker.
+//! - [`canvas_encode`]: the leaf both of those use: one signature → the task message Celery would
+//!   send ([`canvas::signature_message`], [`canvas::Call`], re-exported from `canvas`), and id
+//!   freezing. `canvas` uses `canvas_plan`, both use `canvas_encode`, never the other way round.
 //! - [`control`]: remote control (Celery's `app.control`): [`Client::control_call`] collects each
 //!   node's reply, [`Client::control_cast`] sends without waiting.
 //! - [`control_cli`]: the `celerity inspect …` and `celerity control …` verbs.
@@ -20,6 +24,7 @@
 //! - [`ClientError`] ([`error`]): the one error type of this crate.
 
 pub mod canvas;
+pub mod canvas_encode;
 pub mod canvas_plan;
 pub mod cli;
 pub mod client;

@@ -1,11 +1,9 @@
-//! Opening AMQP connections (bounded by `connect_timeout`), sorting lapin errors into ours, and the
-//! reconnect backoff.
+//! Opening AMQP connections (bounded by `connect_timeout`) and sorting lapin errors into ours. The
+//! reconnect pacing is the crate's one [`crate::backoff::Backoff`].
 //!
 //! lapin's own auto-recovery is left off: the publisher and each consumer notice a dead connection
 //! themselves and open a new one, so what happens on a reconnect (re-declare, re-consume, which
 //! deliveries are lost) stays visible in this module tree.
-
-use std::time::Duration;
 
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::{Connection, ConnectionProperties, ErrorKind};
@@ -88,45 +86,5 @@ pub(crate) fn is_fatal(e: &lapin::Error) -> bool {
         ),
         ErrorKind::InvalidProtocolVersion(_) | ErrorKind::AuthProviderError(_) => true,
         _ => false,
-    }
-}
-
-/// Reconnect delays: 100 ms, doubling up to 5 s.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    next: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(5);
-
-    pub fn new() -> Self {
-        Backoff {
-            next: Self::FIRST,
-            attempt: 0,
-        }
-    }
-
-    /// The delay before the next attempt, and that attempt's number (from 1).
-    pub fn next_delay(&mut self) -> (Duration, u32) {
-        let delay = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        self.attempt += 1;
-        (delay, self.attempt)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_cap() {
-        let mut b = Backoff::new();
-        let delays: Vec<_> = (0..8).map(|_| b.next_delay().0.as_millis()).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        assert_eq!(b.next_delay().1, 9);
     }
 }

@@ -28,10 +28,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::ack_group::{AckGroup, Settle};
 use super::config::AmqpConfig;
-use super::connection::{connect, lapin_err, Backoff, Failure};
+use super::connection::{connect, lapin_err, Failure};
 use super::props::to_message;
 use super::publisher::Publisher;
 use super::topology::declare_task_queue;
+use crate::backoff::Backoff;
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
 use crate::transport::{AckHandle, Consumer, Delivery};
@@ -106,7 +107,7 @@ impl AmqpConsumer {
             pending: VecDeque::new(),
             shutdown,
             closed: false,
-            backoff: Backoff::new(),
+            backoff: Backoff::default(),
             wait_first: false,
         };
         consumer.session = Some(consumer.open().await.map_err(|f| f.error)?);
@@ -226,7 +227,8 @@ impl AmqpConsumer {
     /// Logs why (once per attempt) and sleeps the next backoff delay; false if the broker handle was
     /// closed meanwhile.
     async fn pause(&mut self, why: &(dyn std::fmt::Display + Sync)) -> bool {
-        let (delay, attempt) = self.backoff.next_delay();
+        let delay = self.backoff.next();
+        let attempt = self.backoff.attempts();
         tracing::warn!(url = %self.config.redacted, reason = %why, attempt, retry_in = ?delay, "amqp: consumer cannot reconnect yet");
         tokio::select! {
             _ = self.shutdown.cancelled() => false,
@@ -345,7 +347,7 @@ impl Consumer for AmqpConsumer {
             tracing::warn!(url = %self.config.redacted, %reason, "amqp: consumer lost its channel; reconnecting");
             if let Some(old) = self.session.take() {
                 if old.opened.elapsed() >= STABLE_AFTER {
-                    self.backoff = Backoff::new();
+                    self.backoff.reset();
                 } else {
                     self.wait_first = true;
                 }

@@ -28,11 +28,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::config::AmqpConfig;
-use super::connection::{connect, lapin_err, Backoff, Failure};
+use super::connection::{connect, lapin_err, Failure};
 use super::link::LinkSlot;
 use super::props::{to_message, to_properties};
 use super::table::short_string;
 use super::topology::{declare_fanout_exchange, declare_subscriber_queue, fanout_spec, FanoutSpec};
+use crate::backoff::Backoff;
 use crate::error::{BrokerError, Result};
 use crate::message::{Message, TRANSIENT};
 use crate::transport::Subscription;
@@ -227,7 +228,7 @@ impl Subscriber {
     /// Consumes on `first`, then on each new session after a drop, until stopped or refused for good.
     async fn run(self, first: Session) {
         let mut session = Some(first);
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::default();
         loop {
             let current = match session.take() {
                 Some(s) => s,
@@ -247,7 +248,8 @@ impl Subscriber {
                             return;
                         }
                         Err(f) => {
-                            let (delay, attempt) = backoff.next_delay();
+                            let delay = backoff.next();
+                            let attempt = backoff.attempts();
                             tracing::warn!(queue = %self.target.queue, reason = %f.error, attempt, retry_in = ?delay,
                                 "amqp: subscriber cannot reconnect yet");
                             if !self.pause(delay).await {
@@ -267,9 +269,10 @@ impl Subscriber {
             };
             tokio::spawn(current.close());
             if opened.elapsed() >= STABLE_AFTER {
-                backoff = Backoff::new();
+                backoff.reset();
             }
-            let (delay, attempt) = backoff.next_delay();
+            let delay = backoff.next();
+            let attempt = backoff.attempts();
             tracing::warn!(queue = %self.target.queue, %reason, attempt, retry_in = ?delay,
                 "amqp: subscriber lost its connection; reconnecting");
             if !self.pause(delay).await {

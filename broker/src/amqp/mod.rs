@@ -2,7 +2,7 @@
 //!
 //! Layout:
 //! - `config`: the URL → lapin URI, timeouts and queue arguments.
-//! - `connection`: connecting with a timeout, error mapping, reconnect backoff.
+//! - `connection`: connecting with a timeout, error mapping (reconnects pace with [`crate::backoff`]).
 //! - `topology`: Celery's declarations (direct exchange + durable queue + binding, all named `q`).
 //! - `table`, `props`: JSON headers ↔ AMQP tables, [`Message`] ↔ basic properties.
 //! - `publisher`: the shared confirm-mode publishing connection.

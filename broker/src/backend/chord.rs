@@ -17,7 +17,7 @@
 
 use serde_json::{json, Value};
 
-use super::State;
+use super::meta::State;
 use crate::error::{BrokerError, Result};
 use crate::pyjson;
 

@@ -18,10 +18,10 @@ use async_trait::async_trait;
 
 mod batch;
 
-use super::backoff::retry_idempotent;
 use super::restore::{self, unix_now, Side};
 use super::scripts::SETTLE;
-use super::Shared;
+use super::shared::Shared;
+use crate::backoff::retry_idempotent;
 use crate::error::Result;
 use crate::transport::AckHandle;
 

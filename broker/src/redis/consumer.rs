@@ -55,12 +55,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::ack::Outstanding;
-use super::backoff::Backoff;
 use super::envelope;
 use super::restore::{self, unix_now, Side};
 use super::scripts::FETCH;
+use super::shared::Shared;
 use super::waiter::{self, Waiters, BLOCK_SECS};
-use super::Shared;
+use crate::backoff::Backoff;
 use crate::error::{BrokerError, Result};
 use crate::transport::{Consumer, Delivery, PrefetchWindow};
 use crate::wait_lock::WaitLock;
@@ -434,7 +434,7 @@ impl Consumer for RedisConsumer {
                         Err(e) => {
                             // Fetch on the shared connection meanwhile, after a backoff.
                             self.idle = false;
-                            let delay = backoff.fail();
+                            let delay = backoff.next();
                             tracing::warn!(error = %e, retry_in = ?delay, "redis consumer could not open its waiting connection");
                             if self.sleep_or_close(delay).await {
                                 return Ok(None);
@@ -515,7 +515,7 @@ impl Consumer for RedisConsumer {
                         // It waited on the blocking connection: open a new one next time.
                         self.blocking = None;
                     }
-                    let delay = backoff.fail();
+                    let delay = backoff.next();
                     tracing::warn!(error = %e, retry_in = ?delay, "redis fetch failed; retrying");
                     if self.sleep_or_close(delay).await {
                         return Ok(None);

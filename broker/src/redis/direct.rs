@@ -20,9 +20,10 @@ use redis::AsyncConnectionConfig;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::backoff::Backoff;
+use super::envelope;
 use super::keys::{binding_member, SEP};
-use super::{envelope, Shared, CONNECT_TIMEOUT};
+use super::shared::{Shared, CONNECT_TIMEOUT};
+use crate::backoff::Backoff;
 use crate::error::Result;
 use crate::message::{Message, TRANSIENT};
 use crate::transport::Subscription;
@@ -202,7 +203,7 @@ impl Popper {
                             Ok(Err(e)) => e.to_string(),
                             _ => format!("no answer within {CONNECT_TIMEOUT:?}"),
                         };
-                        let delay = backoff.fail();
+                        let delay = backoff.next();
                         tracing::warn!(list = %self.list, %reason, retry_in = ?delay, "redis: reply queue cannot connect yet");
                         tokio::select! {
                             () = self.stop.cancelled() => break,
@@ -236,7 +237,7 @@ impl Popper {
                     }
                 }
                 Err(e) => {
-                    let delay = backoff.fail();
+                    let delay = backoff.next();
                     tracing::warn!(list = %self.list, error = %e, retry_in = ?delay, "redis: reply queue lost its connection; reconnecting");
                     tokio::select! {
                         () = self.stop.cancelled() => break,

@@ -31,9 +31,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::backoff::Backoff;
 use super::envelope;
-use super::{Shared, CONNECT_TIMEOUT};
+use super::shared::{Shared, CONNECT_TIMEOUT};
+use crate::backoff::Backoff;
 use crate::error::{BrokerError, Result};
 use crate::message::{Message, TRANSIENT};
 use crate::transport::Subscription;
@@ -199,7 +199,7 @@ impl Link {
                         }
                         Err(reason) => {
                             attempt += 1;
-                            let delay = backoff.fail();
+                            let delay = backoff.next();
                             tracing::warn!(pattern = %self.pattern, subscriber = %self.name, %reason, attempt,
                                 retry_in = ?delay, "redis: subscriber cannot reconnect yet");
                             if !self.pause(delay).await {
@@ -217,7 +217,7 @@ impl Link {
             if since.elapsed() >= STABLE_AFTER {
                 backoff.reset();
             }
-            let delay = backoff.fail();
+            let delay = backoff.next();
             tracing::warn!(pattern = %self.pattern, subscriber = %self.name, %reason, retry_in = ?delay,
                 "redis: subscriber lost its connection; reconnecting");
             if !self.pause(delay).await {

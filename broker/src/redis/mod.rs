@@ -14,12 +14,14 @@
 //!   channels (`fanout.rs`); remote-control replies go through kombu's direct-exchange routing to
 //!   the asker's list (`direct.rs`).
 //!
+//! - What the broker, its consumers and handles share, and opening connections, is the leaf
+//!   `shared.rs` (the parts import it, never this file).
+//!
 //! URL options: `global_keyprefix` (prefix of every key, as kombu's), `visibility_timeout` (seconds,
 //! default 3600), `restore_interval` (seconds between sweeps, default 10). Needs Redis ≥ 6.2 (`BLMOVE`,
 //! `RPOP` with a count, `ZRANGE … BYSCORE`).
 
 mod ack;
-mod backoff;
 mod consumer;
 mod direct;
 mod envelope;
@@ -29,16 +31,16 @@ mod keys;
 mod rate_limit;
 mod restore;
 mod scripts;
+mod shared;
 mod waiter;
 
 pub use rate_limit::RedisRateLimiter;
+pub use shared::connect_manager;
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{BrokerError, Result};
@@ -47,11 +49,8 @@ use crate::transport::{Broker, Consumer, Subscription};
 use crate::url::BrokerUrl;
 use crate::wait_lock::WaitLock;
 use keys::Keys;
+use shared::{client_url, first_connection, Shared};
 
-/// How long a connection attempt may take.
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a command may take (generous: a big pipeline or sweep is one command to wait on).
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages per round trip in `publish_batch`.
 const PUBLISH_CHUNK: usize = 1000;
 /// The URL options this transport knows.
@@ -62,21 +61,6 @@ pub struct RedisBroker {
     shared: Arc<Shared>,
     /// The pool's wait lock, handed to every consumer opened after it was set.
     wait_lock: Mutex<Option<Arc<WaitLock>>>,
-}
-
-/// What the broker, its consumers and their ack handles share.
-pub(crate) struct Shared {
-    /// Auto-reconnecting multiplexed connection for every non-blocking command.
-    pub(crate) conn: ConnectionManager,
-    /// For the dedicated connections of blocking waits.
-    pub(crate) client: redis::Client,
-    pub(crate) keys: Keys,
-    /// Seconds after which an unacked delivery is restored.
-    pub(crate) visibility_timeout: f64,
-    pub(crate) restore_interval: Duration,
-    /// Cancelled by [`Broker::close`]; consumers hold child tokens.
-    pub(crate) closed: CancellationToken,
-    declared: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -153,60 +137,6 @@ impl RedisBroker {
         } else {
             Ok(())
         }
-    }
-}
-
-/// The URL for the redis crate: no query string, and kombu's `redis+socket://` spelled `redis+unix://`.
-fn client_url(url: &BrokerUrl) -> String {
-    let base = url.base.as_str();
-    match base.strip_prefix("redis+socket:") {
-        Some(rest) => format!("redis+unix:{rest}"),
-        None => base.to_owned(),
-    }
-}
-
-/// Opens a reconnecting connection to the Redis that `url` names, bounded in time, as the broker
-/// opens its own: for the other state kept on that Redis (shared rate limits, beat's lease).
-pub async fn connect_manager(url: &BrokerUrl) -> Result<ConnectionManager> {
-    let connect_error = |reason: String| BrokerError::Connect {
-        url: url.redacted(),
-        reason,
-    };
-    let client =
-        redis::Client::open(client_url(url).as_str()).map_err(|e| connect_error(e.to_string()))?;
-    first_connection(client, url.tls)
-        .await
-        .map_err(connect_error)
-}
-
-/// Opens the shared connection, bounded in time. TLS setup runs in its own task: rustls panics when no
-/// crypto provider is compiled in, and that must be an error here, not a crash.
-async fn first_connection(
-    client: redis::Client,
-    tls: bool,
-) -> std::result::Result<ConnectionManager, String> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_secs(5));
-    let limit = CONNECT_TIMEOUT + Duration::from_secs(1);
-    let attempt = tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config));
-    let outcome = if tls {
-        match tokio::spawn(attempt).await {
-            Ok(r) => r,
-            Err(e) if e.is_panic() => {
-                return Err("TLS setup failed (is a rustls crypto provider compiled in?)".into())
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    } else {
-        attempt.await
-    };
-    match outcome {
-        Err(_) => Err(format!("no answer within {limit:?}")),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(conn)) => Ok(conn),
     }
 }
 

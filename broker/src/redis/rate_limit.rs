@@ -37,7 +37,7 @@ impl RedisRateLimiter {
         let prefix = url
             .option::<String>("global_keyprefix")?
             .unwrap_or_default();
-        let conn = super::connect_manager(&url).await?;
+        let conn = super::shared::connect_manager(&url).await?;
         Ok(RedisRateLimiter { conn, prefix })
     }
 

@@ -19,8 +19,9 @@ use redis::aio::ConnectionManager;
 use super::envelope;
 use super::keys::SEP;
 use super::scripts::{FORGET_ORPHAN, FORWARD, PARK, RESTORE, UNLOCK};
-use super::Shared;
+use super::shared::Shared;
 use crate::error::Result;
+use crate::topic::topic_matches;
 
 /// kombu's `unacked_mutex_expire`: the sweep lock is dropped by Redis after this long.
 const MUTEX_EXPIRE_MS: u64 = 300_000;
@@ -332,7 +333,7 @@ async fn destinations(
         else {
             continue;
         };
-        if (key == routing_key || topic_match(key, routing_key))
+        if topic_matches(key, routing_key)
             && !queue.is_empty()
             && !queues.iter().any(|q| q == queue)
         {
@@ -355,42 +356,5 @@ fn non_empty(queue: &str) -> Vec<String> {
         Vec::new()
     } else {
         vec![queue.to_owned()]
-    }
-}
-
-/// AMQP topic matching: words split on `.`, `*` matches one word, `#` zero or more.
-fn topic_match(pattern: &str, key: &str) -> bool {
-    if !pattern.contains(['*', '#']) {
-        return false;
-    }
-    fn go(p: &[&str], k: &[&str]) -> bool {
-        match p.split_first() {
-            None => k.is_empty(),
-            Some((&"#", rest)) => (0..=k.len()).any(|i| go(rest, &k[i..])),
-            Some((&w, rest)) => k
-                .split_first()
-                .is_some_and(|(&kw, krest)| (w == "*" || w == kw) && go(rest, krest)),
-        }
-    }
-    let p: Vec<&str> = pattern.split('.').collect();
-    let k: Vec<&str> = key.split('.').collect();
-    go(&p, &k)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::topic_match;
-
-    #[test]
-    fn topic_wildcards() {
-        assert!(topic_match("#", "a.b"));
-        assert!(topic_match("a.*", "a.b"));
-        assert!(!topic_match("a.*", "a.b.c"));
-        assert!(topic_match("a.#", "a"));
-        assert!(topic_match("*.b.#", "x.b.c.d"));
-        assert!(
-            !topic_match("a.b", "a.b"),
-            "plain keys are compared directly"
-        );
     }
 }

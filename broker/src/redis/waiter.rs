@@ -26,8 +26,8 @@ use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 
-use super::backoff::Backoff;
-use super::CONNECT_TIMEOUT;
+use super::shared::CONNECT_TIMEOUT;
+use crate::backoff::Backoff;
 
 /// How long one blocking wait lasts before it is re-issued.
 pub(super) const BLOCK_SECS: f64 = 1.0;
@@ -100,7 +100,7 @@ impl Waiters {
                         }
                         Outcome::Empty => self.backoff[i].reset(),
                         Outcome::Failed(e) => {
-                            let delay = self.backoff[i].fail();
+                            let delay = self.backoff[i].next();
                             tracing::warn!(error = %e, retry_in = ?delay, "redis waiter lost its connection");
                             self.retry_in[i] = Some(delay);
                             // Let the consumer look for itself meanwhile.

@@ -21,6 +21,7 @@ use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::backoff::Backoff;
 use crate::error::{BrokerError, Result};
 
 /// Time allowed to open the pub/sub connection.
@@ -29,9 +30,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// How long the server may take to confirm a (un)subscription or answer a ping.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reconnect backoff bounds.
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Most channels named in one `SUBSCRIBE`/`UNSUBSCRIBE`.
 const MAX_BATCH: usize = 512;
 
@@ -215,7 +213,7 @@ enum Stop {
 
 /// The listener task: connect, resubscribe, serve; again after each loss, until shutdown.
 async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver<Command>) {
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::default();
     let mut reconnect = false;
     loop {
         let connected = tokio::select! {
@@ -225,8 +223,9 @@ async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver<Command>) 
         let (mut sink, mut stream) = match connected {
             Ok(pair) => pair,
             Err(reason) => {
-                tracing::warn!(server = %inner.server, %reason, ?backoff, "result backend pub/sub: cannot connect, retrying");
-                if !pause(&inner, &mut backoff).await {
+                let delay = backoff.next();
+                tracing::warn!(server = %inner.server, %reason, retry_in = ?delay, "result backend pub/sub: cannot connect, retrying");
+                if !pause(&inner, delay).await {
                     return;
                 }
                 continue;
@@ -243,8 +242,9 @@ async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver<Command>) 
                 .collect()
         };
         if let Err(e) = bounded("resubscribe", subscribe_all(&mut sink, &wanted)).await {
-            tracing::warn!(server = %inner.server, error = %e, ?backoff, "result backend pub/sub: resubscribe failed, reconnecting");
-            if !pause(&inner, &mut backoff).await {
+            let delay = backoff.next();
+            tracing::warn!(server = %inner.server, error = %e, retry_in = ?delay, "result backend pub/sub: resubscribe failed, reconnecting");
+            if !pause(&inner, delay).await {
                 return;
             }
             continue;
@@ -258,7 +258,7 @@ async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver<Command>) 
         if reconnect {
             tracing::info!(server = %inner.server, channels = wanted.len(), "result backend pub/sub: reconnected");
         }
-        backoff = MIN_BACKOFF;
+        backoff.reset();
         reconnect = true;
         match serve(&inner, &mut sink, &mut stream, &mut commands).await {
             Stop::Shutdown => return,
@@ -272,14 +272,12 @@ async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver<Command>) 
     }
 }
 
-/// Sleeps for the backoff and doubles it; false if the listener was shut down meanwhile.
-async fn pause(inner: &Inner, backoff: &mut Duration) -> bool {
+/// Sleeps for `delay` (the backoff's next); false if the listener was shut down meanwhile.
+async fn pause(inner: &Inner, delay: Duration) -> bool {
     tokio::select! {
-        _ = inner.shutdown.cancelled() => return false,
-        _ = tokio::time::sleep(*backoff) => {}
+        _ = inner.shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
     }
-    *backoff = (*backoff * 2).min(MAX_BACKOFF);
-    true
 }
 
 async fn connect(client: &redis::Client) -> Result<(PubSubSink, PubSubStream), String> {

@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
+use crate::backoff::retry_idempotent;
 use crate::error::Result;
-use crate::redis::backoff::retry_idempotent;
 use crate::redis::group_commit::GroupCommit;
 use crate::redis::scripts::SETTLE_MANY;
-use crate::redis::Shared;
+use crate::redis::shared::Shared;
 
 /// Most acks in one script call.
 const MAX_BATCH: usize = 512;

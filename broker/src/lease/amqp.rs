@@ -1,4 +1,4 @@
-//! The leader lock on RabbitMQ: every beat consumes one durable queue declared with
+//! The leader lease on RabbitMQ: every candidate (each beat) consumes one durable queue declared with
 //! `x-single-active-consumer`, holding a single "token" message. RabbitMQ delivers only to the one
 //! active consumer, which keeps the token unacknowledged: holding that delivery is leadership.
 //! When the leader's connection dies RabbitMQ requeues the token and hands it to the next consumer.
@@ -6,13 +6,14 @@
 //! Fencing: before each send the leader proves its channel is still open with a round trip on it
 //! (a passive declare). A leader whose connection died has no channel, so that check fails and it
 //! stops before sending; as long as the channel is open the token cannot have moved.
-//! `x-max-length = 1` bounds the spare tokens beats starting next to a leader publish.
+//! `x-max-length = 1` bounds the spare tokens candidates starting next to a leader publish.
 //!
-//! The state mirror: each beat keeps its last-run times in a local file, which a standby on another
-//! host cannot see. So the leader also publishes its whole last-run map, confirmed, to a second
+//! The state mirror: a beat keeps its last-run times in a local file (beat's own business), which a
+//! standby on another host cannot see. So the leader also publishes its whole last-run map, confirmed, to a second
 //! durable queue (`<lock queue>.state`, `x-max-length = 1`: only the newest copy is kept), and a beat
 //! that becomes leader merges that copy into its own (the later tick wins per entry) before it
-//! decides what was missed.
+//! decides what was missed. This module only moves the map ([`AmqpLease::read_state`],
+//! [`AmqpLease::write_state`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -27,26 +28,26 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{watch, Mutex};
 use tracing::debug;
 
-use celerity_broker::url::BrokerUrl;
-use celerity_broker::BrokerError;
-
-use crate::error::{BeatError, Result};
-use crate::lock::Lease;
+use super::Lease;
+use crate::error::{BrokerError, Result};
+use crate::url::BrokerUrl;
 
 /// Bound on connecting and on each lock round trip.
 const STEP: Duration = Duration::from_secs(5);
 
-/// A beat's place in the lock queue's line of consumers.
-pub struct AmqpLock {
+/// A candidate's place in the lock queue's line of consumers.
+pub struct AmqpLease {
     uri: String,
+    /// Names our connections in RabbitMQ's list: `<role> <queue> <uuid>`.
+    role: String,
     redacted: String,
     queue: String,
     session: Mutex<Option<Session>>,
 }
 
-impl std::fmt::Debug for AmqpLock {
+impl std::fmt::Debug for AmqpLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpLock")
+        f.debug_struct("AmqpLease")
             .field("url", &self.redacted)
             .field("queue", &self.queue)
             .finish_non_exhaustive()
@@ -66,17 +67,19 @@ impl Session {
     }
 }
 
-impl AmqpLock {
-    /// A lock on `queue` of the RabbitMQ at `url` (connected on first use).
-    pub fn new(url: &BrokerUrl, queue: &str) -> Self {
+impl AmqpLease {
+    /// A lease on `queue` of the RabbitMQ at `url` (connected on first use); `role` names our
+    /// connections (`celerity-beat` gives `celerity-beat <queue> <uuid>`).
+    pub fn new(url: &BrokerUrl, queue: &str, role: &str) -> Self {
         let mut base = url.base.clone();
         // kombu spells the default vhost `//` or `/`; lapin wants it percent-encoded.
         if matches!(base.path(), "" | "/" | "//") {
             base.set_path("/%2f");
         }
         base.set_query(Some("heartbeat=10"));
-        AmqpLock {
+        AmqpLease {
             uri: base.to_string(),
+            role: role.to_owned(),
             redacted: url.redacted(),
             queue: queue.to_owned(),
             session: Mutex::new(None),
@@ -139,7 +142,7 @@ impl AmqpLock {
             return Ok(HashMap::new());
         };
         let state = serde_json::from_slice(&m.delivery.data).unwrap_or_else(|e| {
-            tracing::warn!(queue = %self.state_queue(), "beat: ignoring an unreadable state copy: {e}");
+            tracing::warn!(queue = %self.state_queue(), role = %self.role, "ignoring an unreadable last-run state copy: {e}");
             HashMap::new()
         });
         // Back in the queue for the next leader.
@@ -154,9 +157,9 @@ impl AmqpLock {
     pub async fn write_state(&self, state: &HashMap<String, i64>) -> Result<()> {
         let guard = self.session.lock().await;
         let Some(s) = guard.as_ref() else {
-            return Err(BrokerError::Closed.into());
+            return Err(BrokerError::Closed);
         };
-        let body = serde_json::to_vec(state).map_err(|e| BeatError::State(e.to_string()))?;
+        let body = serde_json::to_vec(state).map_err(|e| refused(e.to_string()))?;
         let confirmed = async {
             s.channel
                 .basic_publish(
@@ -173,9 +176,9 @@ impl AmqpLock {
         };
         match tokio::time::timeout(STEP, confirmed).await {
             Ok(Ok(c)) if !c.is_nack() => Ok(()),
-            Ok(Ok(_)) => Err(BeatError::State("RabbitMQ refused the state copy".into())),
-            Ok(Err(e)) => Err(BrokerError::from(e).into()),
-            Err(_) => Err(BrokerError::Timeout(STEP).into()),
+            Ok(Ok(_)) => Err(refused("RabbitMQ refused the state copy".into())),
+            Ok(Err(e)) => Err(BrokerError::from(e)),
+            Err(_) => Err(BrokerError::Timeout(STEP)),
         }
     }
 
@@ -198,7 +201,7 @@ impl AmqpLock {
             reason,
         };
         let props = ConnectionProperties::default().with_connection_name(
-            format!("celerity-beat {} {}", self.queue, uuid::Uuid::new_v4()).into(),
+            format!("{} {} {}", self.role, self.queue, uuid::Uuid::new_v4()).into(),
         );
         let conn = tokio::time::timeout(STEP, Connection::connect(&self.uri, props))
             .await
@@ -264,20 +267,21 @@ impl AmqpLock {
             .map_err(BrokerError::from)?;
         let (tx, token) = watch::channel(None);
         let queue = self.queue.clone();
+        let role = self.role.clone();
         tokio::spawn(async move {
             // The deliveries are held, never acked: keeping them unacked is what leading means.
             let mut held = Vec::new();
             while let Some(d) = consumer.next().await {
                 match d {
                     Ok(d) => {
-                        debug!(%queue, tag = d.delivery_tag, "beat: got the leader token");
+                        debug!(%queue, %role, tag = d.delivery_tag, "got the leader token");
                         if tx.borrow().is_none() {
                             tx.send_replace(Some(d.delivery_tag));
                         }
                         held.push(d);
                     }
                     Err(e) => {
-                        debug!(%queue, "beat: lock consumer ended: {e}");
+                        debug!(%queue, %role, "lock consumer ended: {e}");
                         break;
                     }
                 }
@@ -289,5 +293,13 @@ impl AmqpLock {
             channel,
             token,
         })
+    }
+}
+
+/// The state copy could not be written (or RabbitMQ nacked it).
+fn refused(message: String) -> BrokerError {
+    BrokerError::Transport {
+        transport: "amqp",
+        message,
     }
 }

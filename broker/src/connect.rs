@@ -1,0 +1,49 @@
+//! From a URL to a connected transport or result backend: the one place that knows every
+//! transport and backend, so none of them has to know the others (or import this back).
+//!
+//! [`connect_broker`] opens `memory://`, `redis://`/`rediss://` or `amqp://`/`amqps://` (a scheme whose
+//! crate feature is off is [`BrokerError::NotCompiled`]); [`connect_backend`] opens `memory://` or
+//! `redis://`. Parsing the URL itself is [`crate::url`]'s.
+
+use std::sync::Arc;
+
+use crate::backend::ResultBackend;
+use crate::error::{BrokerError, Result};
+use crate::transport::Broker;
+use crate::url::{BrokerUrl, Scheme};
+
+/// Connects to the broker a URL names.
+pub async fn connect_broker(raw: &str) -> Result<Arc<dyn Broker>> {
+    let url = BrokerUrl::parse(raw)?;
+    match url.scheme {
+        Scheme::Memory => Ok(Arc::new(crate::memory::MemoryBroker::from_url(&url)?)),
+        #[cfg(feature = "redis")]
+        Scheme::Redis => Ok(Arc::new(crate::redis::RedisBroker::connect(&url).await?)),
+        #[cfg(not(feature = "redis"))]
+        Scheme::Redis => Err(BrokerError::NotCompiled("redis")),
+        #[cfg(feature = "amqp")]
+        Scheme::Amqp => Ok(Arc::new(crate::amqp::AmqpBroker::connect(&url).await?)),
+        #[cfg(not(feature = "amqp"))]
+        Scheme::Amqp => Err(BrokerError::NotCompiled("amqp")),
+    }
+}
+
+/// Connects to the result backend a URL names (`memory://` or `redis://`).
+pub async fn connect_backend(raw: &str) -> Result<Arc<dyn ResultBackend>> {
+    let url = BrokerUrl::parse(raw)?;
+    match url.scheme {
+        Scheme::Memory => Ok(Arc::new(crate::backend::memory::MemoryBackend::from_url(
+            &url,
+        )?)),
+        #[cfg(feature = "redis")]
+        Scheme::Redis => Ok(Arc::new(
+            crate::backend::redis::RedisBackend::connect(&url).await?,
+        )),
+        #[cfg(not(feature = "redis"))]
+        Scheme::Redis => Err(BrokerError::NotCompiled("redis")),
+        Scheme::Amqp => Err(BrokerError::InvalidUrl {
+            url: url.redacted(),
+            reason: "AMQP is not a result backend here; use redis:// or memory://".into(),
+        }),
+    }
+}

@@ -1,0 +1,89 @@
+//! What the Redis broker, its consumers, ack handles and subscribers share ([`Shared`]), and how
+//! connections to a Redis broker are opened ([`connect_manager`], bounded in time, `redis+socket://`
+//! spelled as the redis crate wants it). A leaf under the rest of the transport, so the transport's
+//! parts import it rather than `redis/mod.rs`.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
+
+use super::keys::Keys;
+use crate::error::{BrokerError, Result};
+use crate::url::BrokerUrl;
+
+/// How long a connection attempt may take.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a command may take (generous: a big pipeline or sweep is one command to wait on).
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// What the broker, its consumers and their ack handles share.
+pub(crate) struct Shared {
+    /// Auto-reconnecting multiplexed connection for every non-blocking command.
+    pub(crate) conn: ConnectionManager,
+    /// For the dedicated connections of blocking waits.
+    pub(crate) client: redis::Client,
+    pub(crate) keys: Keys,
+    /// Seconds after which an unacked delivery is restored.
+    pub(crate) visibility_timeout: f64,
+    pub(crate) restore_interval: Duration,
+    /// Cancelled by [`crate::transport::Broker::close`]; consumers hold child tokens.
+    pub(crate) closed: CancellationToken,
+    /// Queues whose binding was already stored (declaring is cached).
+    pub(crate) declared: Mutex<HashSet<String>>,
+}
+
+/// The URL for the redis crate: no query string, and kombu's `redis+socket://` spelled `redis+unix://`.
+pub(crate) fn client_url(url: &BrokerUrl) -> String {
+    let base = url.base.as_str();
+    match base.strip_prefix("redis+socket:") {
+        Some(rest) => format!("redis+unix:{rest}"),
+        None => base.to_owned(),
+    }
+}
+
+/// Opens a reconnecting connection to the Redis that `url` names, bounded in time, as the broker
+/// opens its own: for the other state kept on that Redis (shared rate limits, beat's lease).
+pub async fn connect_manager(url: &BrokerUrl) -> Result<ConnectionManager> {
+    let connect_error = |reason: String| BrokerError::Connect {
+        url: url.redacted(),
+        reason,
+    };
+    let client =
+        redis::Client::open(client_url(url).as_str()).map_err(|e| connect_error(e.to_string()))?;
+    first_connection(client, url.tls)
+        .await
+        .map_err(connect_error)
+}
+
+/// Opens the shared connection, bounded in time. TLS setup runs in its own task: rustls panics when no
+/// crypto provider is compiled in, and that must be an error here, not a crash.
+pub(crate) async fn first_connection(
+    client: redis::Client,
+    tls: bool,
+) -> std::result::Result<ConnectionManager, String> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(5));
+    let limit = CONNECT_TIMEOUT + Duration::from_secs(1);
+    let attempt = tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config));
+    let outcome = if tls {
+        match tokio::spawn(attempt).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => {
+                return Err("TLS setup failed (is a rustls crypto provider compiled in?)".into())
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    } else {
+        attempt.await
+    };
+    match outcome {
+        Err(_) => Err(format!("no answer within {limit:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(conn)) => Ok(conn),
+    }
+}
