@@ -37,7 +37,7 @@ use crate::lock::Lease;
 const STEP: Duration = Duration::from_secs(5);
 
 /// A beat's place in the lock queue's line of consumers.
-pub struct AmqpLock {
+pub(crate) struct AmqpLock {
     uri: String,
     redacted: String,
     queue: String,
@@ -68,7 +68,7 @@ impl Session {
 
 impl AmqpLock {
     /// A lock on `queue` of the RabbitMQ at `url` (connected on first use).
-    pub fn new(url: &BrokerUrl, queue: &str) -> Self {
+    pub(crate) fn new(url: &BrokerUrl, queue: &str) -> Self {
         let mut base = url.base.clone();
         // kombu spells the default vhost `//` or `/`; lapin wants it percent-encoded.
         if matches!(base.path(), "" | "/" | "//") {
@@ -84,7 +84,7 @@ impl AmqpLock {
     }
 
     /// Leadership if we hold the token now; joins the queue's consumers first if needed.
-    pub async fn try_acquire(&self) -> Result<Option<Lease>> {
+    pub(crate) async fn try_acquire(&self) -> Result<Option<Lease>> {
         let mut guard = self.session.lock().await;
         if !guard.as_ref().is_some_and(Session::alive) {
             *guard = None;
@@ -101,7 +101,7 @@ impl AmqpLock {
     }
 
     /// `true` while `held` is still ours, proven by a round trip on the channel that holds it.
-    pub async fn check(&self, held: &Lease) -> Result<bool> {
+    pub(crate) async fn check(&self, held: &Lease) -> Result<bool> {
         let guard = self.session.lock().await;
         let Some(s) = guard.as_ref() else {
             return Ok(false);
@@ -122,7 +122,7 @@ impl AmqpLock {
     }
 
     /// The last-run map the latest leader mirrored (empty if none was, or the copy is unreadable).
-    pub async fn read_state(&self) -> Result<HashMap<String, i64>> {
+    pub(crate) async fn read_state(&self) -> Result<HashMap<String, i64>> {
         let guard = self.session.lock().await;
         let Some(s) = guard.as_ref() else {
             return Ok(HashMap::new());
@@ -151,7 +151,7 @@ impl AmqpLock {
     }
 
     /// Mirrors `state` to the state queue; returns once RabbitMQ confirmed it.
-    pub async fn write_state(&self, state: &HashMap<String, i64>) -> Result<()> {
+    pub(crate) async fn write_state(&self, state: &HashMap<String, i64>) -> Result<()> {
         let guard = self.session.lock().await;
         let Some(s) = guard.as_ref() else {
             return Err(BrokerError::Closed.into());
@@ -184,7 +184,7 @@ impl AmqpLock {
     }
 
     /// Leaves the line (a held token goes to the next beat at once).
-    pub async fn release(&self) -> Result<()> {
+    pub(crate) async fn release(&self) -> Result<()> {
         if let Some(s) = self.session.lock().await.take() {
             let _ = tokio::time::timeout(STEP, s.channel.close(200, "OK".into())).await;
             let _ = tokio::time::timeout(STEP, s.conn.close(200, "OK".into())).await;

@@ -1,21 +1,36 @@
 //! Celerity beat: sends periodic jobs (cron and interval entries from a TOML schedule file) as
 //! ordinary Celery task messages, with exactly one active beat per broker (a fenced Redis lease, or a
 //! single-active-consumer queue on RabbitMQ) and persisted last-run times (a Redis hash, or a local
-//! state file) so restarts neither repeat nor silently drop a tick. The schedule reloads on SIGHUP
-//! and when its file changes.
+//! state file) so restarts neither repeat nor silently drop a tick. The schedule reloads when its
+//! file changes and on request (the `celerity` binary requests it on SIGHUP; this crate listens for
+//! no signals).
+//!
+//! Layout:
+//! - `service`: [`run`] and [`BeatConfig`]: one beat from start to stop.
+//! - `schedule`: the schedule file parsed into checked [`Entry`] values; `entry`: their fire times
+//!   (pure, DST-correct).
+//! - `ticker`: the beat loop (stand by, lead, send due ticks); `reload`: keeps the schedule current.
+//! - [`state`]: the leader lock and last-run state per broker ([`state::Store`]), over `lock` and
+//!   `redis_state` (Redis), `amqp_lock` and `state_file` (RabbitMQ).
+//! - `describe`: [`check`], the text `celerity beat --check` prints.
+//! - [`BeatError`]: the crate's error type.
+//!
+//! The `celerity beat` command (flags, signals) lives in the `celerity` crate.
 
 mod amqp_lock;
-pub mod cli;
-pub mod entry;
-pub mod error;
-pub mod lock;
+mod describe;
+mod entry;
+mod error;
+mod lock;
 mod redis_state;
 mod reload;
-pub mod schedule;
+mod schedule;
+mod service;
 pub mod state;
 mod state_file;
-pub mod ticker;
+mod ticker;
 
-pub use cli::{check, run_beat, BeatArgs};
+pub use describe::check;
 pub use error::BeatError;
 pub use schedule::{CatchUp, Entry, When};
+pub use service::{run, BeatConfig, DEFAULT_LEASE};

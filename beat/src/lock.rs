@@ -30,7 +30,7 @@ fn millis(d: Duration) -> u64 {
 
 impl RedisStore {
     /// Takes the lock for `lease` if it is free.
-    pub async fn try_acquire(&self, lease: Duration) -> Result<Option<Lease>> {
+    pub(crate) async fn try_acquire(&self, lease: Duration) -> Result<Option<Lease>> {
         let token = uuid::Uuid::new_v4().to_string();
         let mut conn = self.conn.clone();
         let epoch: Option<i64> = ACQUIRE
@@ -44,7 +44,7 @@ impl RedisStore {
     }
 
     /// Resets the lease to `lease` from now; `false` if the lock is no longer ours.
-    pub async fn renew(&self, held: &Lease, lease: Duration) -> Result<bool> {
+    pub(crate) async fn renew(&self, held: &Lease, lease: Duration) -> Result<bool> {
         let mut conn = self.conn.clone();
         let r: i64 = RENEW
             .key(self.lock_key())
@@ -56,7 +56,7 @@ impl RedisStore {
     }
 
     /// Gives the lock up (a standby may take it at once); harmless if it is no longer ours.
-    pub async fn release(&self, held: &Lease) -> Result<()> {
+    pub(crate) async fn release(&self, held: &Lease) -> Result<()> {
         let mut conn = self.conn.clone();
         let _: i64 = RELEASE
             .key(self.lock_key())

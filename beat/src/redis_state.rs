@@ -20,7 +20,7 @@ static RECORD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 
 /// A connection to the Redis holding beat's lock and state, with the broker's `global_keyprefix`.
 #[derive(Clone)]
-pub struct RedisStore {
+pub(crate) struct RedisStore {
     pub(crate) conn: ConnectionManager,
     prefix: String,
 }
@@ -35,7 +35,7 @@ impl std::fmt::Debug for RedisStore {
 
 impl RedisStore {
     /// Connects to the Redis a `redis://`/`rediss://` broker URL names.
-    pub async fn connect(url: &BrokerUrl) -> Result<Self> {
+    pub(crate) async fn connect(url: &BrokerUrl) -> Result<Self> {
         let prefix = url
             .option::<String>("global_keyprefix")?
             .unwrap_or_default();
@@ -56,7 +56,7 @@ impl RedisStore {
     }
 
     /// Every entry's last recorded tick (Unix seconds). Unparsable values are ignored.
-    pub async fn last_runs(&self) -> Result<HashMap<String, i64>> {
+    pub(crate) async fn last_runs(&self) -> Result<HashMap<String, i64>> {
         let mut conn = self.conn.clone();
         let raw: HashMap<String, String> = conn.hgetall(self.last_run_key()).await?;
         Ok(raw
@@ -66,7 +66,7 @@ impl RedisStore {
     }
 
     /// Claims `tick` for `entry` under `lease` (see [`Recorded`]).
-    pub async fn record(&self, lease: &Lease, entry: &str, tick: i64) -> Result<Recorded> {
+    pub(crate) async fn record(&self, lease: &Lease, entry: &str, tick: i64) -> Result<Recorded> {
         let mut conn = self.conn.clone();
         let r: i64 = RECORD
             .key(self.lock_key())

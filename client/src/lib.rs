@@ -14,23 +14,20 @@
 //!   with chain bodies) are applied, as Celery applies them; shared with the worker.
 //! - [`control`]: remote control (Celery's `app.control`): [`Client::control_call`] collects each
 //!   node's reply, [`Client::control_cast`] sends without waiting.
-//! - [`control_cli`]: the `celerity inspect …` and `celerity control …` verbs.
-//! - [`cli`]: the producer-side verbs of the `celerity` command (`call`, `result`, `purge`, `queues`).
-//! - [`workflow_cli`]: `celerity call --workflow JSON` (chain, group or chord from the shell).
 //! - [`ClientError`] ([`error`]): the one error type of this crate.
+//!
+//! The `celerity` command's producer verbs (`call`, `result`, `inspect`, …) live in the `celerity`
+//! crate, on top of this API.
 
 pub mod canvas;
 pub mod canvas_plan;
-pub mod cli;
 pub mod client;
 pub mod control;
-pub mod control_cli;
 pub mod error;
 pub mod group_result;
 pub mod options;
 pub mod result;
 pub mod task;
-pub mod workflow_cli;
 
 pub use canvas::{
     chain, chord, partial, sig, Chain, Chord, ChordResult, Group, Signature, WorkflowResult,

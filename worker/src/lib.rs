@@ -24,7 +24,6 @@
 
 pub mod args;
 mod canvas;
-pub mod cli;
 mod commands;
 pub mod control;
 pub mod demo;
@@ -41,7 +40,7 @@ pub mod supervisor;
 pub mod task;
 
 pub use error::WorkerError;
-pub use executor::DEAD_LETTER_QUEUE;
+pub use executor::{Reporter, DEAD_LETTER_QUEUE};
 pub use registry::Registry;
 pub use server::{run, Shutdown, Summary, WorkerConfig};
 pub use task::{Handler, Run, TaskContext, TaskError, TaskOptions};
