@@ -1,6 +1,6 @@
 //! Where beat keeps its leader lock and last-run times, by broker: on Redis a fenced lease and a
-//! hash (see [`crate::redis_state`]); on RabbitMQ a single-active-consumer lock queue (see
-//! [`crate::amqp_lock`]) and a local state file (see [`crate::state_file`]).
+//! hash (see `redis_state`); on RabbitMQ a single-active-consumer lock queue (see
+//! `amqp_lock`) and a local state file (see `state_file`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
