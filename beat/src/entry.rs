@@ -19,7 +19,7 @@ const SEARCH_LIMIT: usize = 1_000_000;
 
 impl Entry {
     /// The first fire time strictly after `t`, or `None` if the entry never fires again.
-    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match &self.when {
             When::Every(p) => {
                 let p = i64::try_from(p.as_secs()).ok()?.max(1);
@@ -31,7 +31,11 @@ impl Entry {
     }
 
     /// The latest fire time in `(after, now]`, if any.
-    pub fn latest_in(&self, after: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn latest_in(
+        &self,
+        after: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
         if now <= after {
             return None;
         }
@@ -67,7 +71,7 @@ impl Entry {
     }
 
     /// The next `n` fire times after `t`.
-    pub fn upcoming(&self, t: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
+    pub(crate) fn upcoming(&self, t: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
         let mut out = Vec::with_capacity(n);
         let mut cur = t;
         while out.len() < n {

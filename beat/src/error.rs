@@ -22,4 +22,4 @@ pub enum BeatError {
 }
 
 /// Shorthand for this crate's results.
-pub type Result<T, E = BeatError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = BeatError> = std::result::Result<T, E>;

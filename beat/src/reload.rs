@@ -1,35 +1,37 @@
-//! Schedule reloading: a background task that re-reads the schedule file on SIGHUP and whenever the
-//! file's modification time changes, publishing each valid new schedule. An invalid file is refused
-//! with one error line and the schedule already running stays in force.
+//! Schedule reloading: a background task that re-reads the schedule file on request (the `celerity`
+//! binary requests it on SIGHUP) and whenever the file's modification time changes, publishing each
+//! valid new schedule. An invalid file is refused with one error line and the schedule already
+//! running stays in force.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::schedule::{self, Entry};
 
 /// How often the file's modification time is checked.
 const POLL: Duration = Duration::from_secs(2);
 
-/// Watches `path` (whose current contents are `initial`) until `shutdown`; the receiver always
-/// holds the latest valid schedule.
-pub fn watch(
+/// Watches `path` (whose current contents are `initial`) until `shutdown`, re-reading it also on
+/// each message from `reloads` (the reason logged); the receiver always holds the latest valid
+/// schedule.
+pub(crate) fn watch(
     path: PathBuf,
     initial: Vec<Entry>,
+    reloads: mpsc::Receiver<&'static str>,
     shutdown: CancellationToken,
 ) -> watch::Receiver<Vec<Entry>> {
     let (tx, rx) = watch::channel(initial);
-    let hup = hangup();
-    tokio::spawn(async move { run(&path, hup, &tx, &shutdown).await });
+    tokio::spawn(async move { run(&path, Some(reloads), &tx, &shutdown).await });
     rx
 }
 
 async fn run(
     path: &Path,
-    mut hup: Hangup,
+    mut reloads: Option<mpsc::Receiver<&'static str>>,
     tx: &watch::Sender<Vec<Entry>>,
     shutdown: &CancellationToken,
 ) {
@@ -39,7 +41,7 @@ async fn run(
     loop {
         let why = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = recv(&mut hup) => "SIGHUP",
+            why = requested(&mut reloads) => why,
             _ = poll.tick() => {
                 let now = modified(path);
                 if now == seen {
@@ -71,40 +73,13 @@ fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-#[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangup = ();
-
-#[cfg(unix)]
-fn hangup() -> Hangup {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!("beat: cannot listen for SIGHUP (file changes still reload): {e}");
-            None
+/// The reason of the next reload request (forever pending once no one can send one).
+async fn requested(reloads: &mut Option<mpsc::Receiver<&'static str>>) -> &'static str {
+    if let Some(rx) = reloads.as_mut() {
+        if let Some(why) = rx.recv().await {
+            return why;
         }
+        *reloads = None;
     }
-}
-
-#[cfg(not(unix))]
-fn hangup() -> Hangup {}
-
-/// Waits for the next SIGHUP (forever where there is none).
-#[cfg(unix)]
-async fn recv(hup: &mut Hangup) {
-    match hup {
-        Some(s) => {
-            if s.recv().await.is_none() {
-                *hup = None;
-            }
-        }
-        None => std::future::pending().await,
-    }
-}
-
-#[cfg(not(unix))]
-async fn recv(_: &mut Hangup) {
     std::future::pending().await
 }

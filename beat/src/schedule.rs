@@ -92,7 +92,7 @@ struct RawEntry {
 }
 
 /// Reads and checks a schedule file.
-pub fn load(path: &Path) -> Result<Vec<Entry>> {
+pub(crate) fn load(path: &Path) -> Result<Vec<Entry>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| BeatError::Schedule(format!("cannot read {}: {e}", path.display())))?;
     parse(&text).map_err(|e| match e {
@@ -102,7 +102,7 @@ pub fn load(path: &Path) -> Result<Vec<Entry>> {
 }
 
 /// Parses and checks schedule text. Disabled entries are kept (with `enabled = false`).
-pub fn parse(text: &str) -> Result<Vec<Entry>> {
+pub(crate) fn parse(text: &str) -> Result<Vec<Entry>> {
     let file: File =
         toml::from_str(text).map_err(|e| BeatError::Schedule(one_line(&e.to_string())))?;
     let mut out: Vec<Entry> = Vec::with_capacity(file.entry.len());
@@ -203,7 +203,7 @@ fn to_json(v: toml::Value) -> Value {
 
 /// Parses a cron expression: the `cron` crate's 6/7 fields (seconds first), or classic 5-field cron
 /// (minute first; its day-of-week numbers 0–7 with 0 and 7 = Sunday are translated).
-pub fn parse_cron(expr: &str) -> std::result::Result<cron::Schedule, String> {
+pub(crate) fn parse_cron(expr: &str) -> std::result::Result<cron::Schedule, String> {
     let fields: Vec<&str> = expr.split_whitespace().collect();
     let full = if fields.len() == 5 {
         let dow = classic_dow(fields[4])?;
@@ -278,7 +278,7 @@ fn classic_dow(field: &str) -> std::result::Result<String, String> {
 }
 
 /// Parses `30s`, `5m`, `1h`, `1h30m`, `2d` (units d/h/m/s, each at most once, largest first).
-pub fn parse_every(s: &str) -> std::result::Result<Duration, String> {
+pub(crate) fn parse_every(s: &str) -> std::result::Result<Duration, String> {
     let err = || format!("bad `every = \"{s}\"` (want e.g. \"30s\", \"5m\", \"1h30m\")");
     let mut total: u64 = 0;
     let mut num = String::new();

@@ -46,7 +46,11 @@ impl Default for AmqpPlaces {
 
 /// A beat's lock and last-run state.
 #[derive(Debug)]
-pub enum Store {
+pub struct Store(Place);
+
+/// Where they live, by broker.
+#[derive(Debug)]
+enum Place {
     Redis(RedisLease),
     Amqp {
         lock: Box<AmqpLease>,
@@ -61,14 +65,16 @@ impl Store {
     }
 
     /// The store for a broker URL; `amqp` says where AMQP brokers keep lock and state.
-    pub async fn connect_with(raw: &str, amqp: &AmqpPlaces) -> Result<Self> {
+    pub(crate) async fn connect_with(raw: &str, amqp: &AmqpPlaces) -> Result<Self> {
         let url = BrokerUrl::parse(raw)?;
         match url.scheme {
-            Scheme::Redis => Ok(Store::Redis(RedisLease::connect(&url, REDIS_STEM).await?)),
-            Scheme::Amqp => Ok(Store::Amqp {
+            Scheme::Redis => Ok(Store(Place::Redis(
+                RedisLease::connect(&url, REDIS_STEM).await?,
+            ))),
+            Scheme::Amqp => Ok(Store(Place::Amqp {
                 lock: Box::new(AmqpLease::new(&url, &amqp.lock_queue, AMQP_ROLE)),
                 file: StateFile::new(Path::new(&amqp.state_file)),
-            }),
+            })),
             _ => Err(BeatError::Unsupported(
                 "beat needs a redis:// or amqp:// broker for its lock and state".into(),
             )),
@@ -77,40 +83,40 @@ impl Store {
 
     /// Takes the lock (Redis: for `lease`) if it is free.
     pub async fn try_acquire(&self, lease: Duration) -> Result<Option<Lease>> {
-        match self {
-            Store::Redis(r) => Ok(r.try_acquire(lease).await?),
-            Store::Amqp { lock, .. } => Ok(lock.try_acquire().await?),
+        match &self.0 {
+            Place::Redis(r) => Ok(r.try_acquire(lease).await?),
+            Place::Amqp { lock, .. } => Ok(lock.try_acquire().await?),
         }
     }
 
     /// Keeps the lock (Redis: resets the lease); `false` if it is no longer ours.
     pub async fn renew(&self, held: &Lease, lease: Duration) -> Result<bool> {
-        match self {
-            Store::Redis(r) => Ok(r.renew(held, lease).await?),
-            Store::Amqp { lock, .. } => Ok(lock.check(held).await?),
+        match &self.0 {
+            Place::Redis(r) => Ok(r.renew(held, lease).await?),
+            Place::Amqp { lock, .. } => Ok(lock.check(held).await?),
         }
     }
 
     /// Gives the lock up; harmless if it is no longer ours.
     pub async fn release(&self, held: &Lease) -> Result<()> {
-        match self {
-            Store::Redis(r) => Ok(r.release(held).await?),
-            Store::Amqp { lock, .. } => Ok(lock.release().await?),
+        match &self.0 {
+            Place::Redis(r) => Ok(r.release(held).await?),
+            Place::Amqp { lock, .. } => Ok(lock.release().await?),
         }
     }
 
     /// Lets go of the broker (AMQP: leaves the lock queue's consumers, giving up a held token).
-    pub async fn close(&self) {
-        if let Store::Amqp { lock, .. } = self {
+    pub(crate) async fn close(&self) {
+        if let Place::Amqp { lock, .. } = &self.0 {
             let _ = lock.release().await;
         }
     }
 
     /// Every entry's last recorded tick (Unix seconds).
-    pub async fn last_runs(&self) -> Result<HashMap<String, i64>> {
-        match self {
-            Store::Redis(r) => Ok(r.last_runs().await?),
-            Store::Amqp { lock, file } => {
+    pub(crate) async fn last_runs(&self) -> Result<HashMap<String, i64>> {
+        match &self.0 {
+            Place::Redis(r) => Ok(r.last_runs().await?),
+            Place::Amqp { lock, file } => {
                 // A beat on another host may have led last: the later tick wins per entry.
                 let mut all = file.read()?;
                 let mut changed = false;
@@ -131,9 +137,9 @@ impl Store {
 
     /// Claims `tick` for `entry` under `lease` (see [`Recorded`]); fenced on both brokers.
     pub async fn record(&self, lease: &Lease, entry: &str, tick: i64) -> Result<Recorded> {
-        match self {
-            Store::Redis(r) => Ok(r.record(lease, entry, tick).await?),
-            Store::Amqp { lock, file } => {
+        match &self.0 {
+            Place::Redis(r) => Ok(r.record(lease, entry, tick).await?),
+            Place::Amqp { lock, file } => {
                 if !lock.check(lease).await? {
                     return Ok(Recorded::NotLeader);
                 }

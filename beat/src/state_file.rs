@@ -9,20 +9,20 @@ use crate::error::{BeatError, Result};
 
 /// The state file at a path.
 #[derive(Debug, Clone)]
-pub struct StateFile {
+pub(crate) struct StateFile {
     path: PathBuf,
 }
 
 impl StateFile {
     /// The state kept in `path` (created on the first record).
-    pub fn new(path: &Path) -> Self {
+    pub(crate) fn new(path: &Path) -> Self {
         StateFile {
             path: path.to_path_buf(),
         }
     }
 
     /// Every entry's last recorded tick; a missing file is an empty state.
-    pub fn read(&self) -> Result<HashMap<String, i64>> {
+    pub(crate) fn read(&self) -> Result<HashMap<String, i64>> {
         match std::fs::read(&self.path) {
             Ok(raw) => serde_json::from_slice(&raw).map_err(|e| {
                 BeatError::State(format!(
@@ -40,7 +40,7 @@ impl StateFile {
 
     /// Sets `entry`'s last tick to `tick` unless it already is at `tick` or later (`None` then);
     /// returns the whole new state.
-    pub fn record(&self, entry: &str, tick: i64) -> Result<Option<HashMap<String, i64>>> {
+    pub(crate) fn record(&self, entry: &str, tick: i64) -> Result<Option<HashMap<String, i64>>> {
         let mut all = self.read()?;
         if all.get(entry).is_some_and(|t| *t >= tick) {
             return Ok(None);
@@ -51,7 +51,7 @@ impl StateFile {
     }
 
     /// Replaces the whole state.
-    pub fn write(&self, all: &HashMap<String, i64>) -> Result<()> {
+    pub(crate) fn write(&self, all: &HashMap<String, i64>) -> Result<()> {
         let fail = |e: std::io::Error| {
             BeatError::State(format!("cannot write {}: {e}", self.path.display()))
         };

@@ -22,7 +22,7 @@ use crate::state::{Lease, Recorded, Store};
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
 /// A configured beat: its entries, where it sends, where its lock and state live.
-pub struct Ticker {
+pub(crate) struct Ticker {
     entries: watch::Receiver<Vec<Entry>>,
     client: Client,
     store: Store,
@@ -38,7 +38,7 @@ enum Led {
 impl Ticker {
     /// A beat over the latest schedule in `entries` (disabled entries are ignored) with a leader
     /// lease of `lease`.
-    pub fn new(
+    pub(crate) fn new(
         entries: watch::Receiver<Vec<Entry>>,
         client: Client,
         store: Store,
@@ -54,7 +54,7 @@ impl Ticker {
     }
 
     /// Runs until `shutdown`: standby (retrying the lock every lease/3), then leader.
-    pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
+    pub(crate) async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let out = self.run_until(shutdown).await;
         self.store.close().await;
         out

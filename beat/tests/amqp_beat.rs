@@ -11,8 +11,9 @@ use lapin::{Connection, ConnectionProperties};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use celerity_beat::{run_beat, BeatArgs, BeatError};
-use celerity_client::cli::ConnectionArgs;
+use celerity::cli::beat::{run_beat, BeatArgs};
+use celerity::cli::ConnectionArgs;
+use celerity_beat::BeatError;
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672//";
 

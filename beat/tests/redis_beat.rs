@@ -9,10 +9,11 @@ use chrono::{Datelike, TimeZone, Utc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use celerity::cli::beat::{run_beat, BeatArgs};
+use celerity::cli::ConnectionArgs;
 use celerity_beat::state::{Recorded, Store};
-use celerity_beat::{check, run_beat, BeatArgs, BeatError};
+use celerity_beat::{check, BeatError};
 use celerity_broker::testkit::delete_redis_prefix;
-use celerity_client::cli::ConnectionArgs;
 
 const QUEUE: &str = "beatq";
 

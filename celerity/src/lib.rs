@@ -8,6 +8,8 @@
 //! - [`client`]: the producer API ([`Client`], [`SendOptions`], [`AsyncResult`], typed [`Task`]s).
 //! - [`worker`]: the task registry and the worker; [`worker_main`] turns a registry into a worker
 //!   program with the same flags as `celerity worker`.
+//! - [`cli`]: the `celerity` command's flags and verbs (the only code here that uses clap and
+//!   indicatif); `signals`: the one place the processes listen for signals.
 //!
 //! ```no_run
 //! use celerity::prelude::*;
@@ -22,6 +24,9 @@
 pub use celerity_broker as broker;
 pub use celerity_client as client;
 pub use celerity_worker as worker;
+
+pub mod cli;
+mod signals;
 
 use std::process::ExitCode;
 
@@ -41,9 +46,9 @@ pub mod prelude {
 #[command(about = "A Celerity worker")]
 struct WorkerCli {
     #[command(flatten)]
-    conn: celerity_client::cli::ConnectionArgs,
+    conn: cli::ConnectionArgs,
     #[command(flatten)]
-    worker: celerity_worker::cli::WorkerArgs,
+    worker: cli::worker::WorkerArgs,
 }
 
 /// Runs a worker over `registry`, configured from the command line and environment exactly like
@@ -51,7 +56,7 @@ struct WorkerCli {
 /// level, default `info`). Returns the process exit code.
 pub fn worker_main(registry: celerity_worker::Registry) -> ExitCode {
     use clap::Parser;
-    let cli = WorkerCli::parse();
+    let args = WorkerCli::parse();
     init_logging("info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -63,11 +68,7 @@ pub fn worker_main(registry: celerity_worker::Registry) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(celerity_worker::cli::run_worker(
-        registry,
-        &cli.worker,
-        &cli.conn,
-    )) {
+    match runtime.block_on(cli::worker::run_worker(registry, &args.worker, &args.conn)) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

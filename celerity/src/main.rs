@@ -2,15 +2,20 @@
 //! built-in `demo.*` tasks), `demo` (producer + worker + results in one process), `beat` (the
 //! periodic scheduler), and remote control of running workers (`inspect`, `control`).
 //!
-//! Errors are printed as one line (`celerity: error: …`) with exit code 2; a failed job exits 1.
+//! This file is the top-level parser and the dispatch; each verb's flags and code are in
+//! `celerity::cli`. Errors are printed as one line (`celerity: error: …`) with exit code 2; a failed
+//! job exits 1.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use celerity_client::cli::{self as producer, ConnectionArgs, ProducerCommand};
-use celerity_worker::cli::{run_demo, run_worker, DemoArgs, WorkerArgs};
-use celerity_worker::Registry;
+use celerity::cli::beat::{run_beat_command, BeatArgs};
+use celerity::cli::control::{run_control, run_inspect, ControlArgs, InspectArgs};
+use celerity::cli::demo::{run_demo, DemoArgs};
+use celerity::cli::producer::{self, ProducerCommand};
+use celerity::cli::worker::{run_worker_command, WorkerCommand};
+use celerity::cli::ConnectionArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,82 +39,11 @@ enum Command {
     /// Send N demo.add jobs to an in-process worker, check every result, print jobs/s and latency
     Demo(DemoArgs),
     /// Run the periodic scheduler (one active beat per broker), or --check a schedule file
-    Beat(celerity_beat::BeatArgs),
+    Beat(BeatArgs),
     /// Ask running workers (Celerity or Python Celery): ping, active, reserved, scheduled, registered, stats, …
-    Inspect(celerity_client::control_cli::InspectArgs),
+    Inspect(InspectArgs),
     /// Tell running workers (Celerity or Python Celery): revoke, shutdown, rate-limit, pool-grow, pool-shrink, …
-    Control(celerity_client::control_cli::ControlArgs),
-}
-
-/// `celerity worker`: the worker's flags, plus an embedded beat as Celery's `worker -B` has.
-#[derive(Debug, clap::Args)]
-struct WorkerCommand {
-    #[command(flatten)]
-    worker: WorkerArgs,
-    /// Also run beat in this worker (once, in the supervisor; it still takes the leader lock)
-    #[arg(short = 'B', long)]
-    beat: bool,
-    /// The schedule file the embedded beat runs
-    #[arg(
-        long,
-        value_name = "FILE",
-        requires = "beat",
-        env = "CELERITY_BEAT_SCHEDULE"
-    )]
-    beat_schedule: Option<std::path::PathBuf>,
-}
-
-/// Runs the worker, with beat beside it when asked (not in pool children: beat runs once).
-async fn run_worker_command(
-    cmd: &WorkerCommand,
-    conn: &ConnectionArgs,
-) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let mut registry = Registry::new();
-    celerity_worker::demo::register(&mut registry);
-    let is_child = std::env::var_os(celerity_worker::supervisor::CHILD_ENV).is_some();
-    let beat = if cmd.beat && !is_child {
-        let Some(schedule) = &cmd.beat_schedule else {
-            return Err("--beat needs --beat-schedule FILE (or CELERITY_BEAT_SCHEDULE)".into());
-        };
-        use clap::{Args as _, FromArgMatches as _};
-        let matches = celerity_beat::BeatArgs::augment_args(clap::Command::new("beat"))
-            .try_get_matches_from([
-                std::ffi::OsStr::new("beat"),
-                "--schedule".as_ref(),
-                schedule.as_os_str(),
-            ])?;
-        let args = celerity_beat::BeatArgs::from_arg_matches(&matches)?;
-        let stop = tokio_util::sync::CancellationToken::new();
-        let conn = conn.clone();
-        let task_stop = stop.clone();
-        Some((
-            stop,
-            tokio::spawn(async move { celerity_beat::run_beat(&args, &conn, task_stop).await }),
-        ))
-    } else {
-        None
-    };
-    let outcome = run_worker(registry, &cmd.worker, conn).await;
-    if let Some((stop, task)) = beat {
-        stop.cancel();
-        match task.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "embedded beat stopped with an error"),
-            Err(e) => tracing::error!(error = %e, "embedded beat panicked"),
-            Ok(Ok(())) => {}
-        }
-    }
-    if let Some(s) = outcome? {
-        eprintln!(
-            "worker {} stopped: {} succeeded, {} failed, {} retried, {} revoked, {} dead-lettered",
-            std::process::id(),
-            s.succeeded,
-            s.failed,
-            s.retried,
-            s.revoked,
-            s.rejected
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    Control(ControlArgs),
 }
 
 fn main() -> ExitCode {
@@ -138,23 +72,10 @@ fn main() -> ExitCode {
     let outcome: Result<ExitCode, Box<dyn std::error::Error>> = runtime.block_on(async {
         match &cli.command {
             Command::Producer(cmd) => producer::run(cmd, &cli.conn).await.map_err(Into::into),
-            Command::Inspect(args) => celerity_client::control_cli::run_inspect(args, &cli.conn)
-                .await
-                .map_err(Into::into),
-            Command::Control(args) => celerity_client::control_cli::run_control(args, &cli.conn)
-                .await
-                .map_err(Into::into),
+            Command::Inspect(args) => run_inspect(args, &cli.conn).await.map_err(Into::into),
+            Command::Control(args) => run_control(args, &cli.conn).await.map_err(Into::into),
             Command::Worker(cmd) => run_worker_command(cmd, &cli.conn).await,
-            Command::Beat(args) => {
-                if let Some(path) = &args.check {
-                    print!("{}", celerity_beat::check(path)?);
-                    return Ok(ExitCode::SUCCESS);
-                }
-                let stop = tokio_util::sync::CancellationToken::new();
-                tokio::spawn(stop_on_signal(stop.clone()));
-                celerity_beat::run_beat(args, &cli.conn, stop).await?;
-                Ok(ExitCode::SUCCESS)
-            }
+            Command::Beat(args) => run_beat_command(args, &cli.conn).await.map_err(Into::into),
             Command::Demo(args) => {
                 let r = run_demo(args, &cli.conn).await?;
                 println!(
@@ -174,22 +95,6 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => fail(e.as_ref()),
     }
-}
-
-/// Cancels `stop` on the first SIGINT or SIGTERM.
-async fn stop_on_signal(stop: tokio_util::sync::CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    stop.cancel();
 }
 
 /// Prints an error and its causes on one line.

@@ -64,4 +64,4 @@ impl MemberFailure {
 }
 
 /// Result alias of this crate.
-pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = ClientError> = std::result::Result<T, E>;

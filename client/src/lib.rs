@@ -2,14 +2,15 @@
 //!
 //! The producer side of Celerity: sending jobs and reading their results.
 //!
-//! - [`Client`] ([`client`]): connects to a broker (and optionally a result backend) and sends task
+//! - [`Client`] (`client`): connects to a broker (and optionally a result backend) and sends task
 //!   messages by name ([`Client::send_task`]) or typed ([`Client::send`]), singly or in batches.
-//! - [`SendOptions`] ([`options`]): queue, countdown/ETA, expires, priority, task id, headers, …
-//! - [`Task`] ([`task`]): a typed task declaration (name, argument type, output type) shared with the
+//! - [`SendOptions`] (`options`): queue, countdown/ETA, expires, priority, task id, headers, …
+//! - [`Task`] (`task`): a typed task declaration (name, argument type, output type) shared with the
 //!   worker.
-//! - [`AsyncResult`] ([`result`]): a handle on one job's result: state, wait with a timeout, forget.
+//! - [`AsyncResult`] ([`result`]): a handle on one job's result: state, wait with a timeout, forget;
+//!   [`result::outcome`] reads a stored result as a value or the task's failure.
 //! - [`canvas`]: workflows — [`Signature`], [`chain`], [`Group`], [`chord`], `link`/`link_error` —
-//!   built in Rust and sent by the [`Client`]; [`GroupResult`] ([`group_result`]) reads a group's
+//!   built in Rust and sent by the [`Client`]; [`GroupResult`] (`group_result`) reads a group's
 //!   results.
 //! - [`canvas_plan`]: how nested workflows (groups of chains, chains with group/chord steps, chords
 //!   with chain bodies) are applied, as Celery applies them; shared with the worker.
@@ -18,24 +19,21 @@
 //!   freezing. `canvas` uses `canvas_plan`, both use `canvas_encode`, never the other way round.
 //! - [`control`]: remote control (Celery's `app.control`): [`Client::control_call`] collects each
 //!   node's reply, [`Client::control_cast`] sends without waiting.
-//! - [`control_cli`]: the `celerity inspect …` and `celerity control …` verbs.
-//! - [`cli`]: the producer-side verbs of the `celerity` command (`call`, `result`, `purge`, `queues`).
-//! - [`workflow_cli`]: `celerity call --workflow JSON` (chain, group or chord from the shell).
-//! - [`ClientError`] ([`error`]): the one error type of this crate.
+//! - [`ClientError`] (`error`): the one error type of this crate.
+//!
+//! The `celerity` command's producer verbs (`call`, `result`, `inspect`, …) live in the `celerity`
+//! crate, on top of this API.
 
 pub mod canvas;
 pub mod canvas_encode;
 pub mod canvas_plan;
-pub mod cli;
-pub mod client;
+mod client;
 pub mod control;
-pub mod control_cli;
-pub mod error;
-pub mod group_result;
-pub mod options;
+mod error;
+mod group_result;
+mod options;
 pub mod result;
-pub mod task;
-pub mod workflow_cli;
+mod task;
 
 pub use canvas::{
     chain, chord, partial, sig, Chain, Chord, ChordResult, Group, Signature, WorkflowResult,

@@ -26,7 +26,6 @@
 
 mod args;
 mod canvas;
-pub mod cli;
 mod commands;
 mod config;
 mod control;

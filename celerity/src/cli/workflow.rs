@@ -17,13 +17,13 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::canvas::{chord, Chain, Group, Signature, WorkflowResult};
-use crate::client::Client;
-use crate::error::{ClientError, Result};
+use celerity_client::{chord, Chain, Client, ClientError, Group, Signature, WorkflowResult};
+
+type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// A parsed `--workflow` description.
 #[derive(Debug)]
-pub enum Workflow {
+enum Workflow {
     Task(Signature),
     Chain(Vec<Signature>),
     Group(Vec<Signature>),
@@ -101,7 +101,7 @@ fn tasks(v: &Value, what: &str) -> Result<Vec<Signature>> {
 
 impl Workflow {
     /// Parses the JSON text of `--workflow`.
-    pub fn parse(text: &str) -> Result<Self> {
+    fn parse(text: &str) -> Result<Self> {
         let v: Value =
             serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         if let Some(steps) = v.get("chain") {
@@ -130,7 +130,7 @@ fn ends_in_group(steps: &[Signature]) -> bool {
 
 /// Sends the workflow to `queue` (for every task that names no queue), prints its ids, and with
 /// `wait` its result (a group's: the list of results).
-pub async fn run(
+pub(crate) async fn run(
     client: &Client,
     text: &str,
     queue: &str,
@@ -209,7 +209,7 @@ pub async fn run(
     match handle {
         Some(h) => {
             let meta = h.wait_meta(timeout).await?;
-            crate::cli::print_outcome(meta, false)
+            super::producer::print_outcome(meta, false)
         }
         None => Ok(ExitCode::SUCCESS),
     }

@@ -1,8 +1,8 @@
-//! The producer-side verbs of the `celerity` command: `call`, `result`, `purge`, `queues`.
+//! The producer-side verbs of the `celerity` command: `call`, `result`, `purge`, `queues`, `revoke`.
 //!
-//! The `celerity` binary (facade crate) flattens [`ConnectionArgs`] into its top level and dispatches
-//! [`ProducerCommand`] here. Each verb prints its outcome and returns the process exit code; errors
-//! come back as [`ClientError`] for the binary to print as one line.
+//! The binary dispatches [`ProducerCommand`] here with the top-level [`ConnectionArgs`]. Each verb
+//! prints its outcome and returns the process exit code; errors come back as [`ClientError`] for the
+//! binary to print as one line.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -15,27 +15,12 @@ use serde_json::{Map, Value};
 use celerity_broker::protocol::time::parse_iso;
 use celerity_broker::url::{BrokerUrl, Scheme};
 use celerity_broker::TaskMeta;
+use celerity_client::result::outcome;
+use celerity_client::{Client, ClientError, Expires, SendOptions, DEFAULT_QUEUE};
 
-use crate::client::Client;
-use crate::error::{ClientError, Result};
-use crate::options::{Expires, SendOptions};
-use crate::result::outcome;
+use super::connection::ConnectionArgs;
 
-/// Where to connect (flags win over the environment).
-#[derive(Debug, Clone, Args)]
-pub struct ConnectionArgs {
-    /// Broker URL: memory://, redis://host:6379/0, rediss://…, amqp://user:pass@host:5672//, amqps://…
-    #[arg(
-        long,
-        global = true,
-        env = "CELERITY_BROKER_URL",
-        default_value = "memory://"
-    )]
-    pub broker: String,
-    /// Result backend URL (redis:// or memory://). Defaults to the broker when it is Redis.
-    #[arg(long, global = true, env = "CELERITY_RESULT_BACKEND")]
-    pub backend: Option<String>,
-}
+type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// Producer-side subcommands.
 #[derive(Debug, Clone, Subcommand)]
@@ -81,7 +66,7 @@ pub struct CallArgs {
     #[arg(long, default_value = "{}")]
     pub kwargs: String,
     /// Queue to send to
-    #[arg(long, short = 'Q', default_value = crate::DEFAULT_QUEUE)]
+    #[arg(long, short = 'Q', default_value = DEFAULT_QUEUE)]
     pub queue: String,
     /// Run no earlier than this many seconds from now
     #[arg(long)]
@@ -146,7 +131,7 @@ pub struct PurgeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct QueuesArgs {
     /// Queues to show
-    #[arg(default_value = crate::DEFAULT_QUEUE)]
+    #[arg(default_value = DEFAULT_QUEUE)]
     pub queues: Vec<String>,
 }
 
@@ -210,7 +195,7 @@ fn time(what: &str, s: &str) -> Result<DateTime<Utc>> {
 }
 
 /// Reads `call`'s flags into arguments and options.
-pub fn call_request(a: &CallArgs) -> Result<(Vec<Value>, Map<String, Value>, SendOptions)> {
+fn call_request(a: &CallArgs) -> Result<(Vec<Value>, Map<String, Value>, SendOptions)> {
     let args = match serde_json::from_str::<Value>(&a.args) {
         Ok(Value::Array(v)) => v,
         Ok(_) => {
@@ -276,7 +261,7 @@ pub fn call_request(a: &CallArgs) -> Result<(Vec<Value>, Map<String, Value>, Sen
 async fn call(client: &Client, a: &CallArgs) -> Result<ExitCode> {
     if let Some(w) = &a.workflow {
         let timeout = a.timeout.map(|t| seconds("--timeout", t)).transpose()?;
-        return crate::workflow_cli::run(client, w, &a.queue, a.wait, timeout).await;
+        return super::workflow::run(client, w, &a.queue, a.wait, timeout).await;
     }
     let (args, kwargs, options) = call_request(a)?;
     let name = a.name.as_deref().unwrap_or_default();

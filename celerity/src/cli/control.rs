@@ -10,11 +10,12 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Map, Value};
 
 use celerity_broker::connect_broker;
+use celerity_client::control::{Reply, Target};
+use celerity_client::{Client, ClientError};
 
-use crate::cli::ConnectionArgs;
-use crate::client::Client;
-use crate::control::{Reply, Target};
-use crate::error::{ClientError, Result};
+use super::connection::ConnectionArgs;
+
+type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// Who to ask and how long to wait (shared by both verbs).
 #[derive(Debug, Clone, Args)]

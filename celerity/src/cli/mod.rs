@@ -1,0 +1,20 @@
+//! The `celerity` command line: each verb's flags (clap) and the code that runs it, on top of the
+//! library crates' plain Rust APIs. The binary (`src/main.rs`) parses [`ConnectionArgs`] and one
+//! verb, then calls in here; [`crate::worker_main`] reuses the worker verb for an application's own
+//! worker program.
+//!
+//! - [`connection`]: `--broker` / `--backend`, shared by every verb.
+//! - [`producer`]: `call`, `result`, `purge`, `queues`, `revoke`; [`workflow`]: `call --workflow`.
+//! - [`control`]: `inspect …` and `control …` (remote control of running workers).
+//! - [`worker`]: `worker` (and `-B`, an embedded beat); [`demo`]: `demo`.
+//! - [`beat`]: `beat` and `beat --check`.
+
+pub mod beat;
+pub mod connection;
+pub mod control;
+pub mod demo;
+pub mod producer;
+pub mod worker;
+pub mod workflow;
+
+pub use connection::ConnectionArgs;
