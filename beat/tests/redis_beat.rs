@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use celerity_beat::state::{Recorded, Store};
 use celerity_beat::{check, run_beat, BeatArgs, BeatError};
-use celerity_broker::testkit::delete_redis_prefix;
 use celerity_client::cli::ConnectionArgs;
+use celerity_testsupport::delete_redis_prefix;
 
 const QUEUE: &str = "beatq";
 

@@ -400,24 +400,23 @@ impl OurChild {
     fn start(env: &Env) -> OurChild {
         let exe = std::env::current_exe().expect("the test binary");
         let mut cmd = std::process::Command::new(exe);
-        cmd
-            .args([
-                "child_worker_process",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-            ])
-            .env("INTEROP_CHILD_KIND", format!("{:?}", env.kind))
-            .env("INTEROP_CHILD_UID", &env.uid)
-            .env(
-                "INTEROP_CHILD_VT",
-                env.visibility_timeout
-                    .map(|v| v.to_string())
-                    .unwrap_or_default(),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "child_worker_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("INTEROP_CHILD_KIND", format!("{:?}", env.kind))
+        .env("INTEROP_CHILD_UID", &env.uid)
+        .env(
+            "INTEROP_CHILD_VT",
+            env.visibility_timeout
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         OurChild(ChildGuard::spawn(&mut cmd, "the child worker"))
     }
 
@@ -455,8 +454,8 @@ async fn child_worker_process() {
     ours.stop().await;
 }
 
+mod celery_cli;
+mod mixed_fleet;
 mod python_producer;
 mod python_worker;
 mod retries;
-mod mixed_fleet;
-mod celery_cli;
