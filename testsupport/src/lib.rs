@@ -3,7 +3,6 @@
 //! - [`names`]: where the local Redis and RabbitMQ are, each test's unique names, [`Transport`];
 //! - [`cleanup`]: deleting what a test left on the brokers, also from `Drop` when it panics;
 //! - [`process`]: child processes killed and reaped on drop, the `celerity` binary's command line;
-//! - [`wait`]: bounded polling, so a broken test fails instead of hanging;
 //! - `worker` (feature `worker`): our worker running in the test's own process.
 //!
 //! The broker-level helpers that need no other crate stay in `celerity_broker::testkit` (the bench
@@ -12,7 +11,6 @@
 pub mod cleanup;
 pub mod names;
 pub mod process;
-pub mod wait;
 #[cfg(feature = "worker")]
 pub mod worker;
 
@@ -22,6 +20,5 @@ pub use celerity_broker::testkit::{
 pub use cleanup::{delete_amqp_exchange, Cleanup};
 pub use names::{unique, Transport, AMQP, PY_AMQP, REDIS};
 pub use process::{celerity_command, text, ChildGuard};
-pub use wait::eventually;
 #[cfg(feature = "worker")]
 pub use worker::{demo_registry, InProcessWorker};
