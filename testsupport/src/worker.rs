@@ -68,12 +68,6 @@ impl InProcessWorker {
             .expect("the worker failed")
     }
 
-    /// The worker's own result once it ends, without judging it.
-    pub async fn outcome(mut self) -> Result<Summary, WorkerError> {
-        let handle = self.handle.take().expect("joined once");
-        handle.await.expect("the worker task panicked")
-    }
-
     /// Warm shutdown; panics if the worker failed.
     pub async fn stop(self) -> Summary {
         self.shutdown.warm.cancel();
