@@ -13,7 +13,7 @@ use celerity::cli::beat::{run_beat, BeatArgs};
 use celerity::cli::ConnectionArgs;
 use celerity_beat::state::{Recorded, Store};
 use celerity_beat::{check, BeatError};
-use celerity_broker::testkit::delete_redis_prefix;
+use celerity_testsupport::delete_redis_prefix;
 
 const QUEUE: &str = "beatq";
 

@@ -9,8 +9,8 @@
 
 use serde_json::{json, Value};
 
-use celerity_broker::testkit::celery_python;
 use celerity_client::{chain, chord, ClientError, Group};
+use celerity_testsupport::celery_python;
 
 mod canvas_support;
 use canvas_support::{s, Setup, WAIT};

@@ -12,8 +12,8 @@
 
 use serde_json::json;
 
-use celerity_broker::testkit::celery_python;
 use celerity_client::{chain, chord, Chain, Group, Signature, WorkflowResult};
+use celerity_testsupport::celery_python;
 
 mod canvas_support;
 use canvas_support::{s, Setup, WAIT};

@@ -4,19 +4,17 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use celerity_broker::testkit::delete_redis_prefix;
 use celerity_broker::{connect_backend, connect_broker};
 use celerity_client::{chain, chord, Client, Group, Signature};
-
-const REDIS: &str = "redis://127.0.0.1:6379/0";
+use celerity_testsupport::{celerity_command, delete_redis_prefix, ChildGuard, REDIS};
 
 fn unique() -> String {
-    format!("canvas-robust-{}", uuid::Uuid::new_v4().simple())
+    celerity_testsupport::unique("canvas-robust")
 }
 
 fn s(task: &str, args: Value) -> Signature {
@@ -28,36 +26,23 @@ fn s(task: &str, args: Value) -> Signature {
 }
 
 /// One `celerity worker --processes 0` (a single process), its log in a file; killed on drop.
-struct Worker {
-    child: Child,
-}
+struct Worker(ChildGuard);
 
 impl Worker {
     fn start(broker: &str, queue: &str, log: &PathBuf) -> Worker {
-        let child = Command::new(env!("CARGO_BIN_EXE_celerity"))
-            .args(["--broker", broker, "worker", "-Q", queue, "-c", "4"])
+        let mut cmd = celerity_command(env!("CARGO_BIN_EXE_celerity"));
+        cmd.args(["--broker", broker, "worker", "-Q", queue, "-c", "4"])
             .args(["--processes", "0", "--grace", "1"])
-            .env_remove("CELERITY_BROKER_URL")
-            .env_remove("CELERITY_RESULT_BACKEND")
             .env("CELERITY_LOG", "info")
             .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(log).expect("log file"))
-            .spawn()
-            .expect("start celerity worker");
-        Worker { child }
+            .stderr(File::create(log).expect("log file"));
+        Worker(ChildGuard::spawn(&mut cmd, "celerity worker"))
     }
 
+    /// SIGKILL and reap.
     fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.kill();
+        self.0.kill();
     }
 }
 

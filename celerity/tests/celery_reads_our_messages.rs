@@ -11,12 +11,9 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use celerity_broker::protocol::time::parse_iso;
-use celerity_broker::testkit::celery_python;
+use celerity_testsupport::{celery_python, text, AMQP, REDIS};
 use redis::Commands;
 use serde_json::{json, Value};
-
-const REDIS: &str = "redis://127.0.0.1:6379/0";
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 const TASK: &str = "proj.tasks.echo";
 const BULK_TASK: &str = "proj.tasks.add";
@@ -27,11 +24,7 @@ const BULK_ARGS: &str = "[2, 3]";
 const BULK_KWARGS: &str = r#"{"who": "Ærø"}"#;
 
 fn unique() -> String {
-    format!("celery-reads-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    celerity_testsupport::unique("celery-reads")
 }
 
 fn celerity(broker: &str, args: &[&str]) -> Output {

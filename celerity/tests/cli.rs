@@ -1,33 +1,24 @@
 //! The `celerity` binary's producer verbs against real Redis and RabbitMQ, and its error paths.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use celerity_broker::backend::ExceptionInfo;
 use celerity_broker::protocol::TaskMessage;
-use celerity_broker::testkit::{delete_amqp_queue, delete_redis_prefix};
 use celerity_broker::{connect_backend, connect_broker, TaskMeta};
+use celerity_testsupport::{celerity_command, delete_amqp_queue, delete_redis_prefix, text};
+use celerity_testsupport::{AMQP, REDIS};
 use serde_json::json;
 
-const REDIS: &str = "redis://127.0.0.1:6379/0";
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
 fn celerity(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_celerity"))
+    celerity_command(env!("CARGO_BIN_EXE_celerity"))
         .args(args)
-        .env_remove("CELERITY_BROKER_URL")
-        .env_remove("CELERITY_RESULT_BACKEND")
-        .stdin(Stdio::null())
         .output()
         .expect("run celerity")
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn unique() -> String {
-    format!("clitest-{}", uuid::Uuid::new_v4().simple())
+    celerity_testsupport::unique("clitest")
 }
 
 /// Every failure is one line on stderr, exit code 2, no panic or backtrace.

@@ -7,15 +7,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use celerity_broker::testkit::{delete_amqp_queue, delete_redis_prefix};
 use celerity_broker::{connect_backend, State};
 use celerity_client::{Client, SendOptions};
-
-const REDIS: &str = "redis://127.0.0.1:6379/0";
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+use celerity_testsupport::{delete_amqp_queue, delete_redis_prefix, AMQP, REDIS};
 
 fn unique() -> String {
-    format!("pooltest-{}", uuid::Uuid::new_v4().simple())
+    celerity_testsupport::unique("pooltest")
 }
 
 /// A running `celerity worker` supervisor; killed (with its process group's children) on drop.

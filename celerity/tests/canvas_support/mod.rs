@@ -3,19 +3,17 @@
 //! worker of each kind on the run's queue.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 use tokio::task::JoinHandle;
 
-use celerity_broker::testkit::{delete_amqp_queue, delete_redis_prefix};
 use celerity_broker::{connect_backend, connect_broker};
 use celerity_client::{Client, Signature};
-use celerity_worker::{demo, Registry, Shutdown, Summary, WorkerConfig, WorkerError};
-
-pub const REDIS: &str = "redis://127.0.0.1:6379/0";
-pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+use celerity_testsupport::{delete_amqp_queue, delete_redis_prefix, demo_registry, ChildGuard};
+use celerity_testsupport::{AMQP, REDIS};
+use celerity_worker::{Shutdown, Summary, WorkerConfig, WorkerError};
 pub const WAIT: Option<Duration> = Some(Duration::from_secs(60));
 
 fn python_dir() -> PathBuf {
@@ -44,7 +42,7 @@ pub struct Setup {
 impl Setup {
     /// A fresh queue `<tag>-<uuid>` (also the Redis key prefix), on RabbitMQ or on Redis.
     pub fn new(amqp: bool, tag: &str, driver: &'static str) -> Setup {
-        let queue = format!("{tag}-{}", uuid::Uuid::new_v4().simple());
+        let queue = celerity_testsupport::unique(tag);
         let prefix = format!("{queue}:");
         let redis = format!("{REDIS}?global_keyprefix={prefix}");
         Setup {
@@ -105,8 +103,7 @@ impl Setup {
         &self,
         client: &Client,
     ) -> (JoinHandle<Result<Summary, WorkerError>>, Shutdown) {
-        let mut registry = Registry::new();
-        demo::register(&mut registry);
+        let registry = demo_registry();
         let shutdown = Shutdown::default();
         let worker = tokio::spawn(celerity_worker::run(
             registry,
@@ -125,7 +122,7 @@ impl Setup {
 
     /// A Python worker (`celery -A canvas_app worker`, 4 threads) on the run's queue.
     pub fn python_worker(&self, python: &Path) -> PythonWorker {
-        PythonWorker(
+        PythonWorker(ChildGuard::spawn(
             self.python(python)
                 .args(["-m", "celery", "-A", "canvas_app", "worker"])
                 .args([
@@ -138,10 +135,9 @@ impl Setup {
                     "-l",
                     "warning",
                 ])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("start the Python worker"),
-        )
+                .stdout(Stdio::null()),
+            "the Python worker",
+        ))
     }
 
     pub async fn cleanup(&self) {
@@ -153,11 +149,4 @@ impl Setup {
 }
 
 /// A Python worker process, killed (by its pid) when dropped.
-pub struct PythonWorker(Child);
-
-impl Drop for PythonWorker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+pub struct PythonWorker(#[allow(dead_code)] ChildGuard);

@@ -1,4 +1,4 @@
-"""A Python Celery app for Celerity's interop tests (celerity/tests/interop.rs).
+"""A Python Celery app for Celerity's interop tests (celerity/tests/interop/).
 
 It defines the same task names as Celerity's built-in demo set (worker/src/demo.rs) with the same
 behaviour, plus a few test-only tasks that the Rust test registers under the same names on its side.

@@ -1,4 +1,4 @@
-"""Sends calls with Python Celery and waits for their results, for celerity/tests/interop.rs.
+"""Sends calls with Python Celery and waits for their results, for celerity/tests/interop/.
 
 Usage: python interop_driver.py '<JSON list of calls>'  (configuration from the environment, see
 interop_app.py). Each call is an object:

@@ -6,12 +6,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use celerity_broker::testkit::PrivateRedis;
 use celerity_broker::{connect_backend, connect_broker, Broker, ResultBackend, State};
 use celerity_client::{chain, chord, Chain, Client, ClientError, Group};
+use celerity_testsupport::PrivateRedis;
 
-mod canvas_support;
-use canvas_support::{s, unique, Place, Worker, WAIT};
+use super::{s, unique, Place, Worker, WAIT};
 
 /// Every workflow shape against one broker/backend pair, each job on `queue`.
 async fn exercise(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>, queue: &str) {

@@ -11,8 +11,7 @@ use serde_json::json;
 use celerity_broker::{Broker, ResultBackend};
 use celerity_client::{chain, chord, Chain, Client, ClientError, Group, Signature, WorkflowResult};
 
-mod canvas_support;
-use canvas_support::{s, Place, Worker, WAIT};
+use super::{s, Place, Worker, WAIT};
 
 fn group(members: Vec<Signature>) -> Signature {
     Group::new(members).into()

@@ -1,6 +1,8 @@
-//! What the two workflow suites share: a worker with the demo tasks, and the three places each
-//! suite runs on (memory://; Redis; RabbitMQ with results on Redis), each with a queue and Redis key
-//! prefix of its own that `cleanup` deletes.
+//! Workflows (chain, group, chord) run by our worker, on memory://, Redis, and RabbitMQ with results
+//! on Redis: flat ones (`flat`) and nested ones (`nested`).
+//!
+//! This file holds what both share: a worker with the demo tasks, and the three places each runs on,
+//! each with a queue and Redis key prefix of its own that `cleanup` deletes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,19 +11,15 @@ use serde_json::{Map, Value};
 
 use celerity_broker::backend::memory::MemoryBackend;
 use celerity_broker::memory::MemoryBroker;
-use celerity_broker::testkit::{delete_amqp_queue, delete_redis_prefix};
 use celerity_broker::{connect_backend, connect_broker, Broker, ResultBackend};
 use celerity_client::Signature;
-use celerity_worker::{demo, run, Registry, Shutdown, WorkerConfig};
+use celerity_testsupport::{delete_amqp_queue, delete_redis_prefix, unique, InProcessWorker};
+use celerity_testsupport::{AMQP, REDIS};
 
-const REDIS: &str = "redis://127.0.0.1:6379/0";
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+mod flat;
+mod nested;
+
 pub const WAIT: Option<Duration> = Some(Duration::from_secs(30));
-
-/// `<tag>-<uuid>`.
-pub fn unique(tag: &str) -> String {
-    format!("{tag}-{}", uuid::Uuid::new_v4().simple())
-}
 
 /// A signature with positional arguments given as a JSON array.
 pub fn s(task: &str, args: Value) -> Signature {
@@ -33,10 +31,7 @@ pub fn s(task: &str, args: Value) -> Signature {
 }
 
 /// Our worker with the demo tasks, running in this process.
-pub struct Worker {
-    shutdown: Shutdown,
-    handle: tokio::task::JoinHandle<celerity_worker::error::Result<celerity_worker::Summary>>,
-}
+pub struct Worker(InProcessWorker);
 
 impl Worker {
     /// Starts one on `queue`, `concurrency` jobs at once.
@@ -46,29 +41,17 @@ impl Worker {
         queue: &str,
         concurrency: usize,
     ) -> Worker {
-        let mut registry = Registry::new();
-        demo::register(&mut registry);
-        let shutdown = Shutdown::default();
-        let config = WorkerConfig {
-            queues: vec![queue.to_owned()],
-            concurrency,
-            grace: Duration::from_secs(5),
-            ..WorkerConfig::default()
-        };
-        let handle = tokio::spawn(run(
-            registry,
+        Worker(InProcessWorker::demo(
             broker.clone(),
             Some(backend.clone()),
-            config,
-            shutdown.clone(),
-        ));
-        Worker { shutdown, handle }
+            queue,
+            concurrency,
+        ))
     }
 
     /// Warm shutdown; panics if the worker failed.
     pub async fn stop(self) {
-        self.shutdown.warm.cancel();
-        self.handle.await.unwrap().unwrap();
+        self.0.stop().await;
     }
 }
 

@@ -1,0 +1,24 @@
+//! The harness the workspace's integration suites share (a dev-dependency only, never published):
+//!
+//! - [`names`]: where the local Redis and RabbitMQ are, each test's unique names, [`Transport`];
+//! - [`cleanup`]: deleting what a test left on the brokers, also from `Drop` when it panics;
+//! - [`process`]: child processes killed and reaped on drop, the `celerity` binary's command line;
+//! - `worker` (feature `worker`): our worker running in the test's own process.
+//!
+//! The broker-level helpers that need no other crate stay in `celerity_broker::testkit` (the bench
+//! binary uses `celery_python` at run time) and are re-exported here, so a suite imports one place.
+
+pub mod cleanup;
+pub mod names;
+pub mod process;
+#[cfg(feature = "worker")]
+pub mod worker;
+
+pub use celerity_broker::testkit::{
+    celery_python, delete_amqp_queue, delete_redis_prefix, PrivateRedis, TcpProxy,
+};
+pub use cleanup::{delete_amqp_exchange, Cleanup};
+pub use names::{unique, Transport, AMQP, PY_AMQP, REDIS};
+pub use process::{celerity_command, text, ChildGuard};
+#[cfg(feature = "worker")]
+pub use worker::{demo_registry, InProcessWorker};
