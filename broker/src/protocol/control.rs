@@ -196,37 +196,112 @@ impl ControlRequest {
     }
 }
 
-/// Python's `fnmatch.fnmatchcase`: `*` any run, `?` one character, `[abc]` / `[!abc]` / `[a-z]`
-/// sets; everything else literal.
-fn glob_matches(p: &[u8], s: &[u8]) -> bool {
-    match p.first() {
-        None => s.is_empty(),
-        Some(b'*') => (0..=s.len()).any(|i| glob_matches(&p[1..], &s[i..])),
-        Some(b'?') => !s.is_empty() && glob_matches(&p[1..], &s[1..]),
-        Some(b'[') => {
-            let Some(close) = p.iter().skip(2).position(|&c| c == b']').map(|i| i + 2) else {
-                return s.first() == Some(&b'[') && glob_matches(&p[1..], &s[1..]);
-            };
-            let Some(&c) = s.first() else { return false };
-            let (negate, set) = match p[1] {
-                b'!' => (true, &p[2..close]),
-                _ => (false, &p[1..close]),
-            };
-            let mut hit = false;
-            let mut i = 0;
-            while i < set.len() {
-                if i + 2 < set.len() && set[i + 1] == b'-' {
-                    hit |= (set[i]..=set[i + 2]).contains(&c);
-                    i += 3;
-                } else {
-                    hit |= set[i] == c;
-                    i += 1;
-                }
-            }
-            hit != negate && glob_matches(&p[close + 1..], &s[1..])
+/// Longest glob pattern a node looks at; a longer one matches no node.
+pub const MAX_PATTERN: usize = 1024;
+
+/// One element of a compiled glob pattern.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Glob<'p> {
+    /// This byte.
+    Byte(u8),
+    /// `?`: any one byte.
+    One,
+    /// `[…]` / `[!…]`: one byte in (or not in) the set, with `a-z` ranges.
+    Class { negate: bool, set: &'p [u8] },
+    /// `*`: any run of bytes.
+    Star,
+}
+
+impl Glob<'_> {
+    fn accepts(self, c: u8) -> bool {
+        match self {
+            Glob::Byte(b) => b == c,
+            Glob::One => true,
+            Glob::Class { negate, set } => class_has(set, c) != negate,
+            Glob::Star => false,
         }
-        Some(&c) => s.first() == Some(&c) && glob_matches(&p[1..], &s[1..]),
     }
+}
+
+fn class_has(set: &[u8], c: u8) -> bool {
+    let mut i = 0;
+    while i < set.len() {
+        if i + 2 < set.len() && set[i + 1] == b'-' {
+            if (set[i]..=set[i + 2]).contains(&c) {
+                return true;
+            }
+            i += 3;
+        } else {
+            if set[i] == c {
+                return true;
+            }
+            i += 1;
+        }
+    }
+    false
+}
+
+/// Splits a pattern into its elements (fnmatch's: a `[` without a closing `]` is a plain byte).
+fn compile(p: &[u8]) -> Vec<Glob<'_>> {
+    let mut out = Vec::with_capacity(p.len());
+    let mut i = 0;
+    while let Some(&c) = p.get(i) {
+        let (glob, len) = match c {
+            b'*' => (Glob::Star, 1),
+            b'?' => (Glob::One, 1),
+            b'[' => match p.iter().skip(i + 2).position(|&b| b == b']') {
+                Some(at) => {
+                    let close = i + 2 + at;
+                    let negate = p.get(i + 1) == Some(&b'!');
+                    let from = if negate { i + 2 } else { i + 1 };
+                    let set = p.get(from..close).unwrap_or_default();
+                    (Glob::Class { negate, set }, close + 1 - i)
+                }
+                None => (Glob::Byte(b'['), 1),
+            },
+            c => (Glob::Byte(c), 1),
+        };
+        out.push(glob);
+        i += len;
+    }
+    out
+}
+
+/// fnmatch-style matching (`*`, `?`, `[set]`, `[!set]`), as Celery's `glob` matcher does it, in
+/// O(pattern × name) steps and no recursion, whatever the pattern: the last `*` seen is the only
+/// backtracking point, which is enough because a later `*` can absorb whatever an earlier one
+/// would have.
+fn glob_matches(p: &[u8], s: &[u8]) -> bool {
+    if p.len() > MAX_PATTERN {
+        return false;
+    }
+    let globs = compile(p);
+    let (mut g, mut i) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while i < s.len() {
+        match globs.get(g) {
+            Some(Glob::Star) => {
+                star = Some((g, i));
+                g += 1;
+            }
+            Some(glob) if glob.accepts(s[i]) => {
+                g += 1;
+                i += 1;
+            }
+            _ => match star {
+                // Let the last `*` take one byte more and try again after it.
+                Some((sg, si)) => {
+                    star = Some((sg, si + 1));
+                    g = sg + 1;
+                    i = si + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    globs[g.min(globs.len())..]
+        .iter()
+        .all(|x| *x == Glob::Star)
 }
 
 #[cfg(test)]
@@ -289,6 +364,31 @@ mod tests {
         assert!(!r.is_for("abc@y"), "pcre is not supported: no node acts");
         r.destination = Some(vec!["abc@x".into()]);
         assert!(r.is_for("abc@x"), "destination wins");
+    }
+
+    #[test]
+    fn hostile_patterns_match_quickly_and_do_not_overflow_the_stack() {
+        let node = "celerity-1@".to_owned() + &"h".repeat(200);
+        // Exponential for a backtracking matcher: hung the worker before.
+        let stars = "*".repeat(60) + "x";
+        assert!(!glob_matches(stars.as_bytes(), node.as_bytes()));
+        let many = "*a".repeat(500) + "!";
+        assert!(!glob_matches(many.as_bytes(), "a".repeat(300).as_bytes()));
+        // Deep enough to overflow the stack of a recursive matcher.
+        let long = "?".repeat(MAX_PATTERN);
+        assert!(!glob_matches(long.as_bytes(), node.as_bytes()));
+        assert!(!glob_matches("*".repeat(MAX_PATTERN + 1).as_bytes(), b"a"));
+        assert!(glob_matches("*".repeat(MAX_PATTERN).as_bytes(), node.as_bytes()));
+    }
+
+    #[test]
+    fn globs_follow_fnmatch() {
+        let m = |p: &str, s: &str| glob_matches(p.as_bytes(), s.as_bytes());
+        assert!(m("*", "") && m("*", "abc") && m("a*c", "abbbc") && m("a*c*", "ac"));
+        assert!(!m("a*c", "abcd") && !m("?", "") && m("??", "ab"));
+        assert!(m("[abc]x", "bx") && !m("[!abc]x", "bx") && m("[a-c]", "b"));
+        assert!(m("[]]", "]") && m("[", "[") && m("a[", "a[") && !m("[", "a"));
+        assert!(m("*@h[0-9]", "w-1@h3") && !m("*@h[0-9]", "w-1@hx"));
     }
 
     #[test]
