@@ -1,10 +1,12 @@
 //! The broker seam: what every transport (`memory://`, `redis://`, `amqp://`) offers.
 //!
 //! A [`Broker`] publishes [`Message`]s to named queues and opens [`Consumer`]s on a set of queues with a
-//! prefetch window. Each consumed message is a [`Delivery`] that must be acked or rejected exactly once;
-//! one that is dropped without either stays unacked until its consumer closes (or, on Redis, until the
-//! visibility timeout), and is then delivered again. Nothing here acks on its own: acking late is the
-//! caller's choice.
+//! prefetch window. Each consumed message is a [`Delivery`] that ends in exactly one settle: acked,
+//! rejected (requeued or dropped) or parked. A delivery dropped without one is requeued by its `Drop`
+//! (from a task on the current tokio runtime), so a forgotten settle cannot hold a prefetch slot or a
+//! RabbitMQ channel's unacked count forever; outside a runtime it stays unacked until its consumer
+//! closes (or, on Redis, until the visibility timeout), and is then delivered again. Nothing here
+//! acks on its own: acking late is the caller's choice.
 
 use std::sync::Arc;
 
@@ -151,7 +153,8 @@ pub struct Delivery {
     pub queue: String,
     /// True if the broker says it was delivered before.
     pub redelivered: bool,
-    handle: Box<dyn AckHandle>,
+    /// Taken by the one settle; still here when dropped means nobody settled it.
+    handle: Option<Box<dyn AckHandle>>,
     /// Holds a slot of the consumer's prefetch window until this delivery is settled or dropped.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -179,44 +182,78 @@ impl Delivery {
             message,
             queue,
             redelivered,
-            handle,
+            handle: Some(handle),
             _permit: permit,
         }
     }
 
     /// Acknowledges the message: the broker forgets it.
-    pub async fn ack(self) -> Result<()> {
-        self.handle.ack().await
+    pub async fn ack(mut self) -> Result<()> {
+        self.settle()?.ack().await
     }
 
     /// Rejects the message; with `requeue` it goes back to its queue to be delivered again.
-    pub async fn reject(self, requeue: bool) -> Result<()> {
-        self.handle.reject(requeue).await
+    pub async fn reject(mut self, requeue: bool) -> Result<()> {
+        self.settle()?.reject(requeue).await
     }
 
     /// How often a holder of this delivery should renew its lease ([`Delivery::keep_alive`]): a third
     /// of the broker's lease, at least a second; `None` if it needs no renewing.
     pub fn renew_every(&self) -> Option<std::time::Duration> {
         self.handle
+            .as_ref()?
             .lease()
             .map(|l| (l / 3).max(std::time::Duration::from_secs(1)))
     }
 
     /// True if the transport can keep this message until `due` ([`Delivery::park`]).
     pub fn can_park(&self, due: std::time::SystemTime) -> bool {
-        self.handle.can_park(due)
+        self.handle.as_ref().is_some_and(|h| h.can_park(due))
     }
 
     /// Moves the message to the broker's schedule until `due`: it leaves this worker (nothing held
     /// unacked in memory) and comes back to its queue when due (on RabbitMQ, possibly in hops: a
     /// message back early is parked again).
-    pub async fn park(self, due: std::time::SystemTime) -> Result<()> {
-        self.handle.park(&self.message, &self.queue, due).await
+    pub async fn park(mut self, due: std::time::SystemTime) -> Result<()> {
+        let handle = self.settle()?;
+        handle.park(&self.message, &self.queue, due).await
     }
 
     /// Renews the delivery's visibility lease (Redis); keeps a long job from being delivered twice.
     pub async fn keep_alive(&self) -> Result<()> {
-        self.handle.keep_alive().await
+        match &self.handle {
+            Some(h) => h.keep_alive().await,
+            None => Ok(()),
+        }
+    }
+
+    /// The handle, taken for the one settle.
+    fn settle(&mut self) -> Result<Box<dyn AckHandle>> {
+        self.handle.take().ok_or(crate::error::BrokerError::Closed)
+    }
+}
+
+impl Drop for Delivery {
+    /// A delivery nobody settled goes back to its queue (see the module doc).
+    fn drop(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        let id = self.message.task_id().map(str::to_owned);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                tracing::warn!(queue = self.queue, id = ?id, "a delivery was dropped without a settle; requeueing it");
+                let queue = std::mem::take(&mut self.queue);
+                runtime.spawn(async move {
+                    if let Err(e) = handle.reject(true).await {
+                        tracing::warn!(queue, id = ?id, error = %e, "could not requeue a dropped delivery; the broker will deliver it again");
+                    }
+                });
+            }
+            Err(_) => {
+                tracing::warn!(queue = self.queue, id = ?id, "a delivery was dropped without a settle outside a runtime; the broker will deliver it again");
+            }
+        }
     }
 }
 

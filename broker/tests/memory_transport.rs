@@ -115,14 +115,15 @@ async fn higher_priority_first_and_waiting_consumer_wakes() {
         .await
         .unwrap();
     let mut c = b.consume(&["q".into(), "other".into()], 10).await.unwrap();
-    let order: Vec<Message> = vec![
-        c.next().await.unwrap().unwrap().message,
-        c.next().await.unwrap().unwrap().message,
-        c.next().await.unwrap().unwrap().message,
-    ];
+    let mut order: Vec<Message> = Vec::new();
+    for _ in 0..3 {
+        let d = c.next().await.unwrap().unwrap();
+        order.push(d.message.clone());
+        d.ack().await.unwrap();
+    }
     assert_eq!(order, vec![msg(2, 9), msg(3, 5), msg(1, 0)]);
     let b2 = b.clone();
-    let waiter = tokio::spawn(async move { c.next().await.map(|d| d.map(|d| d.queue)) });
+    let waiter = tokio::spawn(async move { c.next().await.map(|d| d.map(|d| d.queue.clone())) });
     tokio::time::sleep(Duration::from_millis(20)).await;
     b2.publish("other", &msg(4, 0)).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(2), waiter)
@@ -149,4 +150,23 @@ async fn purge_counts_and_close_stops_consumers() {
         .unwrap()
         .unwrap();
     assert!(matches!(r, Ok(None)));
+}
+
+#[tokio::test]
+async fn a_dropped_delivery_is_requeued() {
+    let b = MemoryBroker::named(&unique());
+    b.publish("q", &msg(1, 0)).await.unwrap();
+    let mut c = b.consume(&["q".into()], 1).await.unwrap();
+    let d = c.next().await.unwrap().unwrap();
+    // Nobody settles it: before, it stayed unacked until the consumer closed.
+    drop(d);
+    let again = tokio::time::timeout(Duration::from_secs(5), c.next())
+        .await
+        .expect("the dropped delivery came back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.message, msg(1, 0));
+    assert!(again.redelivered);
+    again.ack().await.unwrap();
+    assert_eq!(b.queue_len("q").await.unwrap(), 0);
 }

@@ -348,3 +348,21 @@ async fn throughput_report() {
     c.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_dropped_delivery_is_requeued() {
+    let qs = Queues::new("dropped", 1);
+    let b = broker("").await;
+    b.publish(qs.name(0), &msg(1)).await.unwrap();
+    let mut c = b.consume(&[qs.name(0).to_owned()], 1).await.unwrap();
+    let d = next_within(&mut c, 10.0).await.expect("the message");
+    // Nobody settles it: before, it held the channel's only prefetch slot until the channel closed.
+    drop(d);
+    let again = next_within(&mut c, 10.0)
+        .await
+        .expect("the dropped delivery came back");
+    assert_eq!(n_of(&again), 1);
+    assert!(again.redelivered);
+    again.ack().await.unwrap();
+    c.close().await.unwrap();
+}

@@ -204,3 +204,21 @@ async fn parked_messages_wait_in_redis_and_come_back_when_due() {
     assert_eq!(parked, 0);
     c.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_dropped_delivery_is_requeued() {
+    let s = Space::new().await;
+    let b = s.broker("").await;
+    b.publish("dropped", &message(1, 0)).await.unwrap();
+    let mut c = b.consume(&queue("dropped"), 1).await.unwrap();
+    let d = next(&mut c).await;
+    assert_eq!(s.unacked().await, (1, 1));
+    // Nobody settles it: before, it stayed in `unacked` until the visibility timeout (an hour).
+    drop(d);
+    let again = next(&mut c).await;
+    assert_eq!(again.message.body, message(1, 0).body);
+    assert!(again.redelivered);
+    again.ack().await.unwrap();
+    assert_eq!(s.unacked().await, (0, 0));
+    c.close().await.unwrap();
+}
