@@ -2,6 +2,7 @@
 //!
 //! - [`names`]: where the local Redis and RabbitMQ are, each test's unique names, [`Transport`];
 //! - [`cleanup`]: deleting what a test left on the brokers, also from `Drop` when it panics;
+//! - [`faults`]: fault injection around the real services ([`OutageBackend`]);
 //! - [`process`]: child processes killed and reaped on drop, the `celerity` binary's command line;
 //! - `worker` (feature `worker`): our worker running in the test's own process.
 //!
@@ -9,6 +10,7 @@
 //! binary uses `celery_python` at run time) and are re-exported here, so a suite imports one place.
 
 pub mod cleanup;
+pub mod faults;
 pub mod names;
 pub mod process;
 #[cfg(feature = "worker")]
@@ -18,6 +20,7 @@ pub use celerity_broker::testkit::{
     celery_python, delete_amqp_queue, delete_redis_prefix, PrivateRedis, TcpProxy,
 };
 pub use cleanup::{delete_amqp_exchange, Cleanup};
+pub use faults::OutageBackend;
 pub use names::{unique, Transport, AMQP, PY_AMQP, REDIS};
 pub use process::{celerity_command, text, ChildGuard};
 #[cfg(feature = "worker")]

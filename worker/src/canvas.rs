@@ -53,7 +53,11 @@ use celerity_client::canvas::Call;
 use celerity_client::canvas_plan::{self as plan, Action};
 
 use crate::error::Result;
-use crate::results::{retry_delay, ResultStore, ATTEMPTS};
+use crate::error::WorkerError;
+use crate::results::{ResultStore, RETRY_BASE, RETRY_MAX};
+
+/// Tries of a chord join before the job is given back to be delivered again.
+const JOIN_TRIES: u32 = 5;
 
 /// The workflow steps of one job, sent from the queue it came from.
 pub(crate) struct Canvas<'a> {
@@ -184,7 +188,7 @@ impl Canvas<'_> {
         self.chord_part(message, State::Failure, &exc.to_value())
             .await?;
         let chain = Signature::list_from_value(&message.embed.chain)?;
-        self.fail_chain(&chain, exc, traceback).await;
+        self.fail_chain(&chain, exc, traceback).await?;
         let id = Value::String(message.id().to_owned());
         for eb in Signature::list_from_value(&message.embed.errbacks)? {
             self.send_errback(&eb, message, &id).await?;
@@ -204,16 +208,25 @@ impl Canvas<'_> {
     }
 
     /// Marks every remaining step of a chain FAILURE with `exc` (Celery's `_fail_chain`).
-    async fn fail_chain(&self, chain: &[Signature], exc: &ExceptionInfo, traceback: Option<&str>) {
+    async fn fail_chain(
+        &self,
+        chain: &[Signature],
+        exc: &ExceptionInfo,
+        traceback: Option<&str>,
+    ) -> Result<()> {
         for step in chain {
             for id in plan::leaf_ids(step) {
                 let mut m = TaskMeta::failure(&id, exc, traceback.map(str::to_owned));
                 if let Some(g) = step.options.get("group_id").filter(|g| g.is_string()) {
                     m.extra.insert("group_id".into(), g.clone());
                 }
-                self.results.store(&m).await;
+                self.results
+                    .store(&m)
+                    .await
+                    .map_err(|_| WorkerError::Interrupted)?;
             }
         }
+        Ok(())
     }
 
     /// Adds a chord header member's outcome to the join; the member that completes it sends the
@@ -245,9 +258,10 @@ impl Canvas<'_> {
         let join = loop {
             match backend.chord_part_return(&part).await {
                 Ok(j) => break j,
-                Err(e) if attempt + 1 < ATTEMPTS => {
+                Err(e) if attempt + 1 < JOIN_TRIES => {
                     tracing::warn!(id = message.id(), error = %e, attempt, "chord join failed; retrying");
-                    tokio::time::sleep(retry_delay(attempt)).await;
+                    let pause = celerity_broker::backoff::delay(attempt, RETRY_BASE, RETRY_MAX);
+                    tokio::time::sleep(pause).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
@@ -309,7 +323,10 @@ impl Canvas<'_> {
             let mut m = TaskMeta::failure(&body_id, &exc, None);
             m.extra
                 .insert("group_id".into(), Value::String(group_id.to_owned()));
-            self.results.store(&m).await;
+            self.results
+                .store(&m)
+                .await
+                .map_err(|_| WorkerError::Interrupted)?;
             let id = Value::String(body_id.clone());
             for eb in &errbacks {
                 self.send_errback(eb, message, &id).await?;
@@ -317,7 +334,7 @@ impl Canvas<'_> {
         }
         let chain = body.options.get("chain").cloned().unwrap_or_default();
         self.fail_chain(&Signature::list_from_value(&chain)?, &exc, None)
-            .await;
+            .await?;
         Ok(())
     }
 
@@ -362,7 +379,7 @@ impl Canvas<'_> {
                 });
                 let chain = Signature::list_from_value(&message.embed.chain)?;
                 self.fail_chain(&chain, &exc, stored.traceback.as_deref())
-                    .await;
+                    .await?;
                 let id = Value::String(message.id().to_owned());
                 for eb in Signature::list_from_value(&message.embed.errbacks)? {
                     if self.still_pending(&eb).await {

@@ -12,6 +12,9 @@ pub enum WorkerError {
     Client(#[from] celerity_client::ClientError),
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A cold shutdown came while a job waited for its result backend; the job is given back.
+    #[error("interrupted by shutdown")]
+    Interrupted,
 }
 
 /// Result alias of this crate.

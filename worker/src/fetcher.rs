@@ -12,11 +12,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use celerity_broker::backoff::Backoff;
 use celerity_broker::{Consumer, Delivery};
 
 use crate::pool::Pool;
 use crate::processor::Processor;
-use crate::results::retry_delay;
 
 /// What the fetch loop needs.
 pub(crate) struct Fetcher {
@@ -40,7 +40,8 @@ impl Fetcher {
     /// the consumer, to be closed once running jobs are done.
     pub async fn run(mut self, stop: CancellationToken) -> Box<dyn Consumer> {
         let mut window = isize::try_from(self.window).unwrap_or(isize::MAX);
-        let mut failures = 0u32;
+        // A failing broker is asked again after a growing, jittered pause (0.1–6.4 s).
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(6400));
         let mut taken = 0u64;
         let mut memory_check = tokio::time::interval(Duration::from_secs(1));
         memory_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -60,14 +61,13 @@ impl Fetcher {
                 }
                 next = self.consumer.next() => match next {
                     Ok(Some(delivery)) => {
-                        failures = 0;
+                        backoff.reset();
                         taken += 1;
                         self.dispatch(delivery);
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        failures = failures.saturating_add(1);
-                        let pause = retry_delay(failures);
+                        let pause = backoff.next();
                         tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "fetching failed");
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}

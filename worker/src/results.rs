@@ -1,18 +1,36 @@
-//! Where a worker process writes outcomes: the result backend (if any), with the one
-//! store-with-retry loop the processor and the workflow steps share, and the result documents Celery
-//! stores for a job's states.
+//! Where a worker process writes outcomes: the result backend (if any), and Celery's result
+//! documents for a job's states.
+//!
+//! A job is acked only once its outcome is durable, so a backend write (and the read that tells a
+//! redelivered job it already finished) is retried here until it succeeds — with a growing, jittered
+//! pause (at most [`RETRY_MAX`]) — for as long as the job holds its delivery. Only a cold shutdown
+//! cuts the wait short ([`Interrupted`]); the job is then given back to the broker, never acked. A
+//! backend outage therefore holds jobs in their slots (the fetcher takes no more than the slots
+//! allow) and loses none.
 
-use std::sync::Arc;
+use std::future::Future;
 use std::time::Duration;
 
 use serde_json::Value;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 use celerity_broker::backend::ExceptionInfo;
+use celerity_broker::backoff::Backoff;
 use celerity_broker::protocol::TaskMessage;
 use celerity_broker::{ResultBackend, State, TaskMeta};
 
-/// Attempts at one backend write before it is given up.
-pub(crate) const ATTEMPTS: u32 = 5;
+/// The first pause before a backend call is tried again.
+pub(crate) const RETRY_BASE: Duration = Duration::from_millis(100);
+/// The longest pause between two tries.
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Tries logged one by one before only every tenth is.
+const LOGGED_TRIES: u32 = 5;
+
+/// A backend call was cut short by a cold shutdown: the job must be given back, not acked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("interrupted by shutdown while the result backend was unavailable")]
+pub(crate) struct Interrupted;
 
 /// The result backend of one worker process (none: results are not kept).
 #[derive(Clone)]
@@ -20,11 +38,21 @@ pub(crate) struct ResultStore {
     backend: Option<Arc<dyn ResultBackend>>,
     /// Our node name, written into the results of jobs we ran.
     hostname: String,
+    /// Fired on cold shutdown: stop waiting for the backend.
+    abort: CancellationToken,
 }
 
 impl ResultStore {
-    pub fn new(backend: Option<Arc<dyn ResultBackend>>, hostname: String) -> Self {
-        ResultStore { backend, hostname }
+    pub fn new(
+        backend: Option<Arc<dyn ResultBackend>>,
+        hostname: String,
+        abort: CancellationToken,
+    ) -> Self {
+        ResultStore {
+            backend,
+            hostname,
+            abort,
+        }
     }
 
     /// Our node name.
@@ -39,43 +67,67 @@ impl ResultStore {
 
     /// Stores the outcome of a job this worker ran, naming this node as its `worker` (Celery's
     /// extended-result field; Python: `AsyncResult.worker`).
-    pub async fn store_outcome(&self, mut meta: TaskMeta) {
+    pub async fn store_outcome(&self, mut meta: TaskMeta) -> Result<(), Interrupted> {
         if self.backend.is_none() {
-            return;
+            return Ok(());
         }
         meta.extra
             .entry("worker")
             .or_insert_with(|| Value::String(self.hostname.clone()));
-        self.store(&meta).await;
+        self.store(&meta).await
     }
 
-    /// Stores `meta`, retrying a failed write a few times with a growing pause; the job's message
-    /// stays unacked meanwhile.
-    pub async fn store(&self, meta: &TaskMeta) {
-        let Some(backend) = &self.backend else { return };
-        for attempt in 0..ATTEMPTS {
-            match backend.store(meta).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(id = meta.task_id, error = %e, attempt, "storing a result failed");
-                    tokio::time::sleep(retry_delay(attempt)).await;
-                }
-            }
-        }
-        tracing::error!(id = meta.task_id, "giving up storing a result");
+    /// Stores `meta`, trying until the backend takes it (see the module doc).
+    pub async fn store(&self, meta: &TaskMeta) -> Result<(), Interrupted> {
+        let Some(backend) = &self.backend else {
+            return Ok(());
+        };
+        self.until_done("storing a result", &meta.task_id, || backend.store(meta))
+            .await
     }
 
     /// The final state the backend already holds for this id, if any (a redelivery of a job that
     /// ended, e.g. one whose process was killed for its hard time limit, or whose ack was lost).
-    pub async fn finished(&self, id: &str) -> Option<TaskMeta> {
-        let backend = self.backend.as_ref()?;
-        backend.get(id).await.ok().filter(|m| m.status.is_ready())
+    /// Read until the backend answers: an unanswered read is not "not finished".
+    pub async fn finished(&self, id: &str) -> Result<Option<TaskMeta>, Interrupted> {
+        let Some(backend) = &self.backend else {
+            return Ok(None);
+        };
+        let meta = self
+            .until_done("reading a result", id, || backend.get(id))
+            .await?;
+        Ok(Some(meta).filter(|m| m.status.is_ready()))
     }
-}
 
-/// The pause before retry `attempt` (0-based) of a backend call.
-pub(crate) fn retry_delay(attempt: u32) -> Duration {
-    Duration::from_millis(100u64 << attempt.min(6))
+    /// Runs `call` until it succeeds or a cold shutdown comes.
+    async fn until_done<T, F, Fut>(&self, what: &str, id: &str, call: F) -> Result<T, Interrupted>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = celerity_broker::Result<T>>,
+    {
+        let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
+        loop {
+            match call().await {
+                Ok(v) => {
+                    if backoff.attempts() > 0 {
+                        tracing::info!(id, tries = backoff.attempts() + 1, "{what} succeeded");
+                    }
+                    return Ok(v);
+                }
+                Err(e) => {
+                    let pause = backoff.next();
+                    let tries = backoff.attempts();
+                    if tries <= LOGGED_TRIES || tries.is_multiple_of(10) {
+                        tracing::warn!(id, error = %e, tries, retry_in_ms = pause.as_millis() as u64, "{what} failed; the job keeps its delivery and tries again");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = self.abort.cancelled() => return Err(Interrupted),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The meta Celery stores for a state of this message (with group_id/parent_id when set).

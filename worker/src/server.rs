@@ -88,7 +88,7 @@ pub async fn run(
     let processor = Arc::new(Processor {
         registry,
         broker: broker.clone(),
-        results: ResultStore::new(backend, config.hostname.clone()),
+        results: ResultStore::new(backend, config.hostname.clone(), shutdown.cold.clone()),
         slots: pool.slots().clone(),
         buckets,
         events,

@@ -299,9 +299,7 @@ fn glob_matches(p: &[u8], s: &[u8]) -> bool {
             },
         }
     }
-    globs[g.min(globs.len())..]
-        .iter()
-        .all(|x| *x == Glob::Star)
+    globs[g.min(globs.len())..].iter().all(|x| *x == Glob::Star)
 }
 
 #[cfg(test)]
@@ -378,7 +376,10 @@ mod tests {
         let long = "?".repeat(MAX_PATTERN);
         assert!(!glob_matches(long.as_bytes(), node.as_bytes()));
         assert!(!glob_matches("*".repeat(MAX_PATTERN + 1).as_bytes(), b"a"));
-        assert!(glob_matches("*".repeat(MAX_PATTERN).as_bytes(), node.as_bytes()));
+        assert!(glob_matches(
+            "*".repeat(MAX_PATTERN).as_bytes(),
+            node.as_bytes()
+        ));
     }
 
     #[test]

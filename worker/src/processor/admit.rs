@@ -14,9 +14,10 @@ use celerity_broker::{Delivery, State};
 
 use crate::jobs::{JobGuard, Outcome};
 use crate::registry::Registered;
-use crate::results::{failure_meta, meta};
+use crate::results::{failure_meta, meta, Interrupted};
 
 use super::finish::Settle;
+use super::invoke::renew_lease;
 use super::{Admitted, Processor};
 
 impl Processor {
@@ -59,8 +60,13 @@ impl Processor {
         if !delivery.redelivered && message.headers.parent_id.is_none() {
             return Some(delivery);
         }
-        let Some(done) = self.results.finished(message.id()).await else {
-            return Some(delivery);
+        let done = match self.results.finished(message.id()).await {
+            Ok(Some(done)) => done,
+            Ok(None) => return Some(delivery),
+            Err(Interrupted) => {
+                self.settle(delivery, Settle::Requeue).await;
+                return None;
+            }
         };
         tracing::warn!(
             id = message.id(),
@@ -69,7 +75,8 @@ impl Processor {
         );
         let canvas = self.canvas(&delivery.queue);
         if let Err(e) = Box::pin(canvas.replay(message, &done)).await {
-            tracing::error!(id = message.id(), error = %e, "could not finish the workflow steps; leaving the job to be redelivered");
+            tracing::error!(id = message.id(), error = %e, "could not finish the workflow steps; giving the job back");
+            self.settle(delivery, Settle::Later).await;
             return None;
         }
         self.settle(delivery, Settle::Ack).await;
@@ -89,14 +96,18 @@ impl Processor {
             "celery.exceptions",
         );
         self.events.failed("task-failed", message.id(), &exc, "");
-        self.results
+        let stored = self
+            .results
             .store_outcome(failure_meta(message, &exc, None))
             .await;
+        if stored.is_err() {
+            return self.settle(delivery, Settle::Requeue).await;
+        }
         self.jobs.count(Outcome::Failed);
         let canvas = self.canvas(&delivery.queue);
         if let Err(e) = Box::pin(canvas.on_failure(message, &exc, None)).await {
-            tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; leaving the job to be redelivered");
-            return;
+            tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; giving the job back");
+            return self.settle(delivery, Settle::Later).await;
         }
         self.settle(delivery, Settle::Ack).await;
     }
@@ -114,9 +125,14 @@ impl Processor {
         );
         self.events.revoked(message.id(), false, true);
         let exc = ExceptionInfo::new("TaskRevokedError", "expired", "celery.exceptions");
-        self.results
+        let stored = self
+            .results
             .store_outcome(meta(message, State::Revoked, exc.to_value(), None))
             .await;
+        if stored.is_err() {
+            self.settle(delivery, Settle::Requeue).await;
+            return None;
+        }
         self.jobs.count(Outcome::Revoked);
         self.settle(delivery, Settle::Ack).await;
         None
@@ -180,7 +196,8 @@ impl Processor {
         due
     }
 
-    /// Waits for the task's rate limit and a free slot; checks the revoke again after the wait.
+    /// Waits for the task's rate limit and a free slot, renewing the job's lease meanwhile; checks
+    /// the revoke again after the wait.
     async fn wait_for_turn(
         &self,
         delivery: Delivery,
@@ -188,16 +205,20 @@ impl Processor {
         task: Registered,
         guard: JobGuard,
     ) -> Option<Admitted> {
-        if let Some(bucket) = self.buckets.get(message.task()) {
-            tokio::select! {
-                _ = bucket.acquire() => {}
-                _ = self.abort.cancelled() => {
-                    self.settle(delivery, Settle::Requeue).await;
-                    return None;
-                }
+        let turn = async {
+            if let Some(bucket) = self.buckets.get(message.task()) {
+                bucket.acquire().await;
             }
-        }
-        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            self.slots.clone().acquire_owned().await.ok()
+        };
+        // Waiting for its turn can take long: the job's lease is renewed meanwhile, so the broker
+        // does not hand it to another worker.
+        let slot = tokio::select! {
+            slot = turn => slot,
+            never = renew_lease(Some(&delivery)) => match never {},
+            _ = self.abort.cancelled() => None,
+        };
+        let Some(slot) = slot else {
             self.settle(delivery, Settle::Requeue).await;
             return None;
         };

@@ -16,7 +16,7 @@ use celerity_broker::{Delivery, State, TaskMeta};
 use crate::canvas::Canvas;
 use crate::jobs::Outcome;
 use crate::registry::Registered;
-use crate::results::{failure_meta, meta};
+use crate::results::{failure_meta, meta, Interrupted};
 use crate::retry::{decide, random_unit, Decision};
 use crate::task::TaskError;
 
@@ -27,15 +27,39 @@ use super::{Processor, DEAD_LETTER_QUEUE};
 pub(super) enum Next {
     /// Everything is done and stored: ack.
     Ack,
-    /// A step could not be done: leave the delivery for the broker to hand out again.
+    /// A workflow step could not be done: give the job back after a pause, to be done again.
     Leave,
+    /// A cold shutdown came before the outcome was stored: give the job back now.
+    Requeue,
+    /// A revoke with terminate stopped it: store REVOKED, then ack.
+    Terminated,
+}
+
+impl From<Next> for Settle {
+    fn from(next: Next) -> Settle {
+        match next {
+            Next::Ack => Settle::Ack,
+            Next::Leave => Settle::Later,
+            Next::Requeue => Settle::Requeue,
+            // Settled by `skip_revoked`; as a plain settle it is an ack.
+            Next::Terminated => Settle::Ack,
+        }
+    }
 }
 
 /// How a delivery is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Settle {
     Ack,
+    /// Back to its queue now.
     Requeue,
+    /// Back to its queue after [`GIVE_BACK_AFTER`] (sooner on cold shutdown), so a step that keeps
+    /// failing is not retried in a tight loop.
+    Later,
 }
+
+/// About how long a job whose workflow step failed waits before it goes back to its queue.
+pub(super) const GIVE_BACK_AFTER: Duration = Duration::from_secs(2);
 
 impl Processor {
     /// The workflow steps of a job that came from `queue`.
@@ -44,12 +68,12 @@ impl Processor {
     }
 
     /// Stores STARTED for a task that tracks it.
-    pub(super) async fn store_started(&self, message: &TaskMessage) {
+    pub(super) async fn store_started(&self, message: &TaskMessage) -> Result<(), Interrupted> {
         let started =
             serde_json::json!({"pid": std::process::id(), "hostname": self.results.hostname()});
         self.results
             .store_outcome(meta(message, State::Started, started, None))
-            .await;
+            .await
     }
 
     /// A run that returned `value`: next workflow steps, SUCCESS stored, chord joined.
@@ -73,7 +97,7 @@ impl Processor {
         let children = match canvas.dispatch_success(message, &value, false).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(id = message.id(), error = %e, "could not send the workflow's next steps; leaving the job to be redelivered");
+                tracing::error!(id = message.id(), error = %e, "could not send the workflow's next steps; giving the job back");
                 return Next::Leave;
             }
         };
@@ -81,12 +105,14 @@ impl Processor {
         if !ignore_result {
             let mut m = meta(message, State::Success, value, None);
             m.children = children;
-            self.results.store_outcome(m).await;
+            if self.results.store_outcome(m).await.is_err() {
+                return Next::Requeue;
+            }
         }
         if let Some(value) = joined {
             let join = canvas.chord_part(message, State::Success, &value);
             if let Err(e) = Box::pin(join).await {
-                tracing::error!(id = message.id(), error = %e, "chord join failed; leaving the job to be redelivered");
+                tracing::error!(id = message.id(), error = %e, "chord join failed; giving the job back");
                 return Next::Leave;
             }
         }
@@ -112,13 +138,17 @@ impl Processor {
                 let exc = exception_of(&cause);
                 let tb = traceback(message, &cause);
                 self.events.failed("task-failed", message.id(), &exc, &tb);
-                self.results
+                let stored = self
+                    .results
                     .store_outcome(failure_meta(message, &exc, Some(tb.clone())))
                     .await;
+                if stored.is_err() {
+                    return Next::Requeue;
+                }
                 self.jobs.count(Outcome::Failed);
                 let canvas = self.canvas(queue);
                 if let Err(e) = Box::pin(canvas.on_failure(message, &exc, Some(&tb))).await {
-                    tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; leaving the job to be redelivered");
+                    tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; giving the job back");
                     return Next::Leave;
                 }
                 Next::Ack
@@ -140,16 +170,20 @@ impl Processor {
             (Utc::now() + chrono::Duration::from_std(countdown).unwrap_or_default()).fixed_offset(),
         );
         if let Err(e) = self.broker.publish(queue, &next.encode()).await {
-            tracing::error!(id = message.id(), error = %e, "could not send the retry; leaving the job to be redelivered");
+            tracing::error!(id = message.id(), error = %e, "could not send the retry; giving the job back");
             return Next::Leave;
         }
         tracing::info!(id = message.id(), task = message.task(), retries = message.headers.retries + 1, countdown_s = countdown.as_secs_f64(), reason = %cause, "retry");
         let exc = exception_of(cause);
         let tb = traceback(message, cause);
         self.events.failed("task-retried", message.id(), &exc, &tb);
-        self.results
+        let stored = self
+            .results
             .store_outcome(meta(message, State::Retry, exc.to_value(), Some(tb)))
             .await;
+        if stored.is_err() {
+            return Next::Requeue;
+        }
         self.jobs.count(Outcome::Retried);
         Next::Ack
     }
@@ -165,17 +199,21 @@ impl Processor {
         self.events
             .revoked(message.id(), why == "terminated", false);
         let exc = ExceptionInfo::new("TaskRevokedError", why, "celery.exceptions");
-        self.results
+        let stored = self
+            .results
             .store_outcome(meta(message, State::Revoked, exc.to_value(), None))
             .await;
+        if stored.is_err() {
+            return self.settle(delivery, Settle::Requeue).await;
+        }
         self.jobs.count(Outcome::Revoked);
         let joined = self
             .canvas(&delivery.queue)
             .chord_part(message, State::Revoked, &exc.to_value())
             .await;
         if let Err(e) = joined {
-            tracing::error!(id = message.id(), error = %e, "chord join failed; leaving the job to be redelivered");
-            return;
+            tracing::error!(id = message.id(), error = %e, "chord join failed; giving the job back");
+            return self.settle(delivery, Settle::Later).await;
         }
         self.settle(delivery, Settle::Ack).await;
     }
@@ -187,9 +225,13 @@ impl Processor {
         tracing::error!(queue = delivery.queue, id = ?id, reason, "undecodable message; moving it to {DEAD_LETTER_QUEUE}");
         if let Some(id) = &id {
             let exc = ExceptionInfo::new("DecodeError", reason.clone(), "kombu.exceptions");
-            self.results
+            let stored = self
+                .results
                 .store_outcome(TaskMeta::failure(id.clone(), &exc, None))
                 .await;
+            if stored.is_err() {
+                return self.settle(delivery, Settle::Requeue).await;
+            }
         }
         self.jobs.count(Outcome::Rejected);
         let mut kept = delivery.message.clone();
@@ -202,17 +244,25 @@ impl Processor {
         match self.broker.publish(DEAD_LETTER_QUEUE, &kept).await {
             Ok(()) => self.settle(delivery, Settle::Ack).await,
             Err(e) => {
-                // Keep it where it is rather than lose it.
-                tracing::error!(error = %e, "could not dead-letter the message; leaving it unacked");
+                // Keep it rather than lose it.
+                tracing::error!(error = %e, "could not dead-letter the message; giving it back");
+                self.settle(delivery, Settle::Later).await;
             }
         }
     }
 
     /// Acks or requeues `delivery`; a failed settle is logged (the broker delivers it again).
     pub(super) async fn settle(&self, delivery: Delivery, how: Settle) {
+        if how == Settle::Later {
+            let pause = celerity_broker::backoff::delay(0, GIVE_BACK_AFTER, GIVE_BACK_AFTER);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.abort.cancelled() => {}
+            }
+        }
         let r = match how {
             Settle::Ack => delivery.ack().await,
-            Settle::Requeue => delivery.reject(true).await,
+            Settle::Requeue | Settle::Later => delivery.reject(true).await,
         };
         if let Err(e) = r {
             tracing::warn!(error = %e, "could not settle a delivery; the broker will deliver it again");

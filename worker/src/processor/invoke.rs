@@ -1,8 +1,7 @@
 //! Invocation: runs an admitted job's handler and says how the run ended. The handler runs under
 //! its soft time limit (the job's cancellation token fires and the run fails with Celery's
 //! `SoftTimeLimitExceeded`); a hard time limit is reported to the supervisor, which kills the
-//! process if the job overruns it; the delivery's lease is renewed while it runs, so a long job is
-//! never handed to another worker. A cold shutdown or a revoke with terminate stops it; a panic is
+//! process if the job overruns it. A cold shutdown or a revoke with terminate stops it; a panic is
 //! caught and becomes a failure.
 
 use std::panic::AssertUnwindSafe;
@@ -33,13 +32,13 @@ pub(super) enum Ran {
 }
 
 impl Processor {
-    /// Runs `task`'s handler for `message`. `lease` is the delivery while it is held (not yet acked),
-    /// `queue` where it came from, `cancel` the job's own token (fired by terminate or the soft limit).
+    /// Runs `task`'s handler for `message`. `queue` is where it came from, `cancel` the job's own
+    /// token (fired by terminate or the soft limit). The caller renews the delivery's lease meanwhile
+    /// ([`renew_lease`]).
     pub(super) async fn invoke(
         &self,
         message: &TaskMessage,
         task: &Registered,
-        lease: Option<&Delivery>,
         queue: &str,
         cancel: &CancellationToken,
     ) -> Ran {
@@ -70,19 +69,13 @@ impl Processor {
             message.kwargs.clone(),
         ))
         .catch_unwind();
-        let run = async {
-            tokio::select! {
-                r = handler => r,
-                never = renew_lease(lease) => match never {},
-            }
-        };
         let outcome = tokio::select! {
             // Checked first: a job stopped by a cold shutdown is given back, whatever it returned.
             biased;
             _ = self.abort.cancelled() => return Ran::Interrupted,
             // Only a revoke with terminate cancels the job's own token while it runs.
             _ = cancel.cancelled() => return Ran::Terminated,
-            r = run => r.unwrap_or_else(|panic| Err(TaskError::new("Panic", panic_message(&panic)))),
+            r = handler => r.unwrap_or_else(|panic| Err(TaskError::new("Panic", panic_message(&panic)))),
             _ = sleep_opt(soft) => {
                 cancel.cancel();
                 Err(TaskError::in_module("SoftTimeLimitExceeded", format!("SoftTimeLimitExceeded({:?})", soft.unwrap_or_default()), "celery.exceptions"))
@@ -92,8 +85,10 @@ impl Processor {
     }
 }
 
-/// Renews `lease` (a delivery with a visibility lease, as on Redis) for as long as it is polled.
-async fn renew_lease(lease: Option<&Delivery>) -> std::convert::Infallible {
+/// Renews `lease` (a delivery with a visibility lease, as on Redis) for as long as it is polled, so
+/// a long job is never handed to another worker. Only one renewal loop may run per delivery: two
+/// would race each other's fenced renewals.
+pub(super) async fn renew_lease(lease: Option<&Delivery>) -> std::convert::Infallible {
     let Some((d, every)) = lease.and_then(|d| d.renew_every().map(|e| (d, e))) else {
         return std::future::pending().await;
     };

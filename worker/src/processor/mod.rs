@@ -34,7 +34,7 @@ use crate::registry::{Registered, Registry};
 use crate::report::Reporter;
 use crate::results::ResultStore;
 
-use self::finish::Next;
+use self::finish::{Next, Settle};
 use self::invoke::Ran;
 
 /// Where undecodable messages are copied before they are acked.
@@ -94,33 +94,57 @@ impl Processor {
         let mut delivery = Some(delivery);
         if !task.options.acks_late {
             if let Some(d) = delivery.take() {
-                self.settle(d, finish::Settle::Ack).await;
+                self.settle(d, Settle::Ack).await;
             }
         }
         let ignore_result = message
             .headers
             .ignore_result
             .unwrap_or(task.options.ignore_result);
-        if task.options.track_started && !ignore_result {
-            self.store_started(&message).await;
-        }
         let cancel = self.abort.child_token();
-        guard.started(cancel.clone());
-        self.events.started(message.id());
-        let next = match self
-            .invoke(&message, &task, delivery.as_ref(), &queue, &cancel)
-            .await
-        {
+        let finishing = async {
+            if task.options.track_started
+                && !ignore_result
+                && self.store_started(&message).await.is_err()
+            {
+                return Next::Requeue;
+            }
+            guard.started(cancel.clone());
+            self.events.started(message.id());
+            let ran = self.invoke(&message, &task, &queue, &cancel).await;
+            self.outcome(ran, &message, &task, &queue, ignore_result)
+                .await
+        };
+        // The delivery's lease is renewed from the start to the stored outcome, however long the
+        // result backend makes that take.
+        let next = tokio::select! {
+            next = finishing => next,
+            never = invoke::renew_lease(delivery.as_ref()) => match never {},
+        };
+        let Some(d) = delivery else { return };
+        match next {
+            Next::Terminated => Box::pin(self.skip_revoked(d, &message, "terminated")).await,
+            next => self.settle(d, next.into()).await,
+        }
+    }
+
+    /// What to do after a run: store and follow up its outcome.
+    async fn outcome(
+        &self,
+        ran: Ran,
+        message: &TaskMessage,
+        task: &Registered,
+        queue: &str,
+        ignore_result: bool,
+    ) -> Next {
+        match ran {
             Ran::Interrupted => {
                 tracing::warn!(
                     id = message.id(),
                     task = message.task(),
                     "interrupted by shutdown; giving it back"
                 );
-                if let Some(d) = delivery {
-                    self.settle(d, finish::Settle::Requeue).await;
-                }
-                return;
+                Next::Requeue
             }
             Ran::Terminated => {
                 tracing::warn!(
@@ -128,21 +152,15 @@ impl Processor {
                     task = message.task(),
                     "terminated by revoke"
                 );
-                if let Some(d) = delivery {
-                    Box::pin(self.skip_revoked(d, &message, "terminated")).await;
-                }
-                return;
+                Next::Terminated
             }
             Ran::Finished(Ok(value), runtime) => {
-                self.succeed(&message, &queue, value, runtime, ignore_result)
+                self.succeed(message, queue, value, runtime, ignore_result)
                     .await
             }
             Ran::Finished(Err(error), runtime) => {
-                self.fail(&message, &task, &queue, error, runtime).await
+                self.fail(message, task, queue, error, runtime).await
             }
-        };
-        if let (Next::Ack, Some(d)) = (next, delivery) {
-            self.settle(d, finish::Settle::Ack).await;
         }
     }
 }

@@ -10,7 +10,8 @@ use serde_json::{json, Map};
 use celerity_broker::{connect_backend, connect_broker, Broker, State};
 use celerity_client::{Client, ClientError, SendOptions};
 use celerity_testsupport::{
-    delete_amqp_queue, delete_redis_prefix, demo_registry, InProcessWorker, TcpProxy, AMQP, REDIS,
+    delete_amqp_queue, delete_redis_prefix, demo_registry, InProcessWorker, OutageBackend,
+    TcpProxy, AMQP, REDIS,
 };
 use celerity_worker::{demo, run, Registry, Shutdown, WorkerConfig};
 

@@ -150,3 +150,61 @@ async fn worker_resumes_after_its_redis_restarts_under_load() {
     }
     worker.stop().await;
 }
+
+/// Defect 16.1: the result backend refuses every call for 10 s — longer than the store used to
+/// retry (about 3 s) — while jobs finish. Every job keeps its delivery until its result is stored,
+/// so once the backend is back every result is there, none acked without it.
+#[tokio::test]
+async fn a_result_backend_outage_loses_no_result() {
+    let prefix = unique();
+    let queue = unique();
+    let broker = connect_broker(&format!("{REDIS}?global_keyprefix={prefix}"))
+        .await
+        .unwrap();
+    let real = connect_backend(&format!("{REDIS}?global_keyprefix={prefix}"))
+        .await
+        .unwrap();
+    let outage = OutageBackend::new(real.clone());
+    let backend: Arc<dyn celerity_broker::ResultBackend> = outage.clone();
+    let worker = spawn_worker(
+        &broker,
+        &backend,
+        WorkerConfig {
+            queues: vec![queue.clone()],
+            concurrency: 8,
+            grace: Duration::from_secs(5),
+            ..WorkerConfig::default()
+        },
+    );
+    outage.set_down(true);
+    let producer = Client::new(broker.clone(), None);
+    let options = SendOptions::new().queue(&queue);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let h = producer
+            .send_task("demo.add", vec![json!(i), json!(1)], Map::new(), &options)
+            .await
+            .unwrap();
+        ids.push((i, h.id().to_owned()));
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(outage.refused() >= 20, "the jobs ran into the outage");
+    outage.set_down(false);
+    let reader = Client::new(broker.clone(), Some(real.clone()));
+    for (i, id) in &ids {
+        let m = reader
+            .result::<serde_json::Value>(id)
+            .wait_meta(Some(Duration::from_secs(30)))
+            .await
+            .unwrap_or_else(|e| panic!("job {i}: its result was lost ({e})"));
+        assert_eq!(
+            (m.status, m.result),
+            (State::Success, json!(i + 1)),
+            "job {i}"
+        );
+    }
+    let summary = worker.stop().await;
+    assert_eq!(summary.succeeded, 20);
+    assert_eq!(broker.queue_len(&queue).await.unwrap(), 0);
+    delete_redis_prefix(&prefix).await;
+}

@@ -255,3 +255,51 @@ async fn long_and_waiting_jobs_keep_their_redis_lease() {
     assert_eq!(s.succeeded, 2, "a job whose lease lapsed ran twice");
     delete_redis_prefix(&prefix).await;
 }
+
+/// Defect 16.5: a job waiting for its rate-limit token longer than the visibility timeout keeps its
+/// Redis lease (before, the restore sweep handed it out again and it ran twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_for_its_rate_limit_keeps_its_redis_lease() {
+    let id = unique();
+    let prefix = format!("{id}:");
+    let url = format!("{REDIS}?global_keyprefix={prefix}&visibility_timeout=2&restore_interval=1");
+    let broker = connect_broker(&url).await.unwrap();
+    let backend = connect_backend(&format!("{REDIS}?global_keyprefix={prefix}"))
+        .await
+        .unwrap();
+    let client = Client::new(broker.clone(), Some(backend.clone()));
+    // One start per 5 s: the second job waits ~5 s for its token, past the 2 s lease.
+    let limit = celerity_worker::RateLimit {
+        count: 1.0,
+        per: Duration::from_secs(5),
+    };
+    let worker = spawn_worker(
+        &broker,
+        &backend,
+        WorkerConfig {
+            queues: vec!["jobs".into()],
+            concurrency: 4,
+            rate_limits: vec![("demo.add".into(), limit)],
+            ..WorkerConfig::default()
+        },
+    );
+    let opts = SendOptions::new().queue("jobs");
+    let mut handles = Vec::new();
+    for i in 0..2 {
+        let h = client
+            .send_task("demo.add", vec![json!(i), json!(i)], Map::new(), &opts)
+            .await
+            .unwrap();
+        handles.push(h);
+    }
+    for (i, h) in handles.iter().enumerate() {
+        assert_eq!(
+            h.get(Some(Duration::from_secs(30))).await.unwrap(),
+            json!(2 * i)
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await; // a duplicate would have run by now
+    let s = worker.stop().await;
+    assert_eq!(s.succeeded, 2, "a job whose lease lapsed ran twice");
+    delete_redis_prefix(&prefix).await;
+}
