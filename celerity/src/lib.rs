@@ -69,7 +69,7 @@ pub fn worker_main(registry: celerity_worker::Registry) -> ExitCode {
         }
     };
     match runtime.block_on(cli::worker::run_worker(registry, &args.worker, &args.conn)) {
-        Ok(_) => ExitCode::SUCCESS,
+        Ok(summary) => cli::worker::exit_code(summary.as_ref()),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)

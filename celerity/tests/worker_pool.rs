@@ -366,3 +366,63 @@ async fn worker_with_embedded_beat_runs_the_schedule() {
     let _ = std::fs::remove_file(&schedule);
     delete_redis_prefix(&q).await;
 }
+
+/// Defect 16.3: a message whose hard time limit is 1e19 s (past what the supervisor's clock can
+/// add) used to panic its pool slot; the supervisor then exited 0 with the child running on as an
+/// orphan. Now the limit is not enforced, the job runs, and the pool keeps supervising.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_hard_time_limit_neither_panics_nor_ends_the_supervisor() {
+    let q = unique();
+    let prefix = format!("{q}:");
+    let broker_url = format!("{REDIS}?global_keyprefix={prefix}");
+    let mut pool = Pool::start(&broker_url, &broker_url, &q, &["-P", "2", "-c", "2"]);
+    assert_eq!(pool.wait_for_children(2).len(), 2);
+    let c = client(&broker_url, &broker_url).await;
+    // Built by hand: the client refuses such a limit, a hostile producer does not.
+    let mut m = celerity_broker::protocol::TaskMessage::new(
+        "demo.add",
+        vec![json!(1), json!(2)],
+        Default::default(),
+    );
+    m.headers.timelimit = (Some(1e19), None);
+    c.broker().publish(&q, &m.encode()).await.unwrap();
+    let meta = c
+        .backend()
+        .unwrap()
+        .wait(m.id(), Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!((meta.status, meta.result), (State::Success, json!(3)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        pool.wait_exit(Duration::from_millis(100)).is_none(),
+        "the supervisor exited"
+    );
+    assert_eq!(pool.wait_for_children(2).len(), 2);
+    assert_pool_adds(&c, &q).await;
+    drop(pool);
+    delete_redis_prefix(&prefix).await;
+}
+
+/// Defect 16.8: a remote `shutdown` (`celery control shutdown`) stops a supervised pool as it stops
+/// a Celery worker: the supervisor exits, instead of starting the stopped children again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_shutdown_stops_the_whole_pool() {
+    let q = unique();
+    let prefix = format!("{q}:");
+    let broker_url = format!("{REDIS}?global_keyprefix={prefix}");
+    let mut pool = Pool::start(&broker_url, &broker_url, &q, &["-P", "2", "-c", "2"]);
+    assert_eq!(pool.wait_for_children(2).len(), 2);
+    let c = client(&broker_url, &broker_url).await;
+    assert_pool_adds(&c, &q).await;
+    c.control_cast("shutdown", Default::default(), &[])
+        .await
+        .unwrap();
+    let status = pool.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the supervisor did not stop: {status:?}"
+    );
+    drop(pool);
+    delete_redis_prefix(&prefix).await;
+}

@@ -12,6 +12,7 @@
 //! Anything else gets `{"error": "No such command: …"}`, as from Celery. `stats` adds two fields of
 //! ours: `rate_limits` (task → current limit) and `events_dropped`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
@@ -45,6 +46,8 @@ pub(crate) struct Remote {
     pub events: EventSender,
     /// Cancelled by a remote `shutdown` (a warm stop).
     pub shutdown: CancellationToken,
+    /// Set by a remote `shutdown`, so the stop is reported as asked for.
+    pub shutdown_requested: Arc<AtomicBool>,
 }
 
 /// Acts on `request`; returns the reply body for this node (`None`: nothing to reply, as for
@@ -74,6 +77,7 @@ pub(crate) fn dispatch(remote: &Remote, request: &ControlRequest) -> Option<Valu
         "pool_shrink" => pool_shrink(remote, args),
         "shutdown" => {
             tracing::warn!("shutdown requested by remote control");
+            remote.shutdown_requested.store(true, Ordering::SeqCst);
             remote.shutdown.cancel();
             ok("Got shutdown from remote")
         }

@@ -32,6 +32,9 @@ pub struct Summary {
     pub retried: u64,
     pub revoked: u64,
     pub rejected: u64,
+    /// True if a remote `shutdown` command stopped this worker (a pool child then tells its
+    /// supervisor to stop the whole pool, as `celery control shutdown` stops a Celery worker).
+    pub shutdown_requested: bool,
 }
 
 /// How a job ended, for the counters.
@@ -175,6 +178,7 @@ impl Jobs {
             retried: c.retried.load(Relaxed),
             revoked: c.revoked.load(Relaxed),
             rejected: c.rejected.load(Relaxed),
+            shutdown_requested: false,
         }
     }
 

@@ -12,6 +12,7 @@
 //! `worker-offline`; last the consumer closes, and the broker takes back whatever is still unacked.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,6 +72,7 @@ pub async fn run(
         jobs.clone(),
         config.events.heartbeat,
     );
+    let shutdown_requested = Arc::new(AtomicBool::new(false));
     let remote = Remote {
         hostname: config.hostname.clone(),
         transport: broker.transport(),
@@ -83,6 +85,7 @@ pub async fn run(
         pool: pool.clone(),
         events: events.clone(),
         shutdown: shutdown.warm.clone(),
+        shutdown_requested: shutdown_requested.clone(),
     };
     let control = ControlListener::start(broker.clone(), remote);
     let processor = Arc::new(Processor {
@@ -114,7 +117,10 @@ pub async fn run(
     };
     let consumer = fetcher.run(shutdown.warm.clone()).await;
     stop(consumer, tracker, control, heartbeater, &config, &shutdown).await;
-    Ok(jobs.summary())
+    Ok(Summary {
+        shutdown_requested: shutdown_requested.load(Ordering::SeqCst),
+        ..jobs.summary()
+    })
 }
 
 /// The limits the tasks declare, overridden by the configured ones.

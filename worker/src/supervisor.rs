@@ -39,6 +39,10 @@ use crate::shutdown::Shutdown;
 
 /// Set in a child's environment (to its slot number); a worker that sees it runs as a child.
 pub const CHILD_ENV: &str = "CELERITY_WORKER_CHILD";
+/// The exit status of a child stopped by a remote `shutdown` command: the supervisor then stops the
+/// whole pool (and exits) instead of starting the child again.
+pub const EXIT_STOP_POOL: u8 = 3;
+
 /// Set in a child's environment to the descriptor number of the pool's wait lock file.
 pub const WAIT_LOCK_ENV: &str = "CELERITY_POOL_WAIT_LOCK";
 
@@ -217,6 +221,15 @@ async fn run_slot(a: SlotArgs) {
         let lived = started.elapsed();
         match end {
             End::Shutdown => return,
+            End::StopPool => {
+                tracing::warn!(
+                    slot = a.slot,
+                    pid,
+                    "stopped by remote control; stopping the pool"
+                );
+                a.shutdown.warm.cancel();
+                return;
+            }
             End::Recycled => {
                 tracing::info!(
                     slot = a.slot,
@@ -242,6 +255,8 @@ async fn run_slot(a: SlotArgs) {
 
 enum End {
     Shutdown,
+    /// The child was told to stop by remote control: the whole pool stops.
+    StopPool,
     Recycled,
     Killed,
     Died(std::process::ExitStatus),
@@ -262,6 +277,9 @@ async fn watch_child(a: &SlotArgs, child: &mut Child) -> End {
                 let Ok(status) = status else { return End::Died(std::process::ExitStatus::default()) };
                 if warm_sent || a.shutdown.warm.is_cancelled() {
                     return End::Shutdown;
+                }
+                if status.code() == Some(i32::from(EXIT_STOP_POOL)) {
+                    return End::StopPool;
                 }
                 return if status.success() { End::Recycled } else { End::Died(status) };
             }

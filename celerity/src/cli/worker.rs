@@ -233,7 +233,8 @@ pub async fn run_worker_command(
             Ok(Ok(())) => {}
         }
     }
-    if let Some(s) = outcome? {
+    let summary = outcome?;
+    if let Some(s) = &summary {
         eprintln!(
             "worker {} stopped: {} succeeded, {} failed, {} retried, {} revoked, {} dead-lettered",
             std::process::id(),
@@ -244,5 +245,15 @@ pub async fn run_worker_command(
             s.rejected
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(exit_code(summary.as_ref()))
+}
+
+/// A pool child stopped by a remote `shutdown` says so in its exit status, so the supervisor stops
+/// the whole pool (see [`supervisor::EXIT_STOP_POOL`]); any other stop is a success.
+pub fn exit_code(summary: Option<&Summary>) -> ExitCode {
+    let is_child = std::env::var_os(supervisor::CHILD_ENV).is_some();
+    match summary {
+        Some(s) if is_child && s.shutdown_requested => ExitCode::from(supervisor::EXIT_STOP_POOL),
+        _ => ExitCode::SUCCESS,
+    }
 }
