@@ -3,8 +3,9 @@
 //! restart, a failover, OOM) looks to a worker — without the client library's own reconnect
 //! timing deciding how long the outage lasts.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use celerity_broker::backend::{ChordJoin, ChordPart};
@@ -16,6 +17,8 @@ pub struct OutageBackend {
     down: AtomicBool,
     /// Calls refused while down.
     refused: AtomicU64,
+    /// Task ids whose reads fail even while it is up (a partial outage, as a cluster slot sees).
+    unreadable: Mutex<HashSet<String>>,
 }
 
 impl OutageBackend {
@@ -25,6 +28,7 @@ impl OutageBackend {
             inner,
             down: AtomicBool::new(false),
             refused: AtomicU64::new(0),
+            unreadable: Mutex::new(HashSet::new()),
         })
     }
 
@@ -36,6 +40,28 @@ impl OutageBackend {
     /// Calls refused while it was down.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::SeqCst)
+    }
+
+    /// Makes reads of `task_id` fail (`true`) or work again.
+    pub fn set_unreadable(&self, task_id: &str, unreadable: bool) {
+        let mut ids = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
+        if unreadable {
+            ids.insert(task_id.to_owned());
+        } else {
+            ids.remove(task_id);
+        }
+    }
+
+    fn check_read(&self, task_id: &str) -> celerity_broker::Result<()> {
+        self.check()?;
+        let ids = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
+        if ids.contains(task_id) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(BrokerError::ConnectionLost(format!(
+                "reading {task_id} failed (injected)"
+            )));
+        }
+        Ok(())
     }
 
     fn check(&self) -> celerity_broker::Result<()> {
@@ -59,7 +85,7 @@ impl ResultBackend for OutageBackend {
         self.inner.store(meta).await
     }
     async fn get(&self, task_id: &str) -> celerity_broker::Result<TaskMeta> {
-        self.check()?;
+        self.check_read(task_id)?;
         self.inner.get(task_id).await
     }
     async fn wait(

@@ -118,11 +118,12 @@ impl Canvas<'_> {
         Ok(planned.child)
     }
 
-    /// True if a frozen child has not been seen by any worker yet (so it may be sent again).
-    async fn still_pending(&self, sig: &Signature) -> bool {
+    /// True if a frozen child has not been seen by any worker yet (so it may be sent again). A read
+    /// that fails is an error, not an answer: the job is given back and asks again later.
+    async fn still_pending(&self, sig: &Signature) -> Result<bool> {
         match (plan::result_id(sig), self.backend()) {
-            (Some(id), Some(b)) => matches!(b.get(&id).await, Ok(m) if m.status == State::Pending),
-            _ => true,
+            (Some(id), Some(b)) => Ok(b.get(&id).await?.status == State::Pending),
+            _ => Ok(true),
         }
     }
 
@@ -150,7 +151,7 @@ impl Canvas<'_> {
     ) -> Result<Value> {
         let mut children = Vec::new();
         for cb in Signature::list_from_value(&message.embed.callbacks)? {
-            if only_pending && !self.still_pending(&cb).await {
+            if only_pending && !self.still_pending(&cb).await? {
                 continue;
             }
             match self.publish(&cb, &self.call(message, Some(value))).await {
@@ -163,7 +164,7 @@ impl Canvas<'_> {
         }
         let mut chain = Signature::list_from_value(&message.embed.chain)?;
         if let Some(next) = chain.pop() {
-            if !only_pending || self.still_pending(&next).await {
+            if !only_pending || self.still_pending(&next).await? {
                 let mut call = self.call(message, Some(value));
                 call.chain = Some(chain.iter().map(Signature::to_value).collect());
                 match self.publish(&next, &call).await {
@@ -382,7 +383,7 @@ impl Canvas<'_> {
                     .await?;
                 let id = Value::String(message.id().to_owned());
                 for eb in Signature::list_from_value(&message.embed.errbacks)? {
-                    if self.still_pending(&eb).await {
+                    if self.still_pending(&eb).await? {
                         self.send_errback(&eb, message, &id).await?;
                     }
                 }

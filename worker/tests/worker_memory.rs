@@ -366,3 +366,67 @@ async fn remote_shutdown_stops_the_worker_warm() {
         State::Success
     );
 }
+
+/// Defect 16.8: a redelivered chain step whose result is already stored replays the rest of the
+/// chain; a backend read that fails for the next step's id used to count as "already sent", so the
+/// chain stopped silently. Now the job is given back and the step is sent once the read works.
+#[tokio::test]
+async fn a_failed_read_during_workflow_replay_does_not_stop_the_chain() {
+    let name = uuid::Uuid::new_v4().to_string();
+    let broker = MemoryBroker::named(&name);
+    let real: Arc<dyn ResultBackend> = Arc::new(MemoryBackend::named(&name));
+    let client = Client::new(Arc::new(broker.clone()), Some(real.clone()));
+    let sig = |args: Value| {
+        celerity_client::Signature::new(
+            "demo.add",
+            args.as_array().cloned().unwrap_or_default(),
+            Map::new(),
+        )
+    };
+    let chain =
+        celerity_client::Chain::<Value>::new(vec![sig(json!([1, 1])), sig(json!([10]))]).unwrap();
+    let last = client.apply_chain(&chain.queue(Q)).await.unwrap();
+    // The first step ran and stored its result, then its worker died before the ack: take the
+    // message, store its SUCCESS, give it back (so it comes again as redelivered).
+    let mut c = broker.consume(&[Q.to_owned()], 1).await.unwrap();
+    let first = c.next().await.unwrap().unwrap();
+    let first_id = first.message.task_id().unwrap().to_owned();
+    real.store(&TaskMeta::success(&first_id, json!(2)))
+        .await
+        .unwrap();
+    first.reject(true).await.unwrap();
+    c.close().await.unwrap();
+
+    let outage = celerity_testsupport::OutageBackend::new(real.clone());
+    outage.set_unreadable(last.id(), true);
+    let mut registry = Registry::new();
+    demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    let worker = tokio::spawn(run(
+        registry,
+        Arc::new(broker.clone()),
+        Some(outage.clone() as Arc<dyn ResultBackend>),
+        WorkerConfig {
+            queues: vec![Q.into()],
+            concurrency: 2,
+            grace: Duration::from_secs(5),
+            ..WorkerConfig::default()
+        },
+        shutdown.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        outage.refused() > 0,
+        "the replay read the next step's state"
+    );
+    assert_eq!(real.get(last.id()).await.unwrap().status, State::Pending);
+    outage.set_unreadable(last.id(), false);
+    let m = real
+        .wait(last.id(), Some(Duration::from_secs(20)))
+        .await
+        .expect("the chain went on once the read worked");
+    assert_eq!((m.status, m.result), (State::Success, json!(12)));
+    shutdown.warm.cancel();
+    let s = worker.await.unwrap().unwrap();
+    assert_eq!(s.succeeded, 1, "only the second step ran here");
+}
