@@ -85,9 +85,11 @@ impl RedisBroker {
             .option::<String>("global_keyprefix")?
             .unwrap_or_default();
         let visibility_timeout = url.option::<f64>("visibility_timeout")?.unwrap_or(3600.0);
-        if !(visibility_timeout.is_finite() && visibility_timeout >= 0.0) {
+        // 0 would hand every delivery out again at the next sweep, while its job runs.
+        if !(visibility_timeout.is_finite() && visibility_timeout > 0.0 && visibility_timeout < 1e9)
+        {
             return Err(invalid(
-                "visibility_timeout must be a number of seconds ≥ 0".into(),
+                "visibility_timeout must be a number of seconds > 0".into(),
             ));
         }
         let restore_interval = url.option::<f64>("restore_interval")?.unwrap_or(10.0);

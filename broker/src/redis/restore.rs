@@ -93,7 +93,7 @@ async fn sweep_locked(shared: &Shared, conn: &mut ConnectionManager) -> Result<u
     let ceil = unix_now() - shared.visibility_timeout;
     let mut restored = 0;
     for _ in 0..SWEEP_ROUNDS {
-        let tags: Vec<String> = redis::cmd("ZRANGE")
+        let lapsed: Vec<(String, String)> = redis::cmd("ZRANGE")
             .arg(shared.keys.unacked_index())
             .arg("-inf")
             .arg(format!("{ceil:.6}"))
@@ -101,12 +101,18 @@ async fn sweep_locked(shared: &Shared, conn: &mut ConnectionManager) -> Result<u
             .arg("LIMIT")
             .arg(0)
             .arg(SWEEP_BATCH)
+            .arg("WITHSCORES")
             .query_async(conn)
             .await?;
-        if tags.is_empty() {
+        if lapsed.is_empty() {
             break;
         }
-        let tags: Vec<(String, Vec<String>)> = tags.into_iter().map(|t| (t, Vec::new())).collect();
+        // Each tag is restored only if its score is still the lapsed one read here: a holder that
+        // renewed its lease in between keeps its delivery.
+        let tags: Vec<(String, Vec<String>)> = lapsed
+            .into_iter()
+            .map(|(tag, score)| (tag, vec![score]))
+            .collect();
         restored += restore_tags(shared, &tags, Side::Next).await?;
         if tags.len() < SWEEP_BATCH {
             break;

@@ -129,6 +129,9 @@ async fn bad_urls_and_unreachable_servers() {
     for bad in [
         "redis://127.0.0.1:6379/0?visibilty_timeout=5",
         "redis://127.0.0.1:6379/0?visibility_timeout=-1",
+        // 0 would hand every running job out again at the next sweep (defect 16.5).
+        "redis://127.0.0.1:6379/0?visibility_timeout=0",
+        "redis://127.0.0.1:6379/0?visibility_timeout=1e300",
         "redis://127.0.0.1:6379/0?restore_interval=abc",
     ] {
         let r = RedisBroker::connect(&BrokerUrl::parse(bad).unwrap()).await;

@@ -131,9 +131,11 @@ async fn a_consumer_killed_mid_flight_loses_nothing() {
     // A consumer killed during its start-up sweep leaves `unacked_mutex` held until it expires
     // (300 s, as in kombu); stand in for that expiry.
     let _: () = s.raw.clone().del(s.key("unacked_mutex")).await.unwrap();
-    // Another worker's sweep (visibility timeout 0) brings everything back: each message exactly once.
+    // Another worker's sweep (visibility timeout 1 ms) brings everything back: each message exactly once.
+    // (The smallest visibility timeout: 0 is refused.)
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let rescuer = s
-        .broker("&visibility_timeout=0&restore_interval=3600")
+        .broker("&visibility_timeout=0.001&restore_interval=3600")
         .await;
     assert_eq!(rescuer.restore_visible().await.unwrap(), h);
     assert_eq!(rescuer.queue_len("kill").await.unwrap() as usize, N);

@@ -265,8 +265,10 @@ else:
     b.publish("frompy2", &message(6, 0)).await.unwrap();
     assert_eq!(run_python("take").await, "task-6");
     assert_eq!(s.unacked().await, (1, 1));
+    // (The smallest visibility timeout: 0 is refused.)
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let rescuer = s
-        .broker("&visibility_timeout=0&restore_interval=3600")
+        .broker("&visibility_timeout=0.001&restore_interval=3600")
         .await;
     assert_eq!(rescuer.restore_visible().await.unwrap(), 1);
     let mut c = rescuer.consume(&queue("frompy2"), 1).await.unwrap();
