@@ -367,17 +367,21 @@ async fn worker_with_embedded_beat_runs_the_schedule() {
     delete_redis_prefix(&q).await;
 }
 
+/// A `-P 2` pool on Redis under key prefix `prefix`, consuming `q`, its two children up; and a client.
+async fn redis_pool_of_two(q: &str, prefix: &str) -> (Pool, Client) {
+    let url = format!("{REDIS}?global_keyprefix={prefix}");
+    let pool = Pool::start(&url, &url, q, &["-P", "2", "-c", "2"]);
+    assert_eq!(pool.wait_for_children(2).len(), 2);
+    (pool, client(&url, &url).await)
+}
+
 /// Defect 16.3: a message whose hard time limit is 1e19 s (past what the supervisor's clock can
 /// add) used to panic its pool slot; the supervisor then exited 0 with the child running on as an
 /// orphan. Now the limit is not enforced, the job runs, and the pool keeps supervising.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absurd_hard_time_limit_neither_panics_nor_ends_the_supervisor() {
-    let q = unique();
-    let prefix = format!("{q}:");
-    let broker_url = format!("{REDIS}?global_keyprefix={prefix}");
-    let mut pool = Pool::start(&broker_url, &broker_url, &q, &["-P", "2", "-c", "2"]);
-    assert_eq!(pool.wait_for_children(2).len(), 2);
-    let c = client(&broker_url, &broker_url).await;
+    let (q, prefix) = (unique(), format!("{}:", unique()));
+    let (mut pool, c) = redis_pool_of_two(&q, &prefix).await;
     // Built by hand: the client refuses such a limit, a hostile producer does not.
     let mut m = celerity_broker::protocol::TaskMessage::new(
         "demo.add",
@@ -408,12 +412,8 @@ async fn an_absurd_hard_time_limit_neither_panics_nor_ends_the_supervisor() {
 /// a Celery worker: the supervisor exits, instead of starting the stopped children again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_shutdown_stops_the_whole_pool() {
-    let q = unique();
-    let prefix = format!("{q}:");
-    let broker_url = format!("{REDIS}?global_keyprefix={prefix}");
-    let mut pool = Pool::start(&broker_url, &broker_url, &q, &["-P", "2", "-c", "2"]);
-    assert_eq!(pool.wait_for_children(2).len(), 2);
-    let c = client(&broker_url, &broker_url).await;
+    let (q, prefix) = (unique(), format!("{}:", unique()));
+    let (mut pool, c) = redis_pool_of_two(&q, &prefix).await;
     assert_pool_adds(&c, &q).await;
     c.control_cast("shutdown", Default::default(), &[])
         .await
