@@ -3,6 +3,7 @@
 //! - [`names`]: where the local Redis and RabbitMQ are, each test's unique names, [`Transport`];
 //! - [`cleanup`]: deleting what a test left on the brokers, also from `Drop` when it panics;
 //! - [`process`]: child processes killed and reaped on drop, the `celerity` binary's command line;
+//! - [`rabbit`]: a RabbitMQ node of the test's own, with settings the shared one must not get;
 //! - `worker` (feature `worker`): our worker running in the test's own process.
 //!
 //! The broker-level helpers that need no other crate stay in `celerity_broker::testkit` (the bench
@@ -11,6 +12,7 @@
 pub mod cleanup;
 pub mod names;
 pub mod process;
+pub mod rabbit;
 #[cfg(feature = "worker")]
 pub mod worker;
 
@@ -20,5 +22,6 @@ pub use celerity_broker::testkit::{
 pub use cleanup::{delete_amqp_exchange, Cleanup};
 pub use names::{unique, Transport, AMQP, PY_AMQP, REDIS};
 pub use process::{celerity_command, text, ChildGuard};
+pub use rabbit::PrivateRabbit;
 #[cfg(feature = "worker")]
 pub use worker::{demo_registry, InProcessWorker};

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
 use lapin::message::Delivery as LapinDelivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::ShortString;
 use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +83,12 @@ pub(crate) struct AmqpConsumer {
     backoff: Backoff,
     /// The last session broke quickly: wait before the first reconnect attempt.
     wait_first: bool,
+}
+
+/// True if RabbitMQ closed the channel because a delivery stayed unacked past its consumer timeout
+/// ("PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out ...").
+fn is_consumer_timeout(reason: &str) -> bool {
+    reason.contains("delivery acknowledgement") && reason.contains("timed out")
 }
 
 fn qos_count(prefetch: usize) -> u16 {
@@ -183,7 +189,7 @@ impl AmqpConsumer {
                     name.clone(),
                     tag.clone(),
                     BasicConsumeOptions::default(),
-                    FieldTable::default(),
+                    self.config.consumer_args.clone(),
                 )
                 .await?;
             let (q, end) = (queue.clone(), queue.clone());
@@ -345,6 +351,14 @@ impl Consumer for AmqpConsumer {
                 None => "all consumers ended".to_owned(),
             };
             tracing::warn!(url = %self.config.redacted, %reason, "amqp: consumer lost its channel; reconnecting");
+            if is_consumer_timeout(&reason) {
+                tracing::warn!(
+                    "amqp: RabbitMQ's consumer_timeout ran out on a delivery that was still running: every job \
+                     in flight on that channel goes back to the queue and runs again. Set RabbitMQ's \
+                     consumer_timeout above your longest job (rabbitmq.conf, a `consumer-timeout` policy on \
+                     those queues, or `?consumer_timeout=SECONDS` on the broker URL with RabbitMQ >= 3.12)"
+                );
+            }
             if let Some(old) = self.session.take() {
                 if old.opened.elapsed() >= STABLE_AFTER {
                     self.backoff.reset();
