@@ -10,6 +10,9 @@
 //! When the connection or channel dies the consumer reconnects by itself (100 ms doubling to 5 s,
 //! one warning per attempt), re-declares its queues and consumes again. Deliveries handed out before
 //! the drop cannot be acked any more (the broker has requeued them); their ack returns an error.
+//! RabbitMQ's `consumer_timeout` is one such drop: a delivery held unacked past it closes the channel
+//! (every delivery in flight there runs again); a warning then names the cause and the remedy, and the
+//! URL's `consumer_timeout` option is passed as each consumer's `x-consumer-timeout` argument.
 //!
 //! Acks and rejects go through the channel's [`AckGroup`], which sends a run of finished acks as one
 //! `basic.ack(multiple)`.
