@@ -458,3 +458,21 @@ impl AckHandle for AmqpAck {
         self.ack().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_rabbitmqs_consumer_timeout() {
+        // As lapin reports it (RabbitMQ 3.10).
+        let reason = "consumer of `q` failed: protocol error: AMQP soft error: PRECONDITION-FAILED: \
+                      PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout \
+                      value used: 2000 ms. This timeout value can be configured, see consumers doc \
+                      guide to learn more";
+        assert!(is_consumer_timeout(reason));
+        assert!(!is_consumer_timeout(
+            "consumer of `q` was cancelled by the broker"
+        ));
+    }
+}
