@@ -152,13 +152,12 @@ impl AmqpConfig {
         let mut consumer_args = FieldTable::default();
         if let Some(secs) = url.option::<f64>("consumer_timeout")? {
             let ms = (secs * 1000.0).round();
-            if !(ms >= 1.0 && ms <= MAX_CONSUMER_TIMEOUT_MS) {
+            if !(1.0..=MAX_CONSUMER_TIMEOUT_MS).contains(&ms) {
                 return Err(invalid(format!(
                     "option `consumer_timeout={secs}`: must be seconds between 0.001 and 2147483 (about 24 days)"
                 )));
             }
             // In range, so the cast is exact.
-            #[allow(clippy::cast_possible_truncation)]
             let ms = ms as i64;
             consumer_args.insert(
                 ShortString::from("x-consumer-timeout"),
