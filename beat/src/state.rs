@@ -1,7 +1,9 @@
 //! Where beat keeps its leader lock and last-run times, by broker: on Redis a fenced lease and a
 //! hash ([`RedisLease`], keys `<prefix>celerity.beat.lock` / `.epoch` / `.last_run`); on RabbitMQ a
 //! single-active-consumer lock queue ([`AmqpLease`]) and a local state file (see
-//! [`crate::state_file`]), merged with the copy the last leader mirrored. The wire-level parts live
+//! [`crate::state_file`]), merged with the copy the last leader mirrored. A local file that cannot
+//! be read or written never stops beat from leading: the broker's copy is the one that must be
+//! written before a tick is sent. The wire-level parts live
 //! in `celerity_broker::lease`; this module picks one by URL and decides how they combine.
 
 use std::collections::HashMap;
@@ -11,6 +13,8 @@ use std::time::Duration;
 use celerity_broker::lease::amqp::AmqpLease;
 use celerity_broker::lease::redis::RedisLease;
 use celerity_broker::url::{BrokerUrl, Scheme};
+
+use tracing::warn;
 
 use crate::error::{BeatError, Result};
 use crate::state_file::StateFile;
@@ -118,7 +122,7 @@ impl Store {
             Place::Redis(r) => Ok(r.last_runs().await?),
             Place::Amqp { lock, file } => {
                 // A beat on another host may have led last: the later tick wins per entry.
-                let mut all = file.read()?;
+                let mut all = file.read();
                 let mut changed = false;
                 for (entry, tick) in lock.read_state().await? {
                     let t = all.entry(entry).or_insert(i64::MIN);
@@ -128,7 +132,10 @@ impl Store {
                     }
                 }
                 if changed {
-                    file.write(&all)?;
+                    // The broker's copy holds it anyway: a file we cannot write does not stop us.
+                    if let Err(e) = file.write(&all) {
+                        warn!("beat: {e}; going on with the broker's copy of the last runs");
+                    }
                 }
                 Ok(all)
             }
@@ -143,9 +150,19 @@ impl Store {
                 if !lock.check(lease).await? {
                     return Ok(Recorded::NotLeader);
                 }
-                let Some(all) = file.record(entry, tick)? else {
+                let mut all = file.read();
+                if all.get(entry).is_some_and(|t| *t >= tick) {
                     return Ok(Recorded::AlreadySent);
-                };
+                }
+                all.insert(entry.to_owned(), tick);
+                // Recorded once either copy holds it; only the broker's copy is required (a disk
+                // that cannot be written must not stop beat, the warning repeats every tick).
+                if let Err(e) = file.write(&all) {
+                    warn!(
+                        entry,
+                        tick, "beat: {e}; the tick is recorded in the broker's copy only"
+                    );
+                }
                 lock.write_state(&all).await?;
                 Ok(Recorded::Fresh)
             }

@@ -1,6 +1,7 @@
 //! Beat against the real local RabbitMQ: one leader among several through the single-active-consumer
 //! lock queue, handover when the leader's connection is killed, and the state file. Each test has
-//! its own task queue, lock queue and state file, and removes them.
+//! its own task queue, lock queue and state file, and removes them. A corrupt state file must not
+//! stop a beat from leading.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -227,5 +228,38 @@ async fn a_leader_on_another_host_sees_the_ticks_its_predecessor_sent() {
         serde_json::from_slice(&std::fs::read(&other).unwrap()).unwrap();
     assert!(merged["hourly"].as_i64().unwrap() > stale, "{merged}");
     let _ = std::fs::remove_file(&other);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_state_file_does_not_stop_beat_from_leading() {
+    let env = Env::new().await;
+    // Half a file, as a crash in the middle of a non-atomic write would leave.
+    std::fs::write(&env.state, "{\"tick\": 17").unwrap();
+    let (h, t) = env.start();
+    let sent = env.wait_sent(1).await;
+    stop(h, t).await;
+    assert!(sent, "beat never led with a corrupt state file");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&env.state).unwrap()).unwrap();
+    assert!(state["tick"].as_i64().is_some_and(|t| t > 17), "{state}");
+    // The bad file was kept aside for a person to look at.
+    let name = env
+        .state
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let aside: Vec<PathBuf> = std::fs::read_dir(env.state.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{name}.corrupt-")))
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(std::fs::read(&aside[0]).unwrap(), b"{\"tick\": 17");
+    let _ = std::fs::remove_file(&aside[0]);
     env.cleanup().await;
 }

@@ -42,6 +42,10 @@ pub enum BrokerError {
         "refused content type `{0}`: only application/json is accepted (pickle is never executed)"
     )]
     ContentType(String),
+    /// The broker could not route a published message to its queue (AMQP `basic.return`: no such
+    /// queue, e.g. it was deleted): nothing was stored. Publishing again declares the queue anew.
+    #[error("the broker returned a message for queue `{queue}` unrouted ({reason}): the queue does not exist (deleted?), nothing was stored")]
+    Unroutable { queue: String, reason: String },
     /// The broker answered with an error.
     #[error("{transport} error: {message}")]
     Transport {

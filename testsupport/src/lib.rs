@@ -4,6 +4,7 @@
 //! - [`cleanup`]: deleting what a test left on the brokers, also from `Drop` when it panics;
 //! - [`faults`]: fault injection around the real services ([`OutageBackend`]);
 //! - [`process`]: child processes killed and reaped on drop, the `celerity` binary's command line;
+//! - [`rabbit`]: a RabbitMQ node of the test's own, with settings the shared one must not get;
 //! - `worker` (feature `worker`): our worker running in the test's own process.
 //!
 //! The broker-level helpers that need no other crate stay in `celerity_broker::testkit` (the bench
@@ -13,6 +14,7 @@ pub mod cleanup;
 pub mod faults;
 pub mod names;
 pub mod process;
+pub mod rabbit;
 #[cfg(feature = "worker")]
 pub mod worker;
 
@@ -23,5 +25,6 @@ pub use cleanup::{delete_amqp_exchange, Cleanup};
 pub use faults::OutageBackend;
 pub use names::{unique, Transport, AMQP, PY_AMQP, REDIS};
 pub use process::{celerity_command, text, ChildGuard};
+pub use rabbit::PrivateRabbit;
 #[cfg(feature = "worker")]
 pub use worker::{demo_registry, InProcessWorker};

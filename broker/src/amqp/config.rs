@@ -5,8 +5,9 @@
 //! too, and `amqp://host/app` means `app`. Missing credentials default to `guest:guest`.
 //! Query options: `max_priority` (declare queues with `x-max-priority`), `queue_type`
 //! (`classic` | `quorum`), `heartbeat` (seconds, default 60), `connect_timeout` (seconds, default 5),
-//! and lapin's own `frame_max` (default here [`DEFAULT_FRAME_MAX`], see there), `channel_max`,
-//! `auth_mechanism`.
+//! `consumer_timeout` (seconds; asks RabbitMQ to allow a consumer's delivery that long unacked, see
+//! [`AmqpConfig::consumer_args`]), and lapin's own `frame_max` (default here [`DEFAULT_FRAME_MAX`],
+//! see there), `channel_max`, `auth_mechanism`.
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ const KNOWN_OPTIONS: &[&str] = &[
     "queue_type",
     "heartbeat",
     "connect_timeout",
+    "consumer_timeout",
     "frame_max",
     "channel_max",
     "auth_mechanism",
@@ -48,7 +50,16 @@ pub(crate) struct AmqpConfig {
     pub queue_args: FieldTable,
     /// Quorum queues refuse a channel-wide (global) prefetch.
     pub quorum: bool,
+    /// Arguments of every task consumer (`basic.consume`): `x-consumer-timeout` (milliseconds) when
+    /// the URL sets `consumer_timeout`. RabbitMQ ≥ 3.12 holds a consumer's deliveries that long
+    /// before it closes the channel (default: the server's `consumer_timeout`, 30 min); older
+    /// servers ignore the argument. A consumer argument, unlike the queue argument of the same name,
+    /// leaves the queue's declaration as Celery makes it.
+    pub consumer_args: FieldTable,
 }
+
+/// RabbitMQ's largest consumer timeout, in milliseconds (a signed 32-bit count).
+const MAX_CONSUMER_TIMEOUT_MS: f64 = 2_147_483_647.0;
 
 impl AmqpConfig {
     /// Reads and checks the URL.
@@ -138,12 +149,28 @@ impl AmqpConfig {
                 AMQPValue::LongString("quorum".into()),
             );
         }
+        let mut consumer_args = FieldTable::default();
+        if let Some(secs) = url.option::<f64>("consumer_timeout")? {
+            let ms = (secs * 1000.0).round();
+            if !(1.0..=MAX_CONSUMER_TIMEOUT_MS).contains(&ms) {
+                return Err(invalid(format!(
+                    "option `consumer_timeout={secs}`: must be seconds between 0.001 and 2147483 (about 24 days)"
+                )));
+            }
+            // In range, so the cast is exact.
+            let ms = ms as i64;
+            consumer_args.insert(
+                ShortString::from("x-consumer-timeout"),
+                AMQPValue::LongLongInt(ms),
+            );
+        }
         Ok(AmqpConfig {
             uri,
             redacted: url.redacted(),
             connect_timeout,
             queue_args,
             quorum,
+            consumer_args,
         })
     }
 }
@@ -242,5 +269,23 @@ mod tests {
         assert!(cfg("amqp://h//?typo=1").is_err());
         assert!(cfg("amqp://h//?connect_timeout=0").is_err());
         assert!(cfg("amqp://h/%zz").is_err());
+    }
+
+    #[test]
+    fn consumer_timeout_becomes_a_consumer_argument_in_milliseconds() {
+        let c = cfg("amqp://h//?consumer_timeout=7200").unwrap();
+        assert_eq!(
+            c.consumer_args.inner().get("x-consumer-timeout"),
+            Some(&AMQPValue::LongLongInt(7_200_000))
+        );
+        // The queue's own arguments stay as Celery declares them.
+        assert!(!c.queue_args.contains_key("x-consumer-timeout"));
+        assert!(cfg("amqp://h//").unwrap().consumer_args.inner().is_empty());
+        for bad in ["0", "-1", "nan", "inf", "3000000", "soon"] {
+            assert!(
+                cfg(&format!("amqp://h//?consumer_timeout={bad}")).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -10,6 +10,9 @@
 //! When the connection or channel dies the consumer reconnects by itself (100 ms doubling to 5 s,
 //! one warning per attempt), re-declares its queues and consumes again. Deliveries handed out before
 //! the drop cannot be acked any more (the broker has requeued them); their ack returns an error.
+//! RabbitMQ's `consumer_timeout` is one such drop: a delivery held unacked past it closes the channel
+//! (every delivery in flight there runs again); a warning then names the cause and the remedy, and the
+//! URL's `consumer_timeout` option is passed as each consumer's `x-consumer-timeout` argument.
 //!
 //! Acks and rejects go through the channel's [`AckGroup`], which sends a run of finished acks as one
 //! `basic.ack(multiple)`.
@@ -22,7 +25,7 @@ use async_trait::async_trait;
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
 use lapin::message::Delivery as LapinDelivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::ShortString;
 use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +86,12 @@ pub(crate) struct AmqpConsumer {
     backoff: Backoff,
     /// The last session broke quickly: wait before the first reconnect attempt.
     wait_first: bool,
+}
+
+/// True if RabbitMQ closed the channel because a delivery stayed unacked past its consumer timeout
+/// ("PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out ...").
+fn is_consumer_timeout(reason: &str) -> bool {
+    reason.contains("delivery acknowledgement") && reason.contains("timed out")
 }
 
 fn qos_count(prefetch: usize) -> u16 {
@@ -183,7 +192,7 @@ impl AmqpConsumer {
                     name.clone(),
                     tag.clone(),
                     BasicConsumeOptions::default(),
-                    FieldTable::default(),
+                    self.config.consumer_args.clone(),
                 )
                 .await?;
             let (q, end) = (queue.clone(), queue.clone());
@@ -345,6 +354,14 @@ impl Consumer for AmqpConsumer {
                 None => "all consumers ended".to_owned(),
             };
             tracing::warn!(url = %self.config.redacted, %reason, "amqp: consumer lost its channel; reconnecting");
+            if is_consumer_timeout(&reason) {
+                tracing::warn!(
+                    "amqp: RabbitMQ's consumer_timeout ran out on a delivery that was still running: every job \
+                     in flight on that channel goes back to the queue and runs again. Set RabbitMQ's \
+                     consumer_timeout above your longest job (rabbitmq.conf, a `consumer-timeout` policy on \
+                     those queues, or `?consumer_timeout=SECONDS` on the broker URL with RabbitMQ >= 3.12)"
+                );
+            }
             if let Some(old) = self.session.take() {
                 if old.opened.elapsed() >= STABLE_AFTER {
                     self.backoff.reset();
@@ -439,5 +456,23 @@ impl AckHandle for AmqpAck {
             return Err(e);
         }
         self.ack().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_rabbitmqs_consumer_timeout() {
+        // As lapin reports it (RabbitMQ 3.10).
+        let reason = "consumer of `q` failed: protocol error: AMQP soft error: PRECONDITION-FAILED: \
+                      PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout \
+                      value used: 2000 ms. This timeout value can be configured, see consumers doc \
+                      guide to learn more";
+        assert!(is_consumer_timeout(reason));
+        assert!(!is_consumer_timeout(
+            "consumer of `q` was cancelled by the broker"
+        ));
     }
 }

@@ -41,6 +41,11 @@ impl Link {
     pub(crate) fn mark_declared(&self, name: &str) {
         self.declared().insert(name.to_owned());
     }
+
+    /// Forgets that `name` was declared (it was deleted behind our back): the next use declares it.
+    pub(crate) fn forget_declared(&self, name: &str) {
+        self.declared().remove(name);
+    }
 }
 
 /// The current [`Link`] of one publishing role, repaired on demand.

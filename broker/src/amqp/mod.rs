@@ -1,11 +1,12 @@
 //! The `amqp://` / `amqps://` transport (RabbitMQ, through lapin), wire-compatible with Celery/kombu.
 //!
 //! Layout:
-//! - `config`: the URL → lapin URI, timeouts and queue arguments.
+//! - `config`: the URL → lapin URI, timeouts, queue and consumer arguments.
 //! - `connection`: connecting with a timeout, error mapping (reconnects pace with [`crate::backoff`]).
 //! - `topology`: Celery's declarations (direct exchange + durable queue + binding, all named `q`).
 //! - `table`, `props`: JSON headers ↔ AMQP tables, [`Message`] ↔ basic properties.
-//! - `publisher`: the shared confirm-mode publishing connection.
+//! - `publisher`: the shared confirm-mode publishing connection (mandatory publishes: an unroutable
+//!   message is an error, not a silent drop).
 //! - `consumer`: consumers with their own connection, prefetch via `basic.qos`, self-reconnecting;
 //!   `ack_group` settles their deliveries, finished runs as one `basic.ack(multiple)`.
 //! - `fanout`: broadcasts (remote control, events): a broadcasting connection, and subscriptions with

@@ -2,7 +2,10 @@
 //! [`AmqpBroker`](super::AmqpBroker), opened lazily and replaced when it dies.
 //!
 //! Publishes go to the default exchange `""` with routing key = queue name (what Celery does for
-//! direct queues) and return after the broker's confirm. A batch is pipelined: every message is put
+//! direct queues) and return after the broker's confirm. They are `mandatory`: a message the broker
+//! cannot route (its queue was deleted after we declared it) comes back as a `basic.return` before
+//! the confirm, and the publish fails with [`BrokerError::Unroutable`] instead of being confirmed and
+//! dropped; the queue is then declared again by the next publish. A batch is pipelined: every message is put
 //! on the wire before any confirm is awaited. An operation that fails because the connection went
 //! away reconnects and is retried once; for a batch only the messages without a confirm are resent
 //! (so a message may be stored twice, never lost silently). Declared queues are remembered per
@@ -37,14 +40,36 @@ pub(crate) struct Publisher {
     link: LinkSlot,
 }
 
-fn confirmed(c: Confirmation) -> Result<()> {
+/// Publish options: `mandatory`, so an unroutable message comes back instead of being dropped.
+const MANDATORY: BasicPublishOptions = BasicPublishOptions {
+    mandatory: true,
+    immediate: false,
+};
+
+/// What a confirm says about a publish to `queue`.
+fn confirmed(c: Confirmation, queue: &str) -> Result<()> {
     match c {
-        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Nack(_) => Err(BrokerError::Transport {
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(BrokerError::Unroutable {
+                queue: queue.to_owned(),
+                reason: format!("{} {}", returned.reply_code, returned.reply_text),
+            })
+        }
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Nack(None) => Err(BrokerError::Transport {
             transport: "amqp",
             message: "the broker nacked the publish (it could not store the message)".into(),
         }),
     }
+}
+
+/// After a failed publish to `name` on `link`: an unroutable message means `name` is gone, so it is
+/// declared again next time.
+fn forget_if_unroutable<T>(link: &Link, name: &str, outcome: Result<T>) -> Result<T> {
+    if let Err(BrokerError::Unroutable { .. }) = &outcome {
+        link.forget_declared(name);
+    }
+    outcome
 }
 
 impl Publisher {
@@ -109,13 +134,14 @@ impl Publisher {
                     .basic_publish(
                         ShortString::default(),
                         name.clone(),
-                        BasicPublishOptions::default(),
+                        MANDATORY,
                         &message.body,
                         props.clone(),
                     )
                     .await
                     .map_err(lapin_err)?;
-                confirmed(confirm.await.map_err(lapin_err)?)
+                let c = confirm.await.map_err(lapin_err)?;
+                forget_if_unroutable(&link, name.as_str(), confirmed(c, name.as_str()))
             }
         })
         .await
@@ -138,6 +164,9 @@ impl Publisher {
                 Ok(()) => send_all(&link.channel, &name, messages, &props, &todo).await,
                 Err(e) => Err((todo.clone(), e)),
             };
+            if let Err((_, BrokerError::Unroutable { .. })) = &outcome {
+                link.forget_declared(name.as_str());
+            }
             match outcome {
                 Ok(()) => return Ok(()),
                 Err((failed, e)) if e.is_connection() && !retried && !self.link.is_closed() => {
@@ -178,16 +207,12 @@ impl Publisher {
                 }
                 let confirm = link
                     .channel
-                    .basic_publish(
-                        exchange.clone(),
-                        rk.clone(),
-                        BasicPublishOptions::default(),
-                        body,
-                        props.clone(),
-                    )
+                    .basic_publish(exchange.clone(), rk.clone(), MANDATORY, body, props.clone())
                     .await
                     .map_err(lapin_err)?;
-                confirmed(confirm.await.map_err(lapin_err)?)
+                // Unroutable here means the level's queue is gone: declare the level again next time.
+                let c = confirm.await.map_err(lapin_err)?;
+                forget_if_unroutable(&link, level, confirmed(c, level))
             }
         })
         .await
@@ -261,7 +286,7 @@ async fn send_all(
             let mut send: SendFuture<'_> = Box::pin(channel.basic_publish(
                 ShortString::default(),
                 queue.clone(),
-                BasicPublishOptions::default(),
+                MANDATORY,
                 &messages[i].body,
                 props[i].clone(),
             ));
@@ -284,7 +309,11 @@ async fn send_all(
         }
     }
     for (i, confirm) in confirms {
-        match confirm.await.map_err(lapin_err).and_then(confirmed) {
+        match confirm
+            .await
+            .map_err(lapin_err)
+            .and_then(|c| confirmed(c, queue.as_str()))
+        {
             Ok(()) => {}
             Err(e) => {
                 failed.push(i);

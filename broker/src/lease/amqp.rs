@@ -3,6 +3,14 @@
 //! active consumer, which keeps the token unacknowledged: holding that delivery is leadership.
 //! When the leader's connection dies RabbitMQ requeues the token and hands it to the next consumer.
 //!
+//! RabbitMQ's `consumer_timeout` (30 min by default) closes a channel that holds a delivery longer
+//! than that, which would hand leadership over every 30 minutes. So the leader gives the token back
+//! (`basic.reject`, requeue) every [`TOKEN_REFRESH`]: it is still the queue's single active consumer,
+//! so RabbitMQ delivers the token straight back to it, and no delivery is ever held long. This works
+//! on every RabbitMQ version (per-queue and per-consumer timeouts only exist from 3.12) and changes
+//! none of the lock queue's arguments. If the token does not come back within a few seconds the
+//! holder counts itself as no longer leading.
+//!
 //! Fencing: before each send the leader proves its channel is still open with a round trip on it
 //! (a passive declare). A leader whose connection died has no channel, so that check fails and it
 //! stops before sending; as long as the channel is open the token cannot have moved.
@@ -26,14 +34,18 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{watch, Mutex};
-use tracing::debug;
+use tokio::time::Instant;
+use tracing::{debug, warn};
 
 use super::Lease;
 use crate::error::{BrokerError, Result};
 use crate::url::BrokerUrl;
 
-/// Bound on connecting and on each lock round trip.
+/// Bound on connecting and on each lock round trip (and on the token coming back after a refresh).
 const STEP: Duration = Duration::from_secs(5);
+/// How often the leader hands its token back to reset RabbitMQ's consumer timeout on it; far below
+/// any sensible `consumer_timeout` (RabbitMQ checks it about once a minute).
+pub const TOKEN_REFRESH: Duration = Duration::from_secs(60);
 
 /// A candidate's place in the lock queue's line of consumers.
 pub struct AmqpLease {
@@ -42,6 +54,8 @@ pub struct AmqpLease {
     role: String,
     redacted: String,
     queue: String,
+    /// How often a held token is handed back ([`TOKEN_REFRESH`] unless changed).
+    refresh: Duration,
     session: Mutex<Option<Session>>,
 }
 
@@ -57,7 +71,8 @@ impl std::fmt::Debug for AmqpLease {
 struct Session {
     conn: Connection,
     channel: Channel,
-    /// The delivery tag of the token we hold, if any.
+    /// While we lead: the delivery tag of the token delivery that made us leader (kept across
+    /// refreshes, so it is the epoch of this whole leadership).
     token: watch::Receiver<Option<u64>>,
 }
 
@@ -82,8 +97,17 @@ impl AmqpLease {
             role: role.to_owned(),
             redacted: url.redacted(),
             queue: queue.to_owned(),
+            refresh: TOKEN_REFRESH,
             session: Mutex::new(None),
         }
+    }
+
+    /// Hands a held token back every `every` instead of every [`TOKEN_REFRESH`] (for a RabbitMQ
+    /// whose `consumer_timeout` is shorter than that, and for tests). Takes effect on the next join.
+    #[must_use]
+    pub fn with_refresh(mut self, every: Duration) -> Self {
+        self.refresh = every.max(Duration::from_millis(10));
+        self
     }
 
     /// Leadership if we hold the token now; joins the queue's consumers first if needed.
@@ -256,7 +280,7 @@ impl AmqpLease {
                 .await
                 .map_err(BrokerError::from)?;
         }
-        let mut consumer = channel
+        let consumer = channel
             .basic_consume(
                 self.queue.as_str().into(),
                 ShortString::default(),
@@ -266,33 +290,85 @@ impl AmqpLease {
             .await
             .map_err(BrokerError::from)?;
         let (tx, token) = watch::channel(None);
-        let queue = self.queue.clone();
-        let role = self.role.clone();
-        tokio::spawn(async move {
-            // The deliveries are held, never acked: keeping them unacked is what leading means.
-            let mut held = Vec::new();
-            while let Some(d) = consumer.next().await {
-                match d {
-                    Ok(d) => {
-                        debug!(%queue, %role, tag = d.delivery_tag, "got the leader token");
-                        if tx.borrow().is_none() {
-                            tx.send_replace(Some(d.delivery_tag));
-                        }
-                        held.push(d);
-                    }
-                    Err(e) => {
-                        debug!(%queue, %role, "lock consumer ended: {e}");
-                        break;
-                    }
-                }
-            }
-            tx.send_replace(None);
-        });
+        tokio::spawn(hold_token(
+            consumer,
+            tx,
+            self.refresh,
+            self.queue.clone(),
+            self.role.clone(),
+        ));
         Ok(Session {
             conn,
             channel,
             token,
         })
+    }
+}
+
+/// Holds the token deliveries of one lock consumer until it ends, publishing in `tx` the epoch of
+/// the current leadership (`None`: not leading). The deliveries are never acked: keeping them
+/// unacked is what leading means; every `refresh` they are handed back (requeued), and as the
+/// queue's single active consumer we get the token straight back, so RabbitMQ's consumer timeout
+/// never runs out on it.
+async fn hold_token(
+    mut consumer: lapin::Consumer,
+    tx: watch::Sender<Option<u64>>,
+    refresh: Duration,
+    queue: String,
+    role: String,
+) {
+    let mut held: Vec<lapin::message::Delivery> = Vec::new();
+    let mut refresh_at = Instant::now() + refresh;
+    // Set while a handed-back token is on its way back to us.
+    let mut back_by: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            d = consumer.next() => match d {
+                Some(Ok(d)) => {
+                    debug!(%queue, %role, tag = d.delivery_tag, "got the leader token");
+                    if tx.borrow().is_none() {
+                        tx.send_replace(Some(d.delivery_tag));
+                    }
+                    held.push(d);
+                    refresh_at = Instant::now() + refresh;
+                    back_by = None;
+                }
+                Some(Err(e)) => {
+                    debug!(%queue, %role, "lock consumer ended: {e}");
+                    break;
+                }
+                None => {
+                    debug!(%queue, %role, "lock consumer was cancelled");
+                    break;
+                }
+            },
+            () = tokio::time::sleep_until(refresh_at), if !held.is_empty() => {
+                debug!(%queue, %role, "handing the leader token back to reset the consumer timeout");
+                let mut failed = false;
+                for d in held.drain(..) {
+                    failed |= d.reject(BasicRejectOptions { requeue: true }).await.is_err();
+                }
+                if failed {
+                    debug!(%queue, %role, "could not hand the leader token back: the channel is gone");
+                    break;
+                }
+                back_by = Some(Instant::now() + STEP);
+            },
+            () = sleep_until_some(back_by) => {
+                warn!(%queue, %role, "the leader token did not come back after a refresh: no longer leading");
+                tx.send_replace(None);
+                back_by = None;
+            },
+        }
+    }
+    tx.send_replace(None);
+}
+
+/// Sleeps until `at`, or forever if there is none.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

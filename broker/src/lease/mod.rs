@@ -6,8 +6,9 @@
 //!   epoch, renew/release only by the holder) and a last-run hash whose writes are fenced by that
 //!   lease, all in Lua scripts under `lease/scripts/`.
 //! - [`amqp`] (feature `amqp`): [`amqp::AmqpLease`], a single-active-consumer queue holding one token
-//!   message (holding the unacked token is leadership), with a second queue mirroring the holder's
-//!   last-run map for the next leader.
+//!   message (holding the unacked token is leadership; the holder hands it back and gets it again
+//!   every minute so RabbitMQ's `consumer_timeout` never fires on it), with a second queue mirroring
+//!   the holder's last-run map for the next leader.
 //!
 //! Both hand out a [`Lease`]; [`Recorded`] is what claiming a run found.
 
@@ -22,7 +23,7 @@ pub struct Lease {
     /// This holder's token (Redis: the lock key's random value; AMQP: the lock queue's name).
     pub token: String,
     /// The fencing epoch taken at acquisition; higher than every earlier holder's (AMQP: the token
-    /// delivery's tag on this holder's channel).
+    /// delivery that made this holder leader, on its channel; refreshes of the token keep it).
     pub epoch: i64,
 }
 

@@ -1,5 +1,6 @@
 //! Lost and refused connections: unreachable brokers, a server-side close (via `rabbitmqctl`, in a
-//! private vhost) for consumers and publishers, a deleted queue, and closing the broker.
+//! private vhost) for consumers and publishers, a deleted queue (consumed again; a publish to it fails
+//! instead of being dropped), and closing the broker.
 
 use super::*;
 
@@ -244,4 +245,40 @@ async fn closing_the_broker_stops_its_consumers() {
         b.publish(&q, &msg(1)).await,
         Err(BrokerError::Closed)
     ));
+}
+
+#[tokio::test]
+async fn a_publish_to_a_deleted_queue_is_an_error_not_a_silent_drop() {
+    let qs = Queues::new("unroutable", 1);
+    let q = qs.name(0).to_owned();
+    let b = broker("").await;
+    // The first publish declares the queue (and remembers that it did).
+    b.publish(&q, &msg(1)).await.unwrap();
+    let conn = admin().await;
+    let ch = conn.create_channel().await.unwrap();
+    let delete = || async {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    };
+    delete().await;
+    // Nothing routes to the name any more: RabbitMQ returns the message, the publish fails.
+    let err = b.publish(&q, &msg(2)).await.unwrap_err();
+    assert!(
+        matches!(&err, BrokerError::Unroutable { queue, .. } if *queue == q),
+        "{err:?}"
+    );
+    // The next publish declares the queue again and is stored.
+    b.publish(&q, &msg(3)).await.unwrap();
+    assert_eq!(wait_len(&b, &q, 1).await, 1);
+
+    // A batch likewise: an error for a deleted queue, then stored in full once declared again.
+    delete().await;
+    let batch: Vec<Message> = (0..50).map(msg).collect();
+    let err = b.publish_batch(&q, &batch).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unroutable { .. }), "{err:?}");
+    b.publish_batch(&q, &batch).await.unwrap();
+    assert_eq!(wait_len(&b, &q, 50).await, 50);
+    conn.close(200, "OK".into()).await.unwrap();
+    b.close().await.unwrap();
 }

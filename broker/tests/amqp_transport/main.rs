@@ -1,6 +1,7 @@
 //! The `amqp://` transport against the real RabbitMQ at 127.0.0.1:5672 (guest/guest), one module
 //! per behaviour: delivery, acks and prefetch (`delivery`), what Celery sees and sends
-//! (`celery_compat`), and lost connections, deleted queues and closing (`connections`).
+//! (`celery_compat`), lost connections, deleted queues and closing (`connections`), and RabbitMQ's
+//! consumer timeout (`consumer_timeout`, on a private node).
 //!
 //! Every test uses its own queue names (with a uuid) and deletes its queues and exchanges at the end,
 //! even when it fails (a drop guard). The forced-disconnect test uses `rabbitmqctl`; the interop tests
@@ -102,4 +103,5 @@ fn python() -> Option<std::path::PathBuf> {
 
 mod celery_compat;
 mod connections;
+mod consumer_timeout;
 mod delivery;

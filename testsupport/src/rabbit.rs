@@ -1,0 +1,113 @@
+//! A RabbitMQ node of the test's own ([`PrivateRabbit`]): its own node name, AMQP and distribution
+//! ports on 127.0.0.1, data and logs in a temporary directory, and settings a test chooses (for
+//! example a consumer timeout of a few seconds) that must not touch the shared RabbitMQ.
+//!
+//! It registers with the machine's running `epmd` (started by the shared node) and uses the
+//! installed `/usr/lib/rabbitmq/bin/rabbitmq-server`. It is started in a process group of its own
+//! and that group is SIGKILLed when the guard drops, also when the test panics.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where Debian/Ubuntu's package puts the server script.
+const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+/// Bound on the node's boot (about 3 s on an idle machine).
+const BOOT: Duration = Duration::from_secs(60);
+
+/// A private RabbitMQ node; killed and its directory removed on drop.
+#[derive(Debug)]
+pub struct PrivateRabbit {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the node binds it shortly after).
+fn free_port() -> Option<u16> {
+    Some(
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port(),
+    )
+}
+
+impl PrivateRabbit {
+    /// Starts a node whose `rabbit` application environment also holds `rabbit_env` (Erlang terms
+    /// without the brackets, e.g. `{consumer_timeout, 2000}, {channel_tick_interval, 500}`); `None`
+    /// if RabbitMQ is not installed here or the node did not come up within a minute.
+    pub async fn start(rabbit_env: &str) -> Option<PrivateRabbit> {
+        if !std::path::Path::new(SERVER).exists() {
+            return None;
+        }
+        let (port, dist) = (free_port()?, free_port()?);
+        let dir =
+            std::env::temp_dir().join(format!("celerity-rabbit-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let conf = format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n");
+        let advanced = format!("[{{rabbit, [{rabbit_env}]}}].\n");
+        let written = std::fs::write(dir.join("rabbitmq.conf"), conf).is_ok()
+            && std::fs::write(dir.join("advanced.config"), advanced).is_ok()
+            && std::fs::write(dir.join("enabled_plugins"), "[].\n").is_ok();
+        if !written {
+            let _ = std::fs::remove_dir_all(&dir);
+            return None;
+        }
+        let mut cmd = Command::new(SERVER);
+        // HOME holds the Erlang cookie the node creates: keep it in our directory.
+        cmd.env("HOME", &dir)
+            .env(
+                "RABBITMQ_NODENAME",
+                format!("celerity-test-{port}@localhost"),
+            )
+            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            .env("RABBITMQ_BASE", &dir)
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let Ok(child) = cmd.spawn() else {
+            let _ = std::fs::remove_dir_all(&dir);
+            return None;
+        };
+        let node = PrivateRabbit { child, port, dir };
+        let (began, url) = (Instant::now(), node.url());
+        while began.elapsed() < BOOT {
+            let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default());
+            if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), conn).await {
+                let _ = c.close(200, "OK".into()).await;
+                return Some(node);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f` (lapin's and our spelling of vhost `/`).
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        // The server script runs the Erlang VM as a child in the same group: end the whole group.
+        if let Ok(pgid) = i32::try_from(self.child.id()) {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pgid}")])
+                .status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
