@@ -47,3 +47,30 @@ pub async fn connect_backend(raw: &str) -> Result<Arc<dyn ResultBackend>> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::url::tests::HOSTILE_PASSWORDS;
+
+    /// Connecting with a password that does not parse, decode or authenticate fails with an error
+    /// that never quotes it (the local Redis has no password and refuses one without a user name;
+    /// RabbitMQ refuses the user). Nothing is created on either server.
+    #[tokio::test]
+    async fn connect_errors_never_show_the_password() {
+        for pw in HOSTILE_PASSWORDS {
+            let redis = format!("redis://:{pw}@127.0.0.1:6379/0");
+            let amqp =
+                format!("amqp://celerity-no-such-user:{pw}@127.0.0.1:5672//?connect_timeout=5");
+            let errors = [
+                connect_broker(&redis).await.err().map(|e| e.to_string()),
+                connect_backend(&redis).await.err().map(|e| e.to_string()),
+                connect_broker(&amqp).await.err().map(|e| e.to_string()),
+            ];
+            for (url, e) in [&redis, &redis, &amqp].into_iter().zip(errors) {
+                let e = e.unwrap_or_else(|| panic!("{url:?} connected"));
+                assert!(!e.contains("Zq9x"), "{url:?}: {e}");
+            }
+        }
+    }
+}

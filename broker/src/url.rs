@@ -3,7 +3,11 @@
 //! Forms: `memory://[name]`, `redis://[:password@]host[:port][/db]`, `rediss://…` (TLS),
 //! `amqp://user:pass@host[:port][/vhost]`, `amqps://…` (TLS). Options go in the query string
 //! (`redis://localhost/0?global_keyprefix=app1:&visibility_timeout=600`); an option a transport does
-//! not know is an error, so a typo does not silently do nothing.
+//! not know is an error, so a typo does not silently do nothing. A `/`, `?`, `#` or `@` in a password
+//! must be percent-encoded (`%2F`, `%3F`, `%23`, `%40`); an `@` after the host is an error.
+//!
+//! A URL may hold a password: every error and log line shows it through [`redact`]
+//! (`amqp://user:****@host//`), which hides the password also in a URL that does not parse.
 //!
 //! A leaf: it parses and classifies only. Opening the transport or backend a URL names is
 //! [`crate::connect`]'s job, so the transports can read their options from here without a cycle.
@@ -20,8 +24,8 @@ pub enum Scheme {
     Amqp,
 }
 
-/// A parsed broker or backend URL.
-#[derive(Debug, Clone)]
+/// A parsed broker or backend URL. Its `Debug` shows the URL redacted.
+#[derive(Clone)]
 pub struct BrokerUrl {
     /// The URL as given (may hold a password: print [`BrokerUrl::redacted`] instead).
     pub raw: String,
@@ -33,6 +37,16 @@ pub struct BrokerUrl {
     options: Vec<(String, String)>,
 }
 
+impl std::fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerUrl")
+            .field("url", &self.redacted())
+            .field("scheme", &self.scheme)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
 impl BrokerUrl {
     /// Parses and classifies a URL.
     pub fn parse(raw: &str) -> Result<Self> {
@@ -41,6 +55,21 @@ impl BrokerUrl {
             reason,
         };
         let mut base = url::Url::parse(raw).map_err(|e| invalid(e.to_string()))?;
+        // `amqp://user:12/x@host` parses as host `user`, port 12, path `/x@host`: a password holding
+        // `/`, `?` or `#`, written unescaped. Connecting there would fail obscurely, and the password
+        // would show wherever the path or query is quoted.
+        let after_host = [Some(base.path()), base.query(), base.fragment()];
+        if after_host
+            .into_iter()
+            .flatten()
+            .any(|part| part.contains('@'))
+        {
+            return Err(invalid(
+                "`@` after the host: write a `/`, `?`, `#` or `@` in a password or anywhere \
+                 else as %2F, %3F, %23 or %40"
+                    .into(),
+            ));
+        }
         let (scheme, tls) = match base.scheme() {
             "memory" => (Scheme::Memory, false),
             "redis" | "redis+socket" | "unix" => (Scheme::Redis, false),
@@ -63,7 +92,7 @@ impl BrokerUrl {
         })
     }
 
-    /// The URL with any password replaced by `***`, for logs and error messages.
+    /// The URL with any password replaced by `****`, for logs and error messages (see [`redact`]).
     pub fn redacted(&self) -> String {
         redact(&self.raw)
     }
@@ -101,20 +130,95 @@ impl BrokerUrl {
     }
 }
 
-/// Replaces the password of a URL with `***`.
+/// What stands for a hidden password.
+const MASK: &str = "****";
+
+/// Hides the password of a URL (`amqp://user:****@host/…`), for logs and error messages.
+///
+/// Works on the text as written, without parsing it as a URL, so a URL that does not parse (a
+/// password with an unescaped `/`, `?`, `#` or `@`, a bad `%` escape) is hidden as well: everything
+/// between the first `:` and the last `@` of what follows the scheme is the password. A `host:port`
+/// whose port is not a number (`amqp://user:secret`, the host forgotten) is hidden too, and so are
+/// the values of `pass` and `password` query options.
 pub fn redact(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(_) => raw.to_owned(),
-        Err(_) => raw.split('@').next_back().unwrap_or(raw).to_owned(),
+    let is_scheme = |s: &str| {
+        s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    };
+    let (scheme, rest) = match raw.split_once("://") {
+        Some((scheme, rest)) if is_scheme(scheme) => (format!("{scheme}://"), rest),
+        _ => (String::new(), raw),
+    };
+    if let Some(at) = rest.rfind('@') {
+        let (userinfo, tail) = (&rest[..at], &rest[at + 1..]);
+        let user = match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:{MASK}"),
+            None => userinfo.to_owned(),
+        };
+        return format!("{scheme}{user}@{}", redact_query(tail));
+    }
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let port = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(_, after)| after),
+        None => authority.find(':').map_or("", |i| &authority[i..]),
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
+    if port_ok {
+        format!("{scheme}{authority}{}", redact_query(tail))
+    } else {
+        let host = &authority[..authority.len() - port.len()];
+        format!("{scheme}{host}:{MASK}")
     }
 }
 
+/// Hides the values of `pass` and `password` in the query string of `tail` (a URL's path and on).
+fn redact_query(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_owned();
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _))
+                if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") =>
+            {
+                format!("{k}={MASK}")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", pairs.join("&"))
+}
+
+/// Decodes the `%XX` escapes of a URL part (user, password, vhost). `None` if an escape is not two
+/// hex digits or the bytes are not UTF-8; the caller words the error, and must not quote a password.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -153,8 +257,79 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        let r = redact("amqp://guest:secret@localhost:5672/");
-        assert!(!r.contains("secret") && r.contains("***"));
+        assert_eq!(
+            redact("amqp://guest:secret@localhost:5672/"),
+            "amqp://guest:****@localhost:5672/"
+        );
+        assert_eq!(redact("redis://:pw@h:6379/0"), "redis://:****@h:6379/0");
         assert_eq!(redact("redis://localhost/0"), "redis://localhost/0");
+        assert_eq!(redact("amqp://[::1]:5673//"), "amqp://[::1]:5673//");
+        assert_eq!(redact("redis://h/0?a=b@c"), "redis://h/0?a=b@c");
+        assert_eq!(
+            redact("redis://h/0?pass=pw&db=1"),
+            "redis://h/0?pass=****&db=1"
+        );
+    }
+
+    /// Passwords that break URL syntax or percent-decoding, each holding the marker `Zq9x`: where
+    /// the URL is parsed, rejected or printed, the marker must never show.
+    pub(crate) const HOSTILE_PASSWORDS: &[&str] = &[
+        "Zq9x",
+        "Zq9x%zz",
+        "Zq9x%",
+        "Zq9x%F",
+        "Zq9x%FF%FE",
+        "%C3Zq9x",
+        "Zq9x/Zq9x",
+        "Zq9x#Zq9x",
+        "Zq9x?Zq9x",
+        "Zq9x@Zq9x",
+        "Zq9x:Zq9x",
+        "12?Zq9x",
+        "12#Zq9x",
+        "12/Zq9x",
+        "Zq9x Zq9x",
+        "Zq9x\nZq9x",
+        "Zq9x\\Zq9x",
+        "Zq9x[Zq9x]",
+        "Zq9x%2FZq9x",
+        "Zq9x://Zq9x",
+        "ünïcödé-Zq9x",
+    ];
+
+    /// Every URL form a hostile password can be written into.
+    pub(crate) fn hostile_urls() -> Vec<String> {
+        let mut urls = Vec::new();
+        for pw in HOSTILE_PASSWORDS {
+            urls.push(format!("amqp://user:{pw}@localhost:5672//"));
+            urls.push(format!("amqps://user:{pw}@localhost/vhost?heartbeat=5"));
+            urls.push(format!("redis://:{pw}@127.0.0.1:6379/0"));
+            urls.push(format!("rediss://default:{pw}@h/1?visibility_timeout=5"));
+            urls.push(format!("redis://user:{pw}@"));
+            urls.push(format!("user:{pw}@localhost"));
+            // The host forgotten: unless a password holding `@` names a host, or one starting with
+            // digits a port, it does not parse.
+            if !pw.contains('@') && !pw.starts_with(|c: char| c.is_ascii_digit()) {
+                urls.push(format!("amqp://user:{pw}"));
+            }
+        }
+        urls
+    }
+
+    #[test]
+    fn hostile_passwords_never_show() {
+        for raw in hostile_urls() {
+            let r = redact(&raw);
+            assert!(!r.contains("Zq9x"), "{raw:?} redacted as {r:?}");
+            match BrokerUrl::parse(&raw) {
+                Ok(u) => {
+                    assert!(!u.redacted().contains("Zq9x"), "{raw:?}");
+                    assert!(!format!("{u:?}").contains("Zq9x"), "{raw:?}: {u:?}");
+                    let e = u.option::<u8>("heartbeat").err().map(|e| e.to_string());
+                    assert!(!e.unwrap_or_default().contains("Zq9x"), "{raw:?}");
+                }
+                Err(e) => assert!(!e.to_string().contains("Zq9x"), "{raw:?}: {e}"),
+            }
+        }
     }
 }

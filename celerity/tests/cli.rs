@@ -95,6 +95,40 @@ fn bad_call_arguments_are_refused_before_sending() {
         ),
         (vec!["--count", "0"], "--count must be at least 1"),
         (vec!["--count", "2", "--wait"], "cannot be combined"),
+        // Absurd times and limits (issue 16: `--countdown 1e15` panicked).
+        (
+            vec!["--countdown", "1e15"],
+            "--countdown must be a number of seconds",
+        ),
+        (
+            vec!["--countdown", "1e300"],
+            "--countdown must be a number of seconds",
+        ),
+        (
+            vec!["--countdown", "NaN"],
+            "--countdown must be a number of seconds",
+        ),
+        (
+            vec!["--expires", "1e15"],
+            "--expires must be a number of seconds",
+        ),
+        (
+            vec!["--time-limit", "1e19"],
+            "--time-limit must be a number of seconds",
+        ),
+        (
+            vec!["--soft-time-limit", "inf"],
+            "--soft-time-limit must be a number",
+        ),
+        (vec!["--eta", "9999-12-31T00:00:00"], "eta 9999-12-31"),
+        (
+            vec!["--expires", "9999-12-31T00:00:00"],
+            "expires 9999-12-31",
+        ),
+        (
+            vec!["--countdown", "1e15", "--count", "3"],
+            "--countdown must be",
+        ),
     ] {
         let mut all = vec![
             "--broker",
@@ -106,6 +140,25 @@ fn bad_call_arguments_are_refused_before_sending() {
         ];
         all.extend(args);
         assert_one_line_error(&celerity(&all), needle);
+    }
+    // clap's own refusal (several lines), still exit code 2 and no panic.
+    for priority in ["256", "1e9", "-1"] {
+        let flag = format!("--priority={priority}");
+        let out = celerity(&[
+            "--broker",
+            url.as_str(),
+            "call",
+            "demo.add",
+            "-Q",
+            q.as_str(),
+            &flag,
+        ]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--priority {priority}: {err}");
+        assert!(
+            err.contains("--priority") && !err.contains("panicked"),
+            "{err}"
+        );
     }
 }
 

@@ -105,11 +105,15 @@ async fn collect(
     timeout: Duration,
 ) -> Result<Vec<Reply>> {
     let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + timeout;
+    // A timeout past what the clock can count is no deadline at all.
+    let deadline = tokio::time::Instant::now().checked_add(timeout);
     while limit.is_none_or(|l| out.len() < l) {
-        let next = match tokio::time::timeout_at(deadline, replies.next()).await {
-            Err(_) => break,
-            Ok(r) => r?,
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, replies.next()).await {
+                Err(_) => break,
+                Ok(r) => r?,
+            },
+            None => replies.next().await?,
         };
         let Some(m) = next else { break };
         if m.headers.get("ticket").and_then(Value::as_str) != Some(ticket) {
@@ -123,4 +127,36 @@ async fn collect(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celerity_broker::memory::MemoryBroker;
+    use celerity_broker::transport::Broker;
+    use celerity_broker::Message;
+    use serde_json::json;
+
+    /// A timeout no clock can count (`celerity inspect ping -t 1e19` panicked: "overflow when adding
+    /// duration to instant") means waiting for as long as it takes.
+    #[tokio::test]
+    async fn a_timeout_past_what_the_clock_can_count_does_not_panic() {
+        let broker = MemoryBroker::named(&new_task_id());
+        let mut sub = broker
+            .subscribe(REPLY_EXCHANGE, "oid", &reply_queue("oid"))
+            .await
+            .unwrap();
+        let mut headers = Map::new();
+        headers.insert("ticket".into(), json!("t"));
+        let reply = Message::transient_json(headers, &json!({"n@h": {"ok": "pong"}}));
+        broker
+            .broadcast(REPLY_EXCHANGE, "oid", &reply)
+            .await
+            .unwrap();
+        for timeout in [Duration::MAX, Duration::from_secs(u64::MAX / 2)] {
+            let limit = if timeout == Duration::MAX { 1 } else { 0 };
+            let got = collect(&mut *sub, "t", Some(limit), timeout).await.unwrap();
+            assert_eq!(got.len(), limit);
+        }
+    }
 }

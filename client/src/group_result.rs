@@ -90,7 +90,8 @@ impl GroupResult {
     /// Waits until every member is finished and returns their metas, in order.
     pub async fn wait_metas(&self, timeout: Option<Duration>) -> Result<Vec<TaskMeta>> {
         let backend = self.backend()?;
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout past what the clock can count is no deadline at all.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut metas = self.metas().await?;
         for (meta, handle) in metas.iter_mut().zip(&self.results) {
             if meta.status.is_ready() {
@@ -151,5 +152,33 @@ impl GroupResult {
     /// Deletes the saved group (not the members' results).
     pub async fn forget(&self) -> Result<()> {
         Ok(self.backend()?.forget_group(&self.id).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use celerity_broker::backend::memory::MemoryBackend;
+    use celerity_broker::memory::MemoryBroker;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A timeout no clock can count waits for as long as it takes; it used to panic ("overflow when
+    /// adding duration to instant") in the group's and in the backend's wait.
+    #[tokio::test]
+    async fn a_timeout_past_what_the_clock_can_count_does_not_panic() {
+        let name = celerity_broker::protocol::node::new_task_id();
+        let backend: Arc<dyn ResultBackend> = Arc::new(MemoryBackend::named(&name));
+        let client = Client::new(Arc::new(MemoryBroker::named(&name)), Some(backend.clone()));
+        backend
+            .store(&TaskMeta::success("a", json!(1)))
+            .await
+            .unwrap();
+        let group = client.group_result("g", vec!["a".into()]);
+        for timeout in [Duration::MAX, Duration::from_secs(u64::MAX / 2)] {
+            assert_eq!(group.get(Some(timeout)).await.unwrap(), [json!(1)]);
+            let meta = backend.wait("a", Some(timeout)).await.unwrap();
+            assert_eq!(meta.status, State::Success);
+        }
     }
 }

@@ -41,7 +41,7 @@ pub use canvas::{
 pub use client::{default_backend_url, Client};
 pub use error::{ClientError, MemberFailure};
 pub use group_result::GroupResult;
-pub use options::{Expires, SendOptions};
+pub use options::{Expires, SendOptions, MAX_DELAY};
 pub use result::AsyncResult;
 pub use task::{Task, TaskArgs};
 

@@ -10,6 +10,11 @@ use celerity_broker::protocol::TaskMessage;
 use crate::error::{ClientError, Result};
 use crate::DEFAULT_QUEUE;
 
+/// The farthest ahead a call may put a job's `eta` or `expires` (as a countdown or a time), and the
+/// longest time limit: 100 years. More is a mistake (a unit mix-up, `1e15` seconds), and past about
+/// 262,000 years it is not a time at all (chrono's range).
+pub const MAX_DELAY: Duration = Duration::from_secs(36_525 * 24 * 3600);
+
 /// When a job stops being worth running.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Expires {
@@ -135,29 +140,30 @@ impl SendOptions {
                     "give countdown or eta, not both".into(),
                 ));
             }
-            (Some(c), None) => Some(
-                now + chrono::Duration::from_std(c)
-                    .map_err(|e| ClientError::InvalidArgument(format!("countdown: {e}")))?,
-            ),
-            (None, eta) => eta,
+            (Some(c), None) => Some(after(now, c, "countdown")?),
+            (None, Some(t)) => Some(not_too_far(now, t, "eta")?),
+            (None, None) => None,
         };
         h.eta = eta.map(|t| t.fixed_offset());
         let expires = match self.expires {
             None => None,
-            Some(Expires::At(t)) => Some(t),
-            Some(Expires::In(d)) => Some(
-                now + chrono::Duration::from_std(d)
-                    .map_err(|e| ClientError::InvalidArgument(format!("expires: {e}")))?,
-            ),
+            Some(Expires::At(t)) => Some(not_too_far(now, t, "expires")?),
+            Some(Expires::In(d)) => Some(after(now, d, "expires")?),
         };
         if let Some(t) = expires {
             h.expires = Some(t.fixed_offset());
             // Celery 5.7 also sets the AMQP `expiration` property to the milliseconds left.
-            let ms = (t - now).num_milliseconds().max(0);
+            let ms = t
+                .signed_duration_since(now)
+                .num_milliseconds()
+                .clamp(0, i64::MAX);
             m.properties.expiration = Some(ms.to_string());
         }
         h.shadow = self.shadow.clone();
-        h.timelimit = (self.time_limit, self.soft_time_limit);
+        h.timelimit = (
+            time_limit(self.time_limit, "time limit")?,
+            time_limit(self.soft_time_limit, "soft time limit")?,
+        );
         h.ignore_result = self.ignore_result;
         h.retries = self.retries;
         if self.parent_id.is_some() {
@@ -175,6 +181,49 @@ impl SendOptions {
             m.properties.priority = p;
         }
         Ok(m)
+    }
+}
+
+/// `now + delay`, for a delay of at most [`MAX_DELAY`].
+fn after(now: DateTime<Utc>, delay: Duration, what: &str) -> Result<DateTime<Utc>> {
+    let too_far = || {
+        ClientError::InvalidArgument(format!(
+            "{what} of {} s is more than {} s (100 years) away",
+            delay.as_secs_f64(),
+            MAX_DELAY.as_secs()
+        ))
+    };
+    if delay > MAX_DELAY {
+        return Err(too_far());
+    }
+    chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .ok_or_else(too_far)
+}
+
+/// `t`, if it is at most [`MAX_DELAY`] after `now` (any time before is fine: it is due at once).
+fn not_too_far(now: DateTime<Utc>, t: DateTime<Utc>, what: &str) -> Result<DateTime<Utc>> {
+    let limit = after(now, MAX_DELAY, what)?;
+    if t > limit {
+        return Err(ClientError::InvalidArgument(format!(
+            "{what} {} is more than 100 years away",
+            t.to_rfc3339()
+        )));
+    }
+    Ok(t)
+}
+
+/// A time limit in seconds: finite, ≥ 0 and at most [`MAX_DELAY`].
+fn time_limit(limit: Option<f64>, what: &str) -> Result<Option<f64>> {
+    match limit {
+        Some(s) if !(s.is_finite() && (0.0..=MAX_DELAY.as_secs_f64()).contains(&s)) => {
+            Err(ClientError::InvalidArgument(format!(
+                "{what} must be a number of seconds from 0 to {} (100 years), got {s}",
+                MAX_DELAY.as_secs()
+            )))
+        }
+        _ => Ok(limit),
     }
 }
 
@@ -226,6 +275,53 @@ mod tests {
             .task_id("")
             .build("t", vec![], Map::new(), now())
             .is_err());
+    }
+
+    /// Times no worker could wait for, and limits no clock could count (issue 16: `--countdown 1e15`
+    /// panicked in `DateTime + TimeDelta`): each is an error naming the option, not a panic.
+    #[test]
+    fn absurd_times_and_limits_are_refused_not_panicked_on() {
+        let huge = [
+            Duration::from_secs_f64(1e15),
+            Duration::from_secs(u64::MAX),
+            Duration::MAX,
+            MAX_DELAY + Duration::from_secs(1),
+        ];
+        let far = [
+            DateTime::<Utc>::MAX_UTC,
+            now() + chrono::Duration::days(365 * 101),
+        ];
+        let mut refused = Vec::new();
+        for d in huge {
+            refused.push(("countdown", SendOptions::new().countdown(d)));
+            refused.push(("expires", SendOptions::new().expires(Expires::In(d))));
+        }
+        for t in far {
+            refused.push(("eta", SendOptions::new().eta(t)));
+            refused.push(("expires", SendOptions::new().expires(Expires::At(t))));
+        }
+        for limit in [f64::NAN, f64::INFINITY, -1.0, 1e19, 1e300] {
+            refused.push((
+                "time limit",
+                SendOptions::new().time_limits(Some(limit), None),
+            ));
+            refused.push((
+                "soft time limit",
+                SendOptions::new().time_limits(None, Some(limit)),
+            ));
+        }
+        for (what, o) in refused {
+            match o.build("t", vec![], Map::new(), now()) {
+                Err(ClientError::InvalidArgument(e)) => assert!(e.contains(what), "{what}: {e}"),
+                other => panic!("{what}: {o:?} gave {other:?}"),
+            }
+        }
+        // The edge itself is fine, and so is a time in the past (it runs, or expires, at once).
+        let ok = SendOptions::new()
+            .countdown(MAX_DELAY)
+            .expires(Expires::At(DateTime::<Utc>::MIN_UTC))
+            .time_limits(Some(MAX_DELAY.as_secs_f64()), Some(0.0));
+        assert!(ok.build("t", vec![], Map::new(), now()).is_ok());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The parent process of a worker pool.
 //!
 //! It starts `processes` children — this same binary with the same arguments and
-//! [`CHILD_ENV`] set — each a full worker with its own broker connection, and keeps them running:
+//! [`CHILD_ENV`] set — each a full worker with its own broker connection, and keeps them running.
+//! Flags whose values are secrets (the broker and backend URLs, see [`ChildSecrets`]) are left out of a
+//! child's arguments and given in its environment instead, where `ps` does not show them:
 //! - a child that dies is restarted, with a backoff when it keeps dying soon after starting;
 //! - a child that stops by itself with status 0 (recycled after `--max-tasks-per-child` or
 //!   `--max-memory-per-child`) is replaced at once;
@@ -20,6 +22,7 @@
 //! ([`JobEvent`]) on their stdout.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -50,10 +53,81 @@ pub const WAIT_LOCK_ENV: &str = "CELERITY_POOL_WAIT_LOCK";
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The flags of the supervisor's command line whose values are secrets (URLs with passwords): a
+/// child's arguments leave them out (`--flag VALUE` and `--flag=VALUE`) and its environment carries
+/// the values (`VARIABLE=value`), which the child's command line reads in their place. `Debug` shows
+/// the flags and variables, never the values.
+#[derive(Clone, Default)]
+pub struct ChildSecrets {
+    flags: Vec<(String, String, Option<String>)>,
+}
+
+impl ChildSecrets {
+    pub fn new() -> ChildSecrets {
+        ChildSecrets::default()
+    }
+
+    /// Leaves `long` (`--broker`) out of a child's arguments and sets `env` to `value` (the value in
+    /// effect, from the flag or the environment; `None`: neither gave one, and nothing is set).
+    pub fn flag(mut self, long: &str, env: &str, value: Option<&str>) -> ChildSecrets {
+        self.flags
+            .push((long.to_owned(), env.to_owned(), value.map(str::to_owned)));
+        self
+    }
+
+    /// `args` without the secret flags and their values. Everything after `--` is kept as it is.
+    fn strip(&self, args: &[OsString]) -> Vec<OsString> {
+        let mut kept = Vec::with_capacity(args.len());
+        let mut rest = args.iter();
+        while let Some(arg) = rest.next() {
+            let text = arg.to_str().unwrap_or_default();
+            if text == "--" {
+                kept.push(arg.clone());
+                kept.extend(rest.cloned());
+                break;
+            }
+            let secret = self.flags.iter().find_map(|(long, _, _)| {
+                if text == long {
+                    Some(true)
+                } else {
+                    text.strip_prefix(long.as_str())
+                        .is_some_and(|v| v.starts_with('='))
+                        .then_some(false)
+                }
+            });
+            match secret {
+                // `--flag VALUE`: the value goes too.
+                Some(true) => {
+                    rest.next();
+                }
+                Some(false) => {}
+                None => kept.push(arg.clone()),
+            }
+        }
+        kept
+    }
+
+    /// The variables a child gets.
+    fn env(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.flags
+            .iter()
+            .filter_map(|(_, env, value)| Some((env.as_str(), value.as_deref()?)))
+    }
+}
+
+impl std::fmt::Debug for ChildSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.flags.iter().map(|(long, env, _)| (long, env)))
+            .finish()
+    }
+}
+
 /// Runs `processes` children until `shutdown`, then waits for all of them to exit.
 pub async fn supervise(
     processes: usize,
     backend: Option<Arc<dyn ResultBackend>>,
+    secrets: ChildSecrets,
     shutdown: Shutdown,
 ) -> Result<()> {
     if processes == 0 {
@@ -64,7 +138,8 @@ pub async fn supervise(
     let exe = std::env::current_exe().map_err(|e| {
         WorkerError::Config(format!("cannot find this program to start children: {e}"))
     })?;
-    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let args = secrets.strip(&args);
     // Kept open for as long as children may be started; without it every child waits on its own.
     let wait_lock = match wait_lock_file() {
         Ok(file) => Some(file),
@@ -78,6 +153,7 @@ pub async fn supervise(
         slot,
         exe: exe.clone(),
         args: args.clone(),
+        secrets: secrets.clone(),
         wait_lock_fd: wait_lock_fd.clone(),
         backend: backend.clone(),
         shutdown: shutdown.clone(),
@@ -153,7 +229,9 @@ struct SlotArgs {
     slot: usize,
     wait_lock_fd: Option<String>,
     exe: std::path::PathBuf,
-    args: Vec<std::ffi::OsString>,
+    /// The supervisor's arguments without the secret flags.
+    args: Vec<OsString>,
+    secrets: ChildSecrets,
     backend: Option<Arc<dyn ResultBackend>>,
     shutdown: Shutdown,
 }
@@ -197,6 +275,7 @@ async fn run_slot(a: SlotArgs) {
         }
         command
             .args(&a.args)
+            .envs(a.secrets.env())
             .env(CHILD_ENV, a.slot.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -380,6 +459,49 @@ async fn store_time_limit(backend: Option<&dyn ResultBackend>, id: &str, hard: f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_flags_are_left_out_of_a_childs_arguments_and_given_in_its_environment() {
+        let secrets = ChildSecrets::new()
+            .flag("--broker", "B_URL", Some("amqp://u:pw@h//"))
+            .flag("--backend", "R_URL", Some("redis://:pw2@h/0"))
+            .flag("--other", "O_URL", None);
+        let args: Vec<OsString> = [
+            "--broker",
+            "amqp://u:pw@h//",
+            "worker",
+            "--backend=redis://:pw2@h/0",
+            "-P",
+            "2",
+            "--brokers-are-not-it",
+            "--broker=",
+            "--",
+            "--broker",
+            "x",
+        ]
+        .map(OsString::from)
+        .into();
+        let kept: Vec<OsString> = [
+            "worker",
+            "-P",
+            "2",
+            "--brokers-are-not-it",
+            "--",
+            "--broker",
+            "x",
+        ]
+        .map(OsString::from)
+        .into();
+        assert_eq!(secrets.strip(&args), kept);
+        assert_eq!(
+            secrets.env().collect::<Vec<_>>(),
+            [("B_URL", "amqp://u:pw@h//"), ("R_URL", "redis://:pw2@h/0")]
+        );
+        assert!(!format!("{secrets:?}").contains("pw"));
+        // A flag given last, its value missing (clap would have refused it): nothing to take.
+        let trailing: Vec<OsString> = ["worker", "--broker"].map(OsString::from).into();
+        assert_eq!(secrets.strip(&trailing), [OsString::from("worker")]);
+    }
 
     #[test]
     fn absurd_hard_limits_have_no_deadline_and_do_not_panic() {

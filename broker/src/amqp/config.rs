@@ -17,7 +17,7 @@ use lapin::uri::{
 };
 
 use crate::error::{BrokerError, Result};
-use crate::url::BrokerUrl;
+use crate::url::{percent_decode, BrokerUrl};
 
 const KNOWN_OPTIONS: &[&str] = &[
     "max_priority",
@@ -85,15 +85,15 @@ impl AmqpConfig {
         let port = base.port().unwrap_or_else(|| scheme.default_port());
         let username = match base.username() {
             "" => "guest".to_owned(),
-            u => percent_decode(u).map_err(invalid)?,
+            u => decode_part("user name", u, false).map_err(invalid)?,
         };
         let password = match base.password() {
             None => "guest".to_owned(),
-            Some(p) => percent_decode(p).map_err(invalid)?,
+            Some(p) => decode_part("password", p, true).map_err(invalid)?,
         };
         let vhost = match base.path().strip_prefix('/').unwrap_or(base.path()) {
             "" => "/".to_owned(),
-            v => percent_decode(v).map_err(invalid)?,
+            v => decode_part("vhost", v, false).map_err(invalid)?,
         };
 
         let heartbeat = url.option::<u16>("heartbeat")?.unwrap_or(60);
@@ -175,26 +175,17 @@ impl AmqpConfig {
     }
 }
 
-/// Decodes `%XX` escapes (a URL's user, password and vhost are percent-encoded).
-fn percent_decode(s: &str) -> std::result::Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent escape in `{s}`"))?;
-            out.push(hex);
-            i += 3;
+/// Decodes a percent-encoded part of the URL; an error names the part, and quotes it unless it is
+/// the password.
+fn decode_part(part: &str, value: &str, secret: bool) -> std::result::Result<String, String> {
+    percent_decode(value).ok_or_else(|| {
+        let what = if secret {
+            format!("the {part}")
         } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("`{s}` does not decode to UTF-8"))
+            format!("the {part} `{value}`")
+        };
+        format!("{what} has a bad `%` escape or does not decode to UTF-8")
+    })
 }
 
 #[cfg(test)]
@@ -286,6 +277,28 @@ mod tests {
                 cfg(&format!("amqp://h//?consumer_timeout={bad}")).is_err(),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn a_password_that_does_not_decode_is_an_error_that_does_not_show_it() {
+        for raw in [
+            "amqp://user:Zq9x%zz@h//",
+            "amqp://user:Zq9x%FF@h//",
+            "amqp://user:Zq9x%@h//",
+        ] {
+            let e = cfg(raw).unwrap_err().to_string();
+            assert!(e.contains("password") && !e.contains("Zq9x"), "{raw}: {e}");
+        }
+        for raw in crate::url::tests::hostile_urls() {
+            match cfg(&raw) {
+                Ok(c) => {
+                    assert!(!c.redacted.contains("Zq9x"), "{raw:?}");
+                    let debug = format!("{:?}", c.redacted);
+                    assert!(!debug.contains("Zq9x"), "{raw:?}");
+                }
+                Err(e) => assert!(!e.to_string().contains("Zq9x"), "{raw:?}: {e}"),
+            }
         }
     }
 }

@@ -88,7 +88,8 @@ impl ResultBackend for MemoryBackend {
     }
 
     async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<TaskMeta> {
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        // A timeout past what the clock can count is no deadline at all.
+        let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
         loop {
             let changed = self.shared.changed.notified();
             tokio::pin!(changed);

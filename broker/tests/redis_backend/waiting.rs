@@ -43,6 +43,29 @@ async fn wait_on_a_stored_result_returns_it() {
     cleanup(&p).await;
 }
 
+/// A timeout, or a poll interval, past what the clock can count: no panic ("overflow when adding
+/// duration to instant"), the timeout means no deadline and the interval is refused.
+#[tokio::test]
+async fn a_wait_past_what_the_clock_can_count_does_not_panic() {
+    let p = prefix();
+    let b = backend(&p, NO_POLL).await;
+    let tid = id();
+    b.store(&success(&tid, json!(7))).await.unwrap();
+    for timeout in [Duration::MAX, Duration::from_secs(u64::MAX / 2)] {
+        let got = b.wait(&tid, Some(timeout)).await.unwrap();
+        assert_eq!(got.result, json!(7));
+    }
+    for interval in ["1e19", "1e10"] {
+        let url = format!("{REDIS}?global_keyprefix={p}&poll_interval={interval}");
+        let err = RedisBackend::connect(&BrokerUrl::parse(&url).unwrap())
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("poll_interval"), "{err}");
+    }
+    cleanup(&p).await;
+}
+
 #[tokio::test]
 async fn wait_times_out_and_leaves_no_subscription() {
     let p = prefix();

@@ -16,7 +16,7 @@ use celerity_broker::protocol::time::parse_iso;
 use celerity_broker::url::{BrokerUrl, Scheme};
 use celerity_broker::TaskMeta;
 use celerity_client::result::outcome;
-use celerity_client::{Client, ClientError, Expires, SendOptions, DEFAULT_QUEUE};
+use celerity_client::{Client, ClientError, Expires, SendOptions, DEFAULT_QUEUE, MAX_DELAY};
 
 use super::connection::ConnectionArgs;
 
@@ -188,6 +188,19 @@ fn seconds(what: &str, s: f64) -> Result<Duration> {
     })
 }
 
+/// A delay or a time limit: seconds from 0 to [`MAX_DELAY`] (100 years).
+fn delay(what: &str, s: f64) -> Result<Duration> {
+    seconds(what, s)
+        .ok()
+        .filter(|d| *d <= MAX_DELAY)
+        .ok_or_else(|| {
+            ClientError::InvalidArgument(format!(
+                "{what} must be a number of seconds from 0 to {} (100 years), got {s}",
+                MAX_DELAY.as_secs()
+            ))
+        })
+}
+
 fn time(what: &str, s: &str) -> Result<DateTime<Utc>> {
     parse_iso(s)
         .map(|t| t.to_utc())
@@ -224,14 +237,14 @@ fn call_request(a: &CallArgs) -> Result<(Vec<Value>, Map<String, Value>, SendOpt
     };
     let mut o = SendOptions::new().queue(a.queue.clone());
     if let Some(c) = a.countdown {
-        o.countdown = Some(seconds("--countdown", c)?);
+        o.countdown = Some(delay("--countdown", c)?);
     }
     if let Some(e) = &a.eta {
         o.eta = Some(time("--eta", e)?);
     }
     if let Some(x) = &a.expires {
         o.expires = Some(match x.trim().parse::<f64>() {
-            Ok(s) => Expires::In(seconds("--expires", s)?),
+            Ok(s) => Expires::In(delay("--expires", s)?),
             Err(_) => Expires::At(time("--expires", x)?),
         });
     }
@@ -239,11 +252,11 @@ fn call_request(a: &CallArgs) -> Result<(Vec<Value>, Map<String, Value>, SendOpt
     o.task_id = a.task_id.clone();
     o.time_limit = a
         .time_limit
-        .map(|t| seconds("--time-limit", t).map(|d| d.as_secs_f64()))
+        .map(|t| delay("--time-limit", t).map(|d| d.as_secs_f64()))
         .transpose()?;
     o.soft_time_limit = a
         .soft_time_limit
-        .map(|t| seconds("--soft-time-limit", t).map(|d| d.as_secs_f64()))
+        .map(|t| delay("--soft-time-limit", t).map(|d| d.as_secs_f64()))
         .transpose()?;
     if a.count == 0 {
         return Err(ClientError::InvalidArgument(

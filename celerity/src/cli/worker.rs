@@ -22,7 +22,7 @@ use celerity_worker::{
 };
 
 use super::beat::run_beat_config;
-use super::connection::ConnectionArgs;
+use super::connection::{ConnectionArgs, BACKEND_ENV, BROKER_ENV};
 use crate::signals;
 
 type Result<T, E = WorkerError> = std::result::Result<T, E>;
@@ -144,7 +144,12 @@ pub async fn run_worker(
     let is_child = std::env::var_os(supervisor::CHILD_ENV).is_some();
     let outcome = if args.processes > 0 && !is_child {
         let backend = conn.worker_backend().await?;
-        supervisor::supervise(args.processes, backend, shutdown)
+        // The URLs may hold passwords: the worker processes get them in their environment, not
+        // on their command lines (which `ps` shows to every user).
+        let secrets = supervisor::ChildSecrets::new()
+            .flag("--broker", BROKER_ENV, Some(&conn.broker))
+            .flag("--backend", BACKEND_ENV, conn.backend.as_deref());
+        supervisor::supervise(args.processes, backend, secrets, shutdown)
             .await
             .map(|()| None)
     } else {

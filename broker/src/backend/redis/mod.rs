@@ -9,8 +9,8 @@
 //! the next call ([`store_batch`]), each state still checked and published on its own. `global_keyprefix` goes in front of every key and channel.
 //!
 //! URL options: `global_keyprefix` (Celery's rule: `_` is appended unless it ends in one of `:_-.`),
-//! `result_expires` (whole seconds, default 86400, 0 = never), `poll_interval` (seconds, default 1.0:
-//! how often a waiter reads the key in case a notification was missed).
+//! `result_expires` (whole seconds, default 86400, 0 = never), `poll_interval` (seconds, default 1.0,
+//! at most a day: how often a waiter reads the key in case a notification was missed).
 //!
 //! Waiting uses one shared pub/sub connection ([`listener`]); a waiter subscribes first and reads
 //! second, so a result stored in between is never missed.
@@ -35,6 +35,8 @@ use listener::Listener;
 
 /// The options a result backend URL may carry.
 const OPTIONS: &[&str] = &["global_keyprefix", "result_expires", "poll_interval"];
+/// The longest `poll_interval` (a day): the clock must be able to count it from any now.
+const MAX_POLL_INTERVAL: Duration = Duration::from_secs(86_400);
 /// Celery's prefix of task result keys.
 const TASK_KEYPREFIX: &str = "celery-task-meta-";
 /// Time allowed to connect; an unreachable server fails `connect` within it.
@@ -75,11 +77,12 @@ impl RedisBackend {
             None => DEFAULT_POLL_INTERVAL,
             Some(s) => Duration::try_from_secs_f64(s)
                 .ok()
-                .filter(|d| !d.is_zero())
+                .filter(|d| !d.is_zero() && *d <= MAX_POLL_INTERVAL)
                 .ok_or_else(|| BrokerError::InvalidUrl {
                     url: url.redacted(),
                     reason: format!(
-                        "option `poll_interval={s}`: must be a positive number of seconds"
+                        "option `poll_interval={s}`: must be a positive number of seconds, at most {}",
+                        MAX_POLL_INTERVAL.as_secs()
                     ),
                 })?,
         };
@@ -204,7 +207,8 @@ impl RedisBackend {
         timeout: Option<Duration>,
         mut sub: listener::Subscription,
     ) -> Result<TaskMeta> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout past what the clock can count is no deadline at all.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         // Subscribed before the first read: whatever is stored after the read is pushed to us.
         // If the listener cannot subscribe in time, polling still finds the result.
         let _ = tokio::time::timeout_at(self.next_poll(deadline), sub.confirmed()).await;
