@@ -13,6 +13,8 @@ use celerity_broker::backend::ExceptionInfo;
 use celerity_broker::protocol::TaskMessage;
 use celerity_broker::{Delivery, State, TaskMeta};
 
+use celerity_client::MAX_DELAY;
+
 use crate::canvas::Canvas;
 use crate::jobs::Outcome;
 use crate::registry::Registered;
@@ -165,15 +167,13 @@ impl Processor {
         cause: &TaskError,
     ) -> Next {
         let mut next = message.clone();
-        next.headers.retries += 1;
-        next.headers.eta = Some(
-            (Utc::now() + chrono::Duration::from_std(countdown).unwrap_or_default()).fixed_offset(),
-        );
+        next.headers.retries = next.headers.retries.saturating_add(1);
+        next.headers.eta = Some(retry_eta(Utc::now(), countdown).fixed_offset());
         if let Err(e) = self.broker.publish(queue, &next.encode()).await {
             tracing::error!(id = message.id(), error = %e, "could not send the retry; giving the job back");
             return Next::Leave;
         }
-        tracing::info!(id = message.id(), task = message.task(), retries = message.headers.retries + 1, countdown_s = countdown.as_secs_f64(), reason = %cause, "retry");
+        tracing::info!(id = message.id(), task = message.task(), retries = next.headers.retries, countdown_s = countdown.as_secs_f64(), reason = %cause, "retry");
         let exc = exception_of(cause);
         let tb = traceback(message, cause);
         self.events.failed("task-retried", message.id(), &exc, &tb);
@@ -270,6 +270,16 @@ impl Processor {
     }
 }
 
+/// When a retry sent at `now` is due: `countdown` later, at most [`MAX_DELAY`] (a task may ask for
+/// any countdown; the clock cannot count past some of them).
+fn retry_eta(now: chrono::DateTime<Utc>, countdown: Duration) -> chrono::DateTime<Utc> {
+    let wait = countdown.min(MAX_DELAY);
+    chrono::Duration::from_std(wait)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(now)
+}
+
 fn exception_of(e: &TaskError) -> ExceptionInfo {
     match e {
         TaskError::Failed {
@@ -298,4 +308,25 @@ fn traceback(message: &TaskMessage, e: &TaskError) -> String {
     }
     tb.push_str(&format!("{e}\n"));
     tb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absurd_retry_countdown_is_capped_not_a_panic() {
+        let now = Utc::now();
+        // Before: `now + Duration::from_std(1e15 s)` panicked the job's task.
+        for huge in [Duration::from_secs(1_000_000_000_000_000), Duration::MAX] {
+            let eta = retry_eta(now, huge);
+            assert!(
+                eta > now && eta <= now + chrono::Duration::from_std(MAX_DELAY).unwrap_or_default()
+            );
+        }
+        assert_eq!(
+            retry_eta(now, Duration::from_secs(5)),
+            now + chrono::Duration::seconds(5)
+        );
+    }
 }
