@@ -14,7 +14,11 @@
 //! messages without a priority go) and `fetch.lua` in the same write. Redis runs the script the
 //! moment the wait returns, so a message that arrives on an idle consumer costs one round trip, not
 //! two. That fetch records its messages with the server's clock, as it runs at a time the consumer
-//! does not know. The other keys are watched by [`Waiters`] (see that module); when one of them gets
+//! does not know. The other keys are watched by [`Waiters`] (see that module), each on a connection
+//! of its own: 4 keys per queue (kombu's priority steps) would be 4 × queues connections per
+//! consumer, so at most [`MAX_WATCHED_KEYS`] keys are watched — every queue's step-0 list first —
+//! and messages on the others are found by the fetch each wait runs when it times out (within
+//! about a second). When one of the watched keys gets
 //! a message, the consumer `CLIENT UNBLOCK`s the first key's wait and its queued fetch runs at once
 //! (it pops from every key). A wait that times out runs the fetch too, which finds nothing, and the
 //! consumer queues the next one.
@@ -67,8 +71,22 @@ use crate::wait_lock::WaitLock;
 
 /// The most messages one fetch pops.
 const MAX_BATCH: usize = 64;
+/// The most keys an idle consumer watches with a blocking wait (one connection each; the first key
+/// also carries the fetch). Keys past it are found by the fetch every wait runs when it times out,
+/// within [`waiter::BLOCK_SECS`].
+const MAX_WATCHED_KEYS: usize = 16;
 /// How often an idle consumer looks for itself, in case a wake-up was missed.
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
+/// The keys an idle consumer blocks on, at most `cap`: priority-major (every queue's step-0 list, where
+/// messages without a priority go, before any queue's step-3 list, …), so the keys most messages
+/// arrive on are watched first.
+fn keys_to_watch(queue_keys: &[[String; 5]], cap: usize) -> Vec<String> {
+    (0..4)
+        .flat_map(|step| queue_keys.iter().map(move |k| k[step].clone()))
+        .take(cap)
+        .collect()
+}
 
 /// Whether a consumer may queue its fetch behind a blocking wait now: always without a wait lock;
 /// with one, once it holds the lock. Still without it after [`IDLE_RECHECK`] (or on close) it
@@ -163,10 +181,7 @@ impl RedisConsumer {
             })
             .collect();
         let cancel = shared.closed.child_token();
-        let mut wait_keys: Vec<String> = queue_keys
-            .iter()
-            .flat_map(|k| k[..4].iter().cloned())
-            .collect();
+        let mut wait_keys = keys_to_watch(&queue_keys, MAX_WATCHED_KEYS);
         if wait_keys.is_empty() {
             return Err(BrokerError::Transport {
                 transport: "redis",
@@ -683,5 +698,38 @@ fn preview(raw: &[u8]) -> String {
         format!("{text}… ({} bytes)", raw.len())
     } else {
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watched_keys_are_capped_and_step_zero_first() {
+        let queue_keys: Vec<[String; 5]> = (0..40)
+            .map(|q| {
+                let k = |s: &str| format!("q{q}{s}");
+                [
+                    k(""),
+                    k("\x06\x163"),
+                    k("\x06\x166"),
+                    k("\x06\x169"),
+                    k(".dead"),
+                ]
+            })
+            .collect();
+        let watched = keys_to_watch(&queue_keys, MAX_WATCHED_KEYS);
+        // 40 queues would have meant 160 blocking connections per consumer.
+        assert_eq!(watched.len(), MAX_WATCHED_KEYS);
+        assert!(
+            watched.iter().all(|k| !k.contains('\x06')),
+            "step-0 keys first"
+        );
+        let two = keys_to_watch(&queue_keys[..2], MAX_WATCHED_KEYS);
+        assert_eq!(two.len(), 8);
+        assert_eq!(two[0], "q0");
+        assert_eq!(two[1], "q1");
+        assert!(!two.iter().any(|k| k.ends_with(".dead")));
     }
 }
