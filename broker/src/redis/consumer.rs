@@ -88,6 +88,16 @@ fn keys_to_watch(queue_keys: &[[String; 5]], cap: usize) -> Vec<String> {
         .collect()
 }
 
+/// What `next()` does after a step of its loop.
+enum Flow {
+    /// Go on.
+    Go,
+    /// Start the loop over.
+    Again,
+    /// The consumer is closed: no more deliveries.
+    Closed,
+}
+
 /// Whether a consumer may queue its fetch behind a blocking wait now: always without a wait lock;
 /// with one, once it holds the lock. Still without it after [`IDLE_RECHECK`] (or on close) it
 /// fetches without waiting instead, so work is found even if the holder is stuck.
@@ -166,6 +176,107 @@ pub(crate) struct RedisConsumer {
 }
 
 impl RedisConsumer {
+    /// Starts the next fetch (behind the blocking wait when idle and it is our turn): opens the
+    /// waiting connection if needed and takes prefetch slots, one at least.
+    async fn begin_fetch(&mut self, backoff: &mut Backoff) -> Result<Flow> {
+        if self.idle && self.blocking.is_none() {
+            match waiter::connect_blocking(&self.shared.client).await {
+                Ok((conn, id)) => self.blocking = Some(Blocking { conn, id }),
+                Err(e) => {
+                    // Fetch on the shared connection meanwhile, after a backoff.
+                    self.idle = false;
+                    let delay = backoff.next();
+                    tracing::warn!(error = %e, retry_in = ?delay, "redis consumer could not open its waiting connection");
+                    return Ok(if self.sleep_or_close(delay).await {
+                        Flow::Closed
+                    } else {
+                        Flow::Again
+                    });
+                }
+            }
+        }
+        let Some(permits) = self.take_permits().await else {
+            self.shut_down().await?;
+            return Ok(Flow::Closed);
+        };
+        let wait = self.idle && my_turn(self.wait_lock.clone(), self.cancel.clone()).await;
+        if self.cancel.is_cancelled() {
+            drop(permits);
+            self.shut_down().await?;
+            return Ok(Flow::Closed);
+        }
+        let behind = if wait { self.blocking.as_ref() } else { None };
+        self.pending = Some(self.start_fetch(permits, behind));
+        Ok(Flow::Go)
+    }
+
+    /// One prefetch slot (waiting for it if all are taken) and any other free ones, up to
+    /// [`MAX_BATCH`]; `None` once the consumer is closed.
+    async fn take_permits(&mut self) -> Option<Vec<OwnedSemaphorePermit>> {
+        let first = match self.window.permits().clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Every slot is taken: a sibling process waits for new work meanwhile.
+                self.let_go(false);
+                tokio::select! {
+                    p = self.window.permits().clone().acquire_owned() => p.ok()?,
+                    () = self.cancel.cancelled() => return None,
+                }
+            }
+        };
+        let mut permits = vec![first];
+        while permits.len() < MAX_BATCH {
+            match self.window.permits().clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        Some(permits)
+    }
+
+    /// Takes in what a fetch brought (or its error): buffers the deliveries, notes whether the
+    /// queues ran dry (the next fetch then waits), and backs off after a lost connection.
+    async fn end_fetch(
+        &mut self,
+        fetched: Result<(String, Vec<Fetched>)>,
+        permits: Vec<OwnedSemaphorePermit>,
+        backoff: &mut Backoff,
+    ) -> Result<Flow> {
+        match fetched {
+            Ok((score, batch)) if !batch.is_empty() => {
+                backoff.reset();
+                // Fewer than asked for: the queues were empty after it, so the next fetch may
+                // as well wait for a message (it returns at once if one is there by then).
+                self.idle = batch.len() < permits.len();
+                self.let_go(self.idle);
+                // Everything fetched may have been malformed: then the loop fetches again.
+                self.accept(batch, &score, permits);
+            }
+            Ok(_) => {
+                // Nothing there: the next fetch waits for a message.
+                backoff.reset();
+                self.idle = true;
+                self.let_go(true);
+                drop(permits);
+            }
+            Err(e) if e.is_connection() => {
+                drop(permits);
+                self.let_go(false);
+                if self.idle {
+                    // It waited on the blocking connection: open a new one next time.
+                    self.blocking = None;
+                }
+                let delay = backoff.next();
+                tracing::warn!(error = %e, retry_in = ?delay, "redis fetch failed; retrying");
+                if self.sleep_or_close(delay).await {
+                    return Ok(Flow::Closed);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(Flow::Go)
+    }
+
     pub(crate) async fn start(
         shared: Arc<Shared>,
         queues: Vec<String>,
@@ -443,51 +554,11 @@ impl Consumer for RedisConsumer {
             }
             // A fetch left by a cancelled call is finished before a new one starts.
             if self.pending.is_none() {
-                if self.idle && self.blocking.is_none() {
-                    match waiter::connect_blocking(&self.shared.client).await {
-                        Ok((conn, id)) => self.blocking = Some(Blocking { conn, id }),
-                        Err(e) => {
-                            // Fetch on the shared connection meanwhile, after a backoff.
-                            self.idle = false;
-                            let delay = backoff.next();
-                            tracing::warn!(error = %e, retry_in = ?delay, "redis consumer could not open its waiting connection");
-                            if self.sleep_or_close(delay).await {
-                                return Ok(None);
-                            }
-                            continue;
-                        }
-                    }
+                match self.begin_fetch(&mut backoff).await? {
+                    Flow::Go => {}
+                    Flow::Again => continue,
+                    Flow::Closed => return Ok(None),
                 }
-                let first = match self.window.permits().clone().try_acquire_owned() {
-                    Ok(p) => Some(p),
-                    Err(_) => {
-                        // Every slot is taken: a sibling process waits for new work meanwhile.
-                        self.let_go(false);
-                        tokio::select! {
-                            p = self.window.permits().clone().acquire_owned() => p.ok(),
-                            () = self.cancel.cancelled() => None,
-                        }
-                    }
-                };
-                let Some(first) = first else {
-                    self.shut_down().await?;
-                    return Ok(None);
-                };
-                let mut permits = vec![first];
-                while permits.len() < MAX_BATCH {
-                    match self.window.permits().clone().try_acquire_owned() {
-                        Ok(p) => permits.push(p),
-                        Err(_) => break,
-                    }
-                }
-                let wait = self.idle && my_turn(self.wait_lock.clone(), self.cancel.clone()).await;
-                if self.cancel.is_cancelled() {
-                    drop(permits);
-                    self.shut_down().await?;
-                    return Ok(None);
-                }
-                let behind = if wait { self.blocking.as_ref() } else { None };
-                self.pending = Some(self.start_fetch(permits, behind));
             }
             let fetched = match self.turn().await {
                 Turn::Reply(r) => r,
@@ -506,37 +577,8 @@ impl Consumer for RedisConsumer {
             let Some(PendingFetch { permits, .. }) = self.pending.take() else {
                 continue;
             };
-            match fetched {
-                Ok((score, batch)) if !batch.is_empty() => {
-                    backoff.reset();
-                    // Fewer than asked for: the queues were empty after it, so the next fetch may
-                    // as well wait for a message (it returns at once if one is there by then).
-                    self.idle = batch.len() < permits.len();
-                    self.let_go(self.idle);
-                    // Everything fetched may have been malformed: then the loop fetches again.
-                    self.accept(batch, &score, permits);
-                }
-                Ok(_) => {
-                    // Nothing there: the next fetch waits for a message.
-                    backoff.reset();
-                    self.idle = true;
-                    self.let_go(true);
-                    drop(permits);
-                }
-                Err(e) if e.is_connection() => {
-                    drop(permits);
-                    self.let_go(false);
-                    if self.idle {
-                        // It waited on the blocking connection: open a new one next time.
-                        self.blocking = None;
-                    }
-                    let delay = backoff.next();
-                    tracing::warn!(error = %e, retry_in = ?delay, "redis fetch failed; retrying");
-                    if self.sleep_or_close(delay).await {
-                        return Ok(None);
-                    }
-                }
-                Err(e) => return Err(e),
+            if let Flow::Closed = self.end_fetch(fetched, permits, &mut backoff).await? {
+                return Ok(None);
             }
         }
     }
