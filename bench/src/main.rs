@@ -5,15 +5,6 @@
 //! each shape `--runs` times against the running worker and prints a markdown table of medians,
 //! min–max and the ratio Celerity ÷ Celery. See bench/README.md for the method.
 
-mod error;
-mod probe;
-mod procs;
-mod rawamqp;
-mod rawredis;
-mod report;
-mod setup;
-mod shapes;
-
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,11 +12,12 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use error::{BenchError, Result};
-use probe::{Probe, Results};
-use procs::{Programs, Worker};
-use report::Row;
-use setup::{BrokerKind, Pool, Setup, System};
+use celerity_bench::error::{BenchError, Result};
+use celerity_bench::probe::{self, Probe, Results};
+use celerity_bench::procs::{self, Programs, Worker};
+use celerity_bench::report::{self, Row};
+use celerity_bench::setup::{self, BrokerKind, Pool, Setup, System};
+use celerity_bench::{rawamqp, rawredis, shapes};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Only {

@@ -142,6 +142,13 @@ impl Probe {
         }
     }
 
+    /// Closes the connection, deleting nothing.
+    pub async fn close(self) {
+        if let Some(conn) = &self.amqp {
+            let _ = conn.close(200, "".into()).await;
+        }
+    }
+
     /// Deletes what this queue left on the broker.
     pub async fn cleanup(&self) {
         if let Some(conn) = &self.amqp {

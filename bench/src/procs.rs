@@ -1,5 +1,6 @@
 //! Worker processes: starting a Celery or Celerity worker for a setup, the resident memory of its
-//! whole process tree (supervisor + children), and stopping it (warm, then killed if it hangs).
+//! whole process tree (supervisor + children), each process's RSS and open file descriptors (for the
+//! soak), and stopping it (warm, then killed if it hangs).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -59,13 +60,25 @@ pub const CELERITY_IO_CONCURRENCY: usize = 10_000;
 
 impl Worker {
     /// Starts a worker of `system` consuming `queue`. Logs at warning level for both systems
-    /// (Celery's and Celerity's info level both log every job).
+    /// (Celery's and Celerity's info level both log every job) to this process's stderr.
     pub fn start(
         programs: &Programs,
         system: System,
         setup: &Setup,
         queue: &str,
         pool: Pool,
+    ) -> Result<Worker> {
+        Worker::start_logged(programs, system, setup, queue, pool, Stdio::inherit())
+    }
+
+    /// [`Worker::start`], the worker's log going to `log` (e.g. a file).
+    pub fn start_logged(
+        programs: &Programs,
+        system: System,
+        setup: &Setup,
+        queue: &str,
+        pool: Pool,
+        log: Stdio,
     ) -> Result<Worker> {
         let node = format!(
             "bench-{}@%h",
@@ -106,7 +119,7 @@ impl Worker {
         };
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .kill_on_drop(true);
         let child = cmd
             .spawn()
@@ -166,8 +179,34 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
-/// `pid` and all its descendants (from /proc).
-fn tree(pid: u32) -> Vec<u32> {
+/// The direct children of `pid` (from /proc), lowest pid first.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out: Vec<u32> = parents()
+        .into_iter()
+        .filter(|(_, pp)| *pp == pid)
+        .map(|(p, _)| p)
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Resident memory (`VmRSS`) of one process in KiB, `None` once it has gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Open file descriptors of one process (entries of `/proc/<pid>/fd`), `None` once it has gone.
+pub fn fd_count(pid: u32) -> Option<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(dir.flatten().count() as u64)
+}
+
+/// (pid, parent pid) of every process (from /proc).
+fn parents() -> Vec<(u32, u32)> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
@@ -182,6 +221,12 @@ fn tree(pid: u32) -> Vec<u32> {
             }
         }
     }
+    parents
+}
+
+/// `pid` and all its descendants (from /proc).
+fn tree(pid: u32) -> Vec<u32> {
+    let parents = parents();
     let mut out = vec![pid];
     let mut i = 0;
     while i < out.len() {
@@ -200,12 +245,5 @@ fn parent_of(pid: u32) -> Option<u32> {
 }
 
 fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+    rss_kib(pid).unwrap_or(0)
 }
