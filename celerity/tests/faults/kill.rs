@@ -18,8 +18,8 @@ use celerity_client::{Client, SendOptions};
 use celerity_testsupport::{unique, Cleanup, Transport, AMQP, REDIS};
 
 use super::{
-    long_run, print_table, stored_results, surviving, unfinished, LogCounts, LogFile, Pool, Rng,
-    Row,
+    long_run, print_table, stored_results, surviving, unfinished, LogCounts, LogFile, Orphans,
+    Pool, Rng, Row,
 };
 
 const PROCESSES: usize = 2;
@@ -96,7 +96,7 @@ async fn campaign(transport: Transport, plan: &Plan) -> Row {
     while on_supervisor.iter().filter(|s| **s).count() < plan.supervisor_kills {
         on_supervisor[rng.range(0, plan.kills as u64) as usize] = true;
     }
-    let mut orphans = Vec::new();
+    let mut orphans = Orphans::default();
     let mut left_at_last_kill = 0;
     for hits_supervisor in on_supervisor {
         tokio::time::sleep(Duration::from_millis(
@@ -105,7 +105,10 @@ async fn campaign(transport: Transport, plan: &Plan) -> Row {
         .await;
         left_at_last_kill = broker.queue_len(&q).await.unwrap_or(0);
         if hits_supervisor {
-            orphans.extend(pool.kill_supervisor());
+            // Both children up (not in a restart backoff after a child kill), so that the kill
+            // leaves orphans to check.
+            pool.wait_for_children(PROCESSES);
+            orphans.0.extend(pool.kill_supervisor());
             pool = Pool::start(
                 &broker_url,
                 &backend_url,
@@ -123,14 +126,10 @@ async fn campaign(transport: Transport, plan: &Plan) -> Row {
             super::signal(victim, libc::SIGKILL);
         }
     }
-    assert!(
-        left_at_last_kill > 0,
-        "the batch was drained before the last kill; make the jobs longer"
-    );
 
     let missing = unfinished(&backend, &expected, plan.patience).await;
     let seconds = began.elapsed().as_secs_f64();
-    let alive = surviving(&orphans, Duration::from_secs(30));
+    let alive = surviving(&orphans.0, Duration::from_secs(30));
     assert!(pool.stop(), "the last pool did not stop cleanly on SIGTERM");
     let counts = LogCounts::read(&log.0);
     let stored = stored_results(REDIS, &prefix).await;
@@ -150,10 +149,11 @@ async fn campaign(transport: Transport, plan: &Plan) -> Row {
         lost: missing.len(),
         duplicates,
         note: format!(
-            "{} supervisor kills, {} orphans (all gone); {} redeliveries; duplicate bound {bound}",
+            "{} supervisor kills, {} orphans (all gone); {} redeliveries ({} found already finished); duplicate bound {bound}",
             plan.supervisor_kills,
-            orphans.len(),
-            counts.redeliveries()
+            orphans.0.len(),
+            counts.redeliveries(),
+            counts.skipped
         ),
         seconds,
     };
@@ -164,6 +164,11 @@ async fn campaign(transport: Transport, plan: &Plan) -> Row {
         missing.len(),
         &missing[..missing.len().min(5)]
     );
+    assert_eq!(
+        orphans.0.len(),
+        plan.supervisor_kills * PROCESSES,
+        "each supervisor kill left its children"
+    );
     assert!(
         alive.is_empty(),
         "orphans of a killed supervisor still run: {alive:?}"
@@ -172,6 +177,10 @@ async fn campaign(transport: Transport, plan: &Plan) -> Row {
     assert_eq!(
         never_logged, 0,
         "jobs with a stored SUCCESS but no `succeeded` line: the run count is unsound"
+    );
+    assert!(
+        left_at_last_kill > 0,
+        "the batch was drained before the last kill; make the jobs longer"
     );
     assert!(
         duplicates <= bound,

@@ -204,6 +204,21 @@ fn alive_celerity(pid: i32) -> bool {
     head.contains("(celerity") && !matches!(state, Some('Z' | 'X'))
 }
 
+/// The children of killed supervisors; any still running when this drops (the test failed) is
+/// SIGKILLed, so a failing run leaves no worker behind.
+#[derive(Default)]
+struct Orphans(Vec<i32>);
+
+impl Drop for Orphans {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if alive_celerity(*pid) {
+                signal(*pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 /// The orphans in `pids` still running after `patience`.
 fn surviving(pids: &[i32], patience: Duration) -> Vec<i32> {
     let until = Instant::now() + patience;
@@ -227,6 +242,8 @@ struct LogCounts {
     runs: HashMap<String, usize>,
     /// Deliveries of it that a worker received (a redelivery after a kill counts again).
     received: HashMap<String, usize>,
+    /// Redeliveries found already finished (not run again).
+    skipped: usize,
 }
 
 impl LogCounts {
@@ -235,6 +252,10 @@ impl LogCounts {
         let mut counts = LogCounts::default();
         for line in text.lines() {
             let line = strip_ansi(line);
+            if line.contains(": already finished; not running it again") {
+                counts.skipped += 1;
+                continue;
+            }
             // The message right after the target (`…::finish: succeeded id=…`): other lines say
             // "succeeded" too ("storing a result succeeded").
             let map = if line.contains(": succeeded id=") {
