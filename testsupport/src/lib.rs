@@ -4,7 +4,8 @@
 //! - [`cleanup`]: deleting what a test left on the brokers, also from `Drop` when it panics;
 //! - [`faults`]: fault injection around the real services ([`OutageBackend`]);
 //! - [`process`]: child processes killed and reaped on drop, the `celerity` binary's command line;
-//! - [`rabbit`]: a RabbitMQ node of the test's own, with settings the shared one must not get;
+//! - [`rabbit`]: a RabbitMQ node of the test's own, with settings the shared one must not get, that a
+//!   test can crash and restart;
 //! - `worker` (feature `worker`): our worker running in the test's own process.
 //!
 //! The broker-level helpers that need no other crate stay in `celerity_broker::testkit` (the bench

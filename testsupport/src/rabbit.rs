@@ -5,6 +5,8 @@
 //! It registers with the machine's running `epmd` (started by the shared node) and uses the
 //! installed `/usr/lib/rabbitmq/bin/rabbitmq-server`. It is started in a process group of its own
 //! and that group is SIGKILLed when the guard drops, also when the test panics.
+//! [`PrivateRabbit::restart`] crashes the node the same way and boots it again on the same port
+//! and data (a broker restart under a running worker).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -18,8 +20,11 @@ const BOOT: Duration = Duration::from_secs(60);
 /// A private RabbitMQ node; killed and its directory removed on drop.
 #[derive(Debug)]
 pub struct PrivateRabbit {
-    child: Child,
+    /// The server script while the node runs.
+    child: Option<Child>,
     port: u16,
+    /// The Erlang distribution port.
+    dist: u16,
     dir: PathBuf,
 }
 
@@ -55,41 +60,81 @@ impl PrivateRabbit {
             let _ = std::fs::remove_dir_all(&dir);
             return None;
         }
+        let mut node = PrivateRabbit {
+            child: None,
+            port,
+            dist,
+            dir,
+        };
+        if node.boot().await {
+            Some(node)
+        } else {
+            None
+        }
+    }
+
+    /// Starts the server on the node's directory and port; true once it accepts an AMQP
+    /// connection (within [`BOOT`]).
+    async fn boot(&mut self) -> bool {
+        let dir = &self.dir;
         let mut cmd = Command::new(SERVER);
         // HOME holds the Erlang cookie the node creates: keep it in our directory.
-        cmd.env("HOME", &dir)
+        cmd.env("HOME", dir)
             .env(
                 "RABBITMQ_NODENAME",
-                format!("celerity-test-{port}@localhost"),
+                format!("celerity-test-{}@localhost", self.port),
             )
-            .env("RABBITMQ_DIST_PORT", dist.to_string())
-            .env("RABBITMQ_BASE", &dir)
+            .env("RABBITMQ_DIST_PORT", self.dist.to_string())
+            .env("RABBITMQ_BASE", dir)
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
             .env("RABBITMQ_PID_FILE", dir.join("pid"))
-            .current_dir(&dir)
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let Ok(child) = cmd.spawn() else {
-            let _ = std::fs::remove_dir_all(&dir);
-            return None;
+            return false;
         };
-        let node = PrivateRabbit { child, port, dir };
-        let (began, url) = (Instant::now(), node.url());
+        self.child = Some(child);
+        let (began, url) = (Instant::now(), self.url());
         while began.elapsed() < BOOT {
             let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default());
             if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), conn).await {
                 let _ = c.close(200, "OK".into()).await;
-                return Some(node);
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        None
+        false
+    }
+
+    /// Kills the node (SIGKILL to its process group: a crash, not a clean stop), waits `down_for`,
+    /// and starts it again on the same port and data directory, so durable queues and the
+    /// persistent messages they held come back; true once it accepts connections again.
+    pub async fn restart(&mut self, down_for: Duration) -> bool {
+        self.kill();
+        tokio::time::sleep(down_for).await;
+        self.boot().await
+    }
+
+    /// SIGKILLs the node's process group and reaps the server script.
+    fn kill(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // The server script runs the Erlang VM as a child in the same group: end the whole group.
+        if let Ok(pgid) = i32::try_from(child.id()) {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pgid}")])
+                .status();
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f` (lapin's and our spelling of vhost `/`).
@@ -100,14 +145,7 @@ impl PrivateRabbit {
 
 impl Drop for PrivateRabbit {
     fn drop(&mut self) {
-        // The server script runs the Erlang VM as a child in the same group: end the whole group.
-        if let Ok(pgid) = i32::try_from(self.child.id()) {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pgid}")])
-                .status();
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
