@@ -182,6 +182,41 @@ pub(crate) fn redis_client(url: &BrokerUrl, target: &str) -> Result<redis::Clien
         .map_err(|e| invalid(format!("TLS options: {e}")))
 }
 
+/// lapin's TLS settings for `tls` (`None`: a plain URL): the CA (added to the system roots) and the
+/// client certificate. `ssl_cert_reqs=none` is an error: lapin always verifies.
+#[cfg(feature = "amqp")]
+pub(crate) fn lapin_config(
+    tls: Option<&TlsOptions>,
+) -> std::result::Result<lapin::tcp::OwnedTLSConfig, String> {
+    let Some(tls) = tls else {
+        return Ok(lapin::tcp::OwnedTLSConfig::default());
+    };
+    if tls.insecure() {
+        return Err(
+            "option `ssl_cert_reqs=none`: amqps:// always verifies the server's \
+                    certificate (give its CA as `ssl_ca_certs`)"
+                .into(),
+        );
+    }
+    let cert_chain = match &tls.ca_certs {
+        None => None,
+        Some(pem) => Some(
+            String::from_utf8(pem.clone())
+                .map_err(|_| "option `ssl_ca_certs`: the file is not UTF-8 PEM".to_owned())?,
+        ),
+    };
+    Ok(lapin::tcp::OwnedTLSConfig {
+        identity: tls
+            .client
+            .as_ref()
+            .map(|c| lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: c.cert_pem.clone(),
+                key: c.key_pem.clone(),
+            }),
+        cert_chain,
+    })
+}
+
 fn parse_cert_reqs(v: &str) -> Option<CertReqs> {
     let v = v.to_ascii_lowercase();
     match v.strip_prefix("cert_").unwrap_or(&v) {

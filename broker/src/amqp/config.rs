@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::{
     AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo, SASLMechanism,
@@ -79,13 +79,7 @@ impl AmqpConfig {
             reason,
         };
         let tls = TlsOptions::from_url(url)?;
-        if tls.as_ref().is_some_and(TlsOptions::insecure) {
-            return Err(invalid(
-                "option `ssl_cert_reqs=none`: amqps:// always verifies the server's certificate \
-                 (give its CA as `ssl_ca_certs`)"
-                    .into(),
-            ));
-        }
+        crate::tls::lapin_config(tls.as_ref()).map_err(invalid)?;
         let base = &url.base;
         let scheme = if url.tls {
             AMQPScheme::AMQPS
@@ -194,23 +188,7 @@ impl AmqpConfig {
 
     /// lapin's TLS settings: the URL's CA (added to the system roots) and client certificate.
     pub fn tls_config(&self) -> std::result::Result<OwnedTLSConfig, String> {
-        let Some(tls) = &self.tls else {
-            return Ok(OwnedTLSConfig::default());
-        };
-        let cert_chain = match &tls.ca_certs {
-            None => None,
-            Some(pem) => Some(
-                String::from_utf8(pem.clone())
-                    .map_err(|_| "option `ssl_ca_certs`: the file is not UTF-8 PEM".to_owned())?,
-            ),
-        };
-        Ok(OwnedTLSConfig {
-            identity: tls.client.as_ref().map(|c| OwnedIdentity::PKCS8 {
-                pem: c.cert_pem.clone(),
-                key: c.key_pem.clone(),
-            }),
-            cert_chain,
-        })
+        crate::tls::lapin_config(self.tls.as_ref())
     }
 }
 
