@@ -277,6 +277,14 @@ mod tests {
         assert!(cfg("amqp://h//?typo=1").is_err());
         assert!(cfg("amqp://h//?connect_timeout=0").is_err());
         assert!(cfg("amqp://h/%zz").is_err());
+        // TLS options: only on amqps://, and verification cannot be turned off.
+        assert!(cfg("amqp://h//?ssl_cert_reqs=required").is_err());
+        assert!(cfg("amqps://h//?ssl_cert_reqs=required")
+            .unwrap()
+            .tls
+            .is_some());
+        assert!(cfg("amqps://h//?ssl_cert_reqs=none").is_err());
+        assert!(cfg("amqps://h//?ssl_ca_certs=/nonexistent/ca.pem").is_err());
     }
 
     #[test]
