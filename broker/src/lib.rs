@@ -13,6 +13,8 @@
 //! - [`backend`]: the [`ResultBackend`] seam, task states and Celery's result meta document, with
 //!   memory and Redis backends.
 //! - [`url`]: parses and classifies broker/backend URLs ([`BrokerUrl`], query options); a leaf.
+//! - [`tls`]: a `rediss://`/`amqps://` URL's TLS options (CA file, client certificate, verification),
+//!   spelled as redis-py and kombu spell them; read from the URL, under the transports.
 //! - [`connect`]: the URL → transport/backend factory ([`connect_broker`], [`connect_backend`]);
 //!   only the crate root imports it, so no transport imports the factory back.
 //! - [`backoff`]: the one reconnect pacing ([`backoff::Backoff`], [`backoff::delay`]: exponential,
@@ -23,7 +25,7 @@
 //! - [`wait_lock`]: lets the processes of one worker pool take turns at waiting for work.
 //! - [`error`]: [`BrokerError`], the one error type of this crate.
 //!
-//! Imports go one way: leaves (`error`, `pyjson`, `url`, `topic`, `backoff`, `wait_lock`,
+//! Imports go one way: leaves (`error`, `pyjson`, `url`, `tls`, `topic`, `backoff`, `wait_lock`,
 //! `message`, `protocol`) under `transport` and `backend`, under the transports, under `connect`.
 
 pub mod backend;
@@ -35,6 +37,7 @@ pub mod memory;
 pub mod message;
 pub mod protocol;
 pub mod pyjson;
+pub mod tls;
 pub mod topic;
 pub mod transport;
 pub mod url;

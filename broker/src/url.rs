@@ -3,8 +3,9 @@
 //! Forms: `memory://[name]`, `redis://[:password@]host[:port][/db]`, `rediss://…` (TLS),
 //! `amqp://user:pass@host[:port][/vhost]`, `amqps://…` (TLS). Options go in the query string
 //! (`redis://localhost/0?global_keyprefix=app1:&visibility_timeout=600`); an option a transport does
-//! not know is an error, so a typo does not silently do nothing. A `/`, `?`, `#` or `@` in a password
-//! must be percent-encoded (`%2F`, `%3F`, `%23`, `%40`); an `@` after the host is an error.
+//! not know is an error, so a typo does not silently do nothing. The TLS options of `rediss://` and
+//! `amqps://` (CA file, client certificate) are read by [`crate::tls`]. A `/`, `?`, `#` or `@` in a
+//! password must be percent-encoded (`%2F`, `%3F`, `%23`, `%40`); an `@` after the host is an error.
 //!
 //! A URL may hold a password: every error and log line shows it through [`redact`]
 //! (`amqp://user:****@host//`), which hides the password also in a URL that does not parse.

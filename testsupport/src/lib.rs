@@ -6,6 +6,7 @@
 //! - [`process`]: child processes killed and reaped on drop, the `celerity` binary's command line;
 //! - [`rabbit`]: a RabbitMQ node of the test's own, with settings the shared one must not get, that a
 //!   test can crash and restart;
+//! - [`tls`]: a throwaway test CA (`openssl`) and a TLS-only `redis-server` of the test's own;
 //! - `worker` (feature `worker`): our worker running in the test's own process.
 //!
 //! The broker-level helpers that need no other crate stay in `celerity_broker::testkit` (the bench
@@ -16,6 +17,7 @@ pub mod faults;
 pub mod names;
 pub mod process;
 pub mod rabbit;
+pub mod tls;
 #[cfg(feature = "worker")]
 pub mod worker;
 
@@ -27,5 +29,6 @@ pub use faults::OutageBackend;
 pub use names::{unique, Transport, AMQP, PY_AMQP, REDIS};
 pub use process::{celerity_command, text, ChildGuard};
 pub use rabbit::PrivateRabbit;
+pub use tls::{TestPki, TlsRedis};
 #[cfg(feature = "worker")]
 pub use worker::{demo_registry, InProcessWorker};

@@ -6,11 +6,14 @@
 //! installed `/usr/lib/rabbitmq/bin/rabbitmq-server`. It is started in a process group of its own
 //! and that group is SIGKILLed when the guard drops, also when the test panics.
 //! [`PrivateRabbit::restart`] crashes the node the same way and boots it again on the same port
-//! and data (a broker restart under a running worker).
+//! and data (a broker restart under a running worker). [`PrivateRabbit::start_tls`] adds an
+//! `amqps://` listener presenting a [`TestPki`] certificate.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::tls::{free_port, TestPki};
 
 /// Where Debian/Ubuntu's package puts the server script.
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
@@ -25,18 +28,9 @@ pub struct PrivateRabbit {
     port: u16,
     /// The Erlang distribution port.
     dist: u16,
+    /// The `amqps://` listener's port, if started with [`PrivateRabbit::start_tls`].
+    tls_port: Option<u16>,
     dir: PathBuf,
-}
-
-/// A free TCP port on 127.0.0.1 (free when asked; the node binds it shortly after).
-fn free_port() -> Option<u16> {
-    Some(
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port(),
-    )
 }
 
 impl PrivateRabbit {
@@ -44,14 +38,42 @@ impl PrivateRabbit {
     /// without the brackets, e.g. `{consumer_timeout, 2000}, {channel_tick_interval, 500}`); `None`
     /// if RabbitMQ is not installed here or the node did not come up within a minute.
     pub async fn start(rabbit_env: &str) -> Option<PrivateRabbit> {
+        Self::create(rabbit_env, None).await
+    }
+
+    /// As [`PrivateRabbit::start`], plus an `amqps://` listener on 127.0.0.1 presenting the PKI's
+    /// `server.pem` (valid for `127.0.0.1` only); with `require_client_cert` it refuses clients
+    /// without a certificate signed by the test CA.
+    pub async fn start_tls(pki: &TestPki, require_client_cert: bool) -> Option<PrivateRabbit> {
+        Self::create("", Some((pki, require_client_cert))).await
+    }
+
+    async fn create(rabbit_env: &str, tls: Option<(&TestPki, bool)>) -> Option<PrivateRabbit> {
         if !std::path::Path::new(SERVER).exists() {
             return None;
         }
         let (port, dist) = (free_port()?, free_port()?);
+        let tls_port = match tls {
+            Some(_) => Some(free_port()?),
+            None => None,
+        };
         let dir =
             std::env::temp_dir().join(format!("celerity-rabbit-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
-        let conf = format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n");
+        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n");
+        if let (Some((pki, require)), Some(tls_port)) = (tls, tls_port) {
+            conf.push_str(&format!(
+                "listeners.ssl.local = 127.0.0.1:{tls_port}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = {require}\n",
+                pki.file("ca.pem"),
+                pki.file("server.pem"),
+                pki.file("server.key"),
+            ));
+        }
         let advanced = format!("[{{rabbit, [{rabbit_env}]}}].\n");
         let written = std::fs::write(dir.join("rabbitmq.conf"), conf).is_ok()
             && std::fs::write(dir.join("advanced.config"), advanced).is_ok()
@@ -64,6 +86,7 @@ impl PrivateRabbit {
             child: None,
             port,
             dist,
+            tls_port,
             dir,
         };
         if node.boot().await {
@@ -140,6 +163,11 @@ impl PrivateRabbit {
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f` (lapin's and our spelling of vhost `/`).
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The `amqps://` listener's port (a node started with [`PrivateRabbit::start_tls`]).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
     }
 }
 

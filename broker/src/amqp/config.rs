@@ -7,16 +7,23 @@
 //! (`classic` | `quorum`), `heartbeat` (seconds, default 60), `connect_timeout` (seconds, default 5),
 //! `consumer_timeout` (seconds; asks RabbitMQ to allow a consumer's delivery that long unacked, see
 //! [`AmqpConfig::consumer_args`]), and lapin's own `frame_max` (default here [`DEFAULT_FRAME_MAX`],
-//! see there), `channel_max`, `auth_mechanism`.
+//! see there), `channel_max`, `auth_mechanism`. On `amqps://`, the TLS options of [`crate::tls`]:
+//! `ssl_ca_certs` (added to the system's roots), `ssl_certfile` and `ssl_keyfile` (a client
+//! certificate), `ssl_cert_reqs` (`required`/`optional` only: lapin cannot turn verification off).
+//! kombu takes these as `broker_use_ssl` transport options, not in the URL; the names are the same
+//! as its `ssl` dictionary's keys (`ca_certs`, `certfile`, `keyfile`, `cert_reqs`), with redis-py's
+//! `ssl_` prefix, so one spelling serves both brokers.
 
 use std::time::Duration;
 
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::{
     AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo, SASLMechanism,
 };
 
 use crate::error::{BrokerError, Result};
+use crate::tls::TlsOptions;
 use crate::url::{percent_decode, BrokerUrl};
 
 const KNOWN_OPTIONS: &[&str] = &[
@@ -56,6 +63,8 @@ pub(crate) struct AmqpConfig {
     /// servers ignore the argument. A consumer argument, unlike the queue argument of the same name,
     /// leaves the queue's declaration as Celery makes it.
     pub consumer_args: FieldTable,
+    /// The URL's TLS options (`amqps://` only; its `Debug` hides the key).
+    pub tls: Option<TlsOptions>,
 }
 
 /// RabbitMQ's largest consumer timeout, in milliseconds (a signed 32-bit count).
@@ -64,11 +73,13 @@ const MAX_CONSUMER_TIMEOUT_MS: f64 = 2_147_483_647.0;
 impl AmqpConfig {
     /// Reads and checks the URL.
     pub fn from_url(url: &BrokerUrl) -> Result<Self> {
-        url.check_options(KNOWN_OPTIONS)?;
+        url.check_options(&[KNOWN_OPTIONS, crate::tls::OPTIONS].concat())?;
         let invalid = |reason: String| BrokerError::InvalidUrl {
             url: url.redacted(),
             reason,
         };
+        let tls = TlsOptions::from_url(url)?;
+        crate::tls::lapin_config(tls.as_ref()).map_err(invalid)?;
         let base = &url.base;
         let scheme = if url.tls {
             AMQPScheme::AMQPS
@@ -171,7 +182,13 @@ impl AmqpConfig {
             queue_args,
             quorum,
             consumer_args,
+            tls,
         })
+    }
+
+    /// lapin's TLS settings: the URL's CA (added to the system roots) and client certificate.
+    pub fn tls_config(&self) -> std::result::Result<OwnedTLSConfig, String> {
+        crate::tls::lapin_config(self.tls.as_ref())
     }
 }
 
@@ -260,6 +277,14 @@ mod tests {
         assert!(cfg("amqp://h//?typo=1").is_err());
         assert!(cfg("amqp://h//?connect_timeout=0").is_err());
         assert!(cfg("amqp://h/%zz").is_err());
+        // TLS options: only on amqps://, and verification cannot be turned off.
+        assert!(cfg("amqp://h//?ssl_cert_reqs=required").is_err());
+        assert!(cfg("amqps://h//?ssl_cert_reqs=required")
+            .unwrap()
+            .tls
+            .is_some());
+        assert!(cfg("amqps://h//?ssl_cert_reqs=none").is_err());
+        assert!(cfg("amqps://h//?ssl_ca_certs=/nonexistent/ca.pem").is_err());
     }
 
     #[test]

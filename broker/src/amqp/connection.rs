@@ -33,7 +33,6 @@ impl From<lapin::Error> for Failure {
 pub(crate) async fn connect(config: &AmqpConfig, role: &str) -> Result<Connection, Failure> {
     let props =
         ConnectionProperties::default().with_connection_name(format!("celerity-{role}").into());
-    let attempt = Connection::connect_uri(config.uri.clone(), props);
     let failed = |reason: String, fatal| Failure {
         error: BrokerError::Connect {
             url: config.redacted.clone(),
@@ -41,6 +40,10 @@ pub(crate) async fn connect(config: &AmqpConfig, role: &str) -> Result<Connectio
         },
         fatal,
     };
+    // A CA or client certificate that does not parse will not parse next time either.
+    let tls = config.tls_config().map_err(|e| failed(e, true))?;
+    let runtime = lapin::runtime::default_runtime().map_err(|e| failed(e.to_string(), true))?;
+    let attempt = Connection::connect_uri_with_config(config.uri.clone(), props, tls, runtime);
     match tokio::time::timeout(config.connect_timeout, attempt).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(failed(e.to_string(), is_fatal(&e))),

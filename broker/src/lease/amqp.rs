@@ -50,6 +50,8 @@ pub const TOKEN_REFRESH: Duration = Duration::from_secs(60);
 /// A candidate's place in the lock queue's line of consumers.
 pub struct AmqpLease {
     uri: String,
+    /// The URL's TLS options for lapin, or why they are unusable (reported when joining).
+    tls: std::result::Result<lapin::tcp::OwnedTLSConfig, String>,
     /// Names our connections in RabbitMQ's list: `<role> <queue> <uuid>`.
     role: String,
     redacted: String,
@@ -92,8 +94,15 @@ impl AmqpLease {
             base.set_path("/%2f");
         }
         base.set_query(Some("heartbeat=10"));
+        let tls = crate::tls::TlsOptions::from_url(url)
+            .map_err(|e| match e {
+                BrokerError::InvalidUrl { reason, .. } => reason,
+                other => other.to_string(),
+            })
+            .and_then(|tls| crate::tls::lapin_config(tls.as_ref()));
         AmqpLease {
             uri: base.to_string(),
+            tls,
             role: role.to_owned(),
             redacted: url.redacted(),
             queue: queue.to_owned(),
@@ -227,7 +236,13 @@ impl AmqpLease {
         let props = ConnectionProperties::default().with_connection_name(
             format!("{} {} {}", self.role, self.queue, uuid::Uuid::new_v4()).into(),
         );
-        let conn = tokio::time::timeout(STEP, Connection::connect(&self.uri, props))
+        let tls = self.tls.clone().map_err(|reason| BrokerError::InvalidUrl {
+            url: self.redacted.clone(),
+            reason,
+        })?;
+        let runtime = lapin::runtime::default_runtime().map_err(|e| connect_err(e.to_string()))?;
+        let connecting = Connection::connect_with_config(&self.uri, props, tls, runtime);
+        let conn = tokio::time::timeout(STEP, connecting)
             .await
             .map_err(|_| connect_err(format!("no answer within {} s", STEP.as_secs())))?
             .map_err(|e| connect_err(e.to_string()))?;

@@ -18,8 +18,9 @@
 //!   `shared.rs` (the parts import it, never this file).
 //!
 //! URL options: `global_keyprefix` (prefix of every key, as kombu's), `visibility_timeout` (seconds,
-//! default 3600), `restore_interval` (seconds between sweeps, default 10). Needs Redis ≥ 6.2 (`BLMOVE`,
-//! `RPOP` with a count, `ZRANGE … BYSCORE`).
+//! default 3600), `restore_interval` (seconds between sweeps, default 10), and on `rediss://` the TLS
+//! options of [`crate::tls`] (`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs`).
+//! Needs Redis ≥ 6.2 (`BLMOVE`, `RPOP` with a count, `ZRANGE … BYSCORE`).
 
 mod ack;
 mod consumer;
@@ -76,7 +77,7 @@ impl RedisBroker {
     /// Connects to the Redis server `url` names. Fails with [`BrokerError::Connect`] within a few
     /// seconds if it is unreachable, and with [`BrokerError::InvalidUrl`] on a bad or unknown option.
     pub async fn connect(url: &BrokerUrl) -> Result<Self> {
-        url.check_options(OPTIONS)?;
+        url.check_options(&[OPTIONS, crate::tls::OPTIONS].concat())?;
         let invalid = |reason: String| BrokerError::InvalidUrl {
             url: url.redacted(),
             reason,
@@ -98,8 +99,7 @@ impl RedisBroker {
                 "restore_interval must be a number of seconds > 0".into(),
             ));
         }
-        let client =
-            redis::Client::open(client_url(url).as_str()).map_err(|e| invalid(e.to_string()))?;
+        let client = crate::tls::redis_client(url, &client_url(url))?;
         let connect_error = |reason: String| BrokerError::Connect {
             url: url.redacted(),
             reason,

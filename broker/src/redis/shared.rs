@@ -50,8 +50,7 @@ pub async fn connect_manager(url: &BrokerUrl) -> Result<ConnectionManager> {
         url: url.redacted(),
         reason,
     };
-    let client =
-        redis::Client::open(client_url(url).as_str()).map_err(|e| connect_error(e.to_string()))?;
+    let client = crate::tls::redis_client(url, &client_url(url))?;
     first_connection(client, url.tls)
         .await
         .map_err(connect_error)

@@ -1,7 +1,8 @@
 //! The `amqp://` transport against the real RabbitMQ at 127.0.0.1:5672 (guest/guest), one module
 //! per behaviour: delivery, acks and prefetch (`delivery`), what Celery sees and sends
 //! (`celery_compat`), lost connections, deleted queues and closing (`connections`), and RabbitMQ's
-//! consumer timeout (`consumer_timeout`, on a private node).
+//! consumer timeout (`consumer_timeout`, on a private node), and `amqps://` with a test CA (`tls`, on
+//! a private node with a TLS listener).
 //!
 //! Every test uses its own queue names (with a uuid) and deletes its queues and exchanges at the end,
 //! even when it fails (a drop guard). The forced-disconnect test uses `rabbitmqctl`; the interop tests
@@ -105,3 +106,4 @@ mod celery_compat;
 mod connections;
 mod consumer_timeout;
 mod delivery;
+mod tls;

@@ -1,7 +1,8 @@
 //! Integration tests of the `redis://` transport against the real Redis at 127.0.0.1:6379, one
 //! module per behaviour: plain delivery (`delivery`), what happens to unacked messages (`unacked`),
 //! what lies in Redis and interop with the real kombu (`wire`), idle waiting and lost connections
-//! (`connections`), and the wait lock a pool's consumers share (`pool_waiting`).
+//! (`connections`), the wait lock a pool's consumers share (`pool_waiting`), and `rediss://` with a
+//! test CA against TLS-only servers of the test's own (`tls`).
 //!
 //! Every test uses its own `global_keyprefix` (with a uuid), so tests run in parallel, and deletes
 //! every `<prefix>*` key when it ends (even on panic). The kombu interop test runs in the pinned
@@ -125,5 +126,6 @@ fn queue(name: &str) -> Vec<String> {
 mod connections;
 mod delivery;
 mod pool_waiting;
+mod tls;
 mod unacked;
 mod wire;

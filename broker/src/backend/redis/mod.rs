@@ -10,7 +10,9 @@
 //!
 //! URL options: `global_keyprefix` (Celery's rule: `_` is appended unless it ends in one of `:_-.`),
 //! `result_expires` (whole seconds, default 86400, 0 = never), `poll_interval` (seconds, default 1.0,
-//! at most a day: how often a waiter reads the key in case a notification was missed).
+//! at most a day: how often a waiter reads the key in case a notification was missed), and on
+//! `rediss://` the TLS options of [`crate::tls`] (`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`,
+//! `ssl_cert_reqs`, as Celery's Redis backend spells them).
 //!
 //! Waiting uses one shared pub/sub connection ([`listener`]); a waiter subscribes first and reads
 //! second, so a result stored in between is never missed.
@@ -68,7 +70,7 @@ impl RedisBackend {
     /// Connects, failing within a few seconds with [`BrokerError::Connect`] if the server cannot be
     /// reached (or refuses our credentials).
     pub async fn connect(url: &BrokerUrl) -> Result<Self> {
-        url.check_options(OPTIONS)?;
+        url.check_options(&[OPTIONS, crate::tls::OPTIONS].concat())?;
         let global_prefix = url.option::<String>("global_keyprefix")?;
         let expires = url
             .option::<u64>("result_expires")?
@@ -86,10 +88,7 @@ impl RedisBackend {
                     ),
                 })?,
         };
-        let client = redis::Client::open(client_url(url)).map_err(|e| BrokerError::InvalidUrl {
-            url: url.redacted(),
-            reason: e.to_string(),
-        })?;
+        let client = crate::tls::redis_client(url, &client_url(url))?;
         let connect_error = |reason: String| BrokerError::Connect {
             url: url.redacted(),
             reason,
