@@ -205,7 +205,7 @@ async fn hostile_messages_on_rabbitmq() {
     let raw = Raw::connect().await;
     let mut g = Gen::new(crate::seed() ^ 0xa3, "amqpraw");
     let extra = raw_cases(&mut g, 100);
-    let run = Run::new("amqp", broker, backend, RunRaw::Amqp(raw));
+    let run = Run::new("amqp", broker, backend, RunRaw::Amqp(Box::new(raw)));
     run.go(crate::count(), crate::seed(), extra).await;
 }
 

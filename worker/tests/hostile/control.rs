@@ -29,7 +29,7 @@ pub fn messages(rng: &mut Rng, node: &str, count: usize) -> Vec<Message> {
 }
 
 fn raw(rng: &mut Rng) -> Message {
-    let body: &[u8] = *rng.pick(&[
+    let body: &[u8] = rng.pick::<&[u8]>(&[
         &b"[]"[..],
         b"null",
         b"\"ping\"",

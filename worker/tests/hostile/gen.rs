@@ -162,7 +162,7 @@ impl Gen {
                 let cut = g.rng.below(m.body.len() as u64) as usize;
                 let junk: &[&[u8]] = &[b"", b"{", b"]]]", b"\"", b",", b"nul", b"\\u12"];
                 m.body.truncate(cut);
-                let j: &[u8] = *g.rng.pick::<&[u8]>(junk);
+                let j: &[u8] = g.rng.pick::<&[u8]>(junk);
                 m.body.extend_from_slice(j);
                 if m.body.is_empty() || serde_json::from_slice::<Value>(&m.body).is_ok() {
                     m.body = b"[[1, 2], {}, {".to_vec();
@@ -171,7 +171,7 @@ impl Gen {
             "bad-utf8-body" => self.case(kind, Refused, |g, m| {
                 let bad: &[&[u8]] = &[b"\xff\xfe", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"];
                 let mut body = b"[[\"".to_vec();
-                let b: &[u8] = *g.rng.pick::<&[u8]>(bad);
+                let b: &[u8] = g.rng.pick::<&[u8]>(bad);
                 body.extend_from_slice(b);
                 body.extend_from_slice(b"\", 2], {}, {}]");
                 m.body = body;
@@ -289,7 +289,7 @@ impl Gen {
                     body.push_str(if g.rng.below(2) == 0 { "[" } else { "{\"a\":" });
                 }
                 // An unclosed nest is fine too: the depth is the point.
-                body.push_str("1");
+                body.push('1');
                 m.body = body.into_bytes();
             }),
             "bad-embed" => self.case(kind, Refused, |g, m| {

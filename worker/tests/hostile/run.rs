@@ -22,7 +22,7 @@ pub enum Raw {
         conn: ::redis::aio::MultiplexedConnection,
         prefix: String,
     },
-    Amqp(crate::amqp::Raw),
+    Amqp(Box<crate::amqp::Raw>),
 }
 
 pub struct Run {
