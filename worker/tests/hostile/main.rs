@@ -13,6 +13,7 @@ mod amqp;
 mod control;
 mod gen;
 mod redis;
+mod regressions;
 mod run;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
