@@ -79,3 +79,42 @@ async fn hostile_messages_on_redis() {
     run.go(crate::count(), crate::seed(), extra).await;
     delete_redis_prefix(&prefix).await;
 }
+
+/// Jobs published with priority 255 (Redis maps it to the last step, 9) are all served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_priority_255_are_all_served_on_redis() {
+    let prefix = format!("{}:", celerity_testsupport::unique("hostile-prio"));
+    let _cleanup = celerity_testsupport::Cleanup::new().redis_prefix(prefix.clone());
+    let broker = connect_broker(&format!("{REDIS}?global_keyprefix={prefix}"))
+        .await
+        .unwrap();
+    let backend = connect_backend(REDIS).await.unwrap();
+    let queue = celerity_testsupport::unique("prio");
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let t = celerity_broker::protocol::TaskMessage::new(
+            "demo.add",
+            vec![json!(i), json!(1)],
+            serde_json::Map::new(),
+        );
+        let mut m = t.encode();
+        m.properties.priority = if i % 2 == 0 { 255 } else { 9 };
+        broker.publish(&queue, &m).await.unwrap();
+        ids.push((t.id().to_owned(), i + 1));
+    }
+    let worker = celerity_testsupport::InProcessWorker::demo(
+        broker.clone(),
+        Some(backend.clone()),
+        &queue,
+        4,
+    );
+    for (id, sum) in &ids {
+        let meta = backend
+            .wait(id, Some(std::time::Duration::from_secs(20)))
+            .await
+            .unwrap();
+        assert_eq!(meta.result, json!(sum));
+        let _ = backend.forget(id).await;
+    }
+    worker.stop().await;
+}

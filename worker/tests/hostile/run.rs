@@ -71,16 +71,24 @@ impl Run {
         let mut cases: Vec<Case> = g.huge();
         cases.push(g.one("deep-chain"));
         cases.push(g.one("deep-chain"));
+        // `CELERITY_HOSTILE_KINDS=a,b` narrows a run to some kinds (`raw`: the transport's own).
+        let only = std::env::var("CELERITY_HOSTILE_KINDS").unwrap_or_default();
+        let wanted = |k: &str| only.is_empty() || only.split(',').any(|o| o == k);
         let plain: Vec<&'static str> = KINDS
             .iter()
             .copied()
-            .filter(|k| *k != "deep-chain")
+            .filter(|k| *k != "deep-chain" && wanted(k))
             .collect();
+        if !only.is_empty() {
+            cases.clear();
+        }
         while cases.len() + extra.len() < count {
             let kind = *g.rng.pick(&plain);
             cases.push(g.one(kind));
         }
-        cases.extend(extra);
+        if wanted("raw") {
+            cases.extend(extra);
+        }
         // Shuffle (Fisher–Yates) so the huge and raw ones sit among the rest.
         for i in (1..cases.len()).rev() {
             let j = g.rng.below(i as u64 + 1) as usize;
