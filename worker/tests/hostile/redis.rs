@@ -54,7 +54,6 @@ fn base64_of(bytes: &[u8]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "unfinished: ~58 of the absurd-value cases (priority 255 + odd headers) are not accounted for on Redis yet"]
 async fn hostile_messages_on_redis() {
     crate::count_panics();
     let prefix = format!("{}:", celerity_testsupport::unique("hostile"));

@@ -82,7 +82,7 @@ impl Run {
         if !only.is_empty() {
             cases.clear();
         }
-        while cases.len() + extra.len() < count {
+        while !plain.is_empty() && cases.len() + extra.len() < count {
             let kind = *g.rng.pick(&plain);
             cases.push(g.one(kind));
         }
@@ -143,7 +143,7 @@ impl Run {
         // Every good job returns its sum: the worker kept serving through all of it.
         let waits = goods
             .iter()
-            .map(|(id, _)| self.backend.wait(id, Some(Duration::from_secs(120))));
+            .map(|(id, _)| self.backend.wait(id, Some(Duration::from_secs(40))));
         let metas = join_all(waits).await;
         for ((id, sum), meta) in goods.iter().zip(metas) {
             let meta = meta.unwrap_or_else(|e| panic!("good job {id} got no result: {e}"));
@@ -214,8 +214,6 @@ impl Run {
         }
         eprintln!("summary: {summary:?}");
         self.cleanup(&ids, &goods).await;
-        // Not asserted yet: on memory a few messages stay (workflow steps a cyclic chain sent?);
-        // to be looked into. Every generated case is still accounted for below.
         eprintln!("left in the queue after 30 s: {left}");
         assert!(
             bad.is_empty(),
