@@ -1,7 +1,7 @@
 //! One hostile run on one broker: publish the cases with good jobs between them, let the worker
 //! take them all, then account for every case and print the table.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -350,6 +350,5 @@ impl Run {
         if let Raw::Amqp(_) = self.raw {
             celerity_testsupport::delete_amqp_queue(&self.queue).await;
         }
-        let _: HashSet<()> = HashSet::new();
     }
 }
