@@ -44,6 +44,13 @@ const KNOWN_OPTIONS: &[&str] = &[
 /// split into more body frames, which changes nothing on the wire that a consumer sees.
 pub(crate) const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 
+/// What a *consuming* connection offers unless the URL sets `frame_max`: RabbitMQ's (and py-amqp's)
+/// default. A message's header frame (properties and headers) is never split, and RabbitMQ sends it
+/// whole whatever the consumer's `frame_max`; a Celery producer may publish headers up to 128 KiB,
+/// and one over our 16 KiB used to make every consumer that took it lose its connection, get it
+/// again, and never receive anything else. Costs ~7 MiB more per worker process (lapin's buffers).
+pub(crate) const CONSUMER_FRAME_MAX: u32 = 128 * 1024;
+
 /// Everything the transport needs from its URL.
 #[derive(Debug, Clone)]
 pub(crate) struct AmqpConfig {
@@ -65,6 +72,8 @@ pub(crate) struct AmqpConfig {
     pub consumer_args: FieldTable,
     /// The URL's TLS options (`amqps://` only; its `Debug` hides the key).
     pub tls: Option<TlsOptions>,
+    /// `frame_max` for consuming connections ([`CONSUMER_FRAME_MAX`] unless the URL sets one).
+    pub consumer_frame_max: u32,
 }
 
 /// RabbitMQ's largest consumer timeout, in milliseconds (a signed 32-bit count).
@@ -119,6 +128,7 @@ impl AmqpConfig {
             None => None,
             Some(m) => Some(m.parse::<SASLMechanism>().map_err(invalid)?),
         };
+        let frame_max: Option<u32> = url.option("frame_max")?;
         let uri = AMQPUri {
             scheme,
             authority: AMQPAuthority {
@@ -128,7 +138,7 @@ impl AmqpConfig {
             },
             vhost,
             query: AMQPQueryString {
-                frame_max: Some(url.option("frame_max")?.unwrap_or(DEFAULT_FRAME_MAX)),
+                frame_max: Some(frame_max.unwrap_or(DEFAULT_FRAME_MAX)),
                 channel_max: url.option("channel_max")?,
                 heartbeat: Some(heartbeat),
                 connection_timeout: Some(
@@ -183,6 +193,7 @@ impl AmqpConfig {
             quorum,
             consumer_args,
             tls,
+            consumer_frame_max: frame_max.unwrap_or(CONSUMER_FRAME_MAX),
         })
     }
 
@@ -241,6 +252,16 @@ mod tests {
                 .query
                 .frame_max,
             Some(131_072)
+        );
+        assert_eq!(
+            cfg("amqp://localhost//").unwrap().consumer_frame_max,
+            CONSUMER_FRAME_MAX
+        );
+        assert_eq!(
+            cfg("amqp://localhost//?frame_max=8192")
+                .unwrap()
+                .consumer_frame_max,
+            8192
         );
     }
 

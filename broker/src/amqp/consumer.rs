@@ -107,8 +107,11 @@ impl AmqpConsumer {
         prefetch: usize,
         shutdown: CancellationToken,
     ) -> Result<Self> {
+        // A consumer takes whatever producers sent: it offers a frame big enough for any header.
+        let mut own = AmqpConfig::clone(&config);
+        own.uri.query.frame_max = Some(own.consumer_frame_max);
         let mut consumer = AmqpConsumer {
-            config,
+            config: Arc::new(own),
             publisher,
             queues,
             prefetch: qos_count(prefetch),

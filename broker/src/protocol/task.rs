@@ -257,6 +257,22 @@ impl Embed {
                 kind(&chord)
             )));
         }
+        // Every step must read as a signature now: a step found broken only after the job ran
+        // could neither be sent nor dropped, and the job would come round for ever.
+        for (name, v) in [
+            ("callbacks", &callbacks),
+            ("errbacks", &errbacks),
+            ("chain", &chain),
+        ] {
+            super::Signature::list_from_value(v).map_err(|e| {
+                BrokerError::malformed(format_args!("body: embed.{name}: {}", reason(&e)))
+            })?;
+        }
+        if !chord.is_null() {
+            super::Signature::from_value(&chord).map_err(|e| {
+                BrokerError::malformed(format_args!("body: embed.chord: {}", reason(&e)))
+            })?;
+        }
         Ok(Embed {
             callbacks,
             errbacks,
@@ -289,6 +305,14 @@ impl Embed {
             && empty(&self.errbacks)
             && empty(&self.chain)
             && self.chord.is_null()
+    }
+}
+
+/// The text of a decoding error without its "malformed message" preamble.
+fn reason(e: &BrokerError) -> String {
+    match e {
+        BrokerError::Malformed(what) => what.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -534,6 +558,24 @@ fn check_content(message: &Message) -> Result<()> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Workflow steps that are not signatures are refused when the message is read, naming the
+    /// field, instead of after the job ran.
+    #[test]
+    fn an_embed_step_that_is_not_a_signature_is_refused() {
+        for (embed, field) in [
+            (json!({"errbacks": [{"options": "x"}]}), "embed.errbacks"),
+            (json!({"chain": [1, 2, 3]}), "embed.chain"),
+            (json!({"chain": [{"task": 5}]}), "embed.chain"),
+            (json!({"callbacks": [{"args": 7}]}), "embed.callbacks"),
+            (json!({"chord": {"task": null}}), "embed.chord"),
+        ] {
+            let mut m = TaskMessage::new("demo.add", vec![json!(1)], Map::new()).encode();
+            m.body = json!([[1], {}, embed]).to_string().into_bytes();
+            let e = TaskMessage::decode(&m).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+    }
 
     /// Headers and body of a message Celery 5.7 published (`send_task('demo.add', (2, 3),
     /// kwargs={'z': 'héllo ☃'}, countdown=5, expires=60, priority=3, time_limit=10, soft_time_limit=5.5)`).

@@ -2,7 +2,7 @@
 //! undecodable message is dead-lettered), start showing it to `inspect`, skip it if the backend
 //! already holds its final state (finishing its workflow steps instead), if it was revoked, if its
 //! task is unknown (FAILURE) or if it expired (REVOKED); wait for its ETA (or park it on the broker
-//! when it is far off); then wait for the task's rate limit and a free slot, and check the revoke
+//! when it is far off; fail it when it is over 100 years away); then wait for the task's rate limit and a free slot, and check the revoke
 //! once more. Every path that does not admit the job settles it (or leaves it for redelivery).
 
 use chrono::Utc;
@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use celerity_broker::backend::ExceptionInfo;
 use celerity_broker::protocol::TaskMessage;
 use celerity_broker::{Delivery, State};
+use celerity_client::MAX_DELAY;
 
 use crate::jobs::{JobGuard, Outcome};
 use crate::registry::Registered;
@@ -112,6 +113,33 @@ impl Processor {
         self.settle(delivery, Settle::Ack).await;
     }
 
+    /// A job due more than [`MAX_DELAY`] (100 years) from now — a unit mix-up or a hostile
+    /// message — fails (`ValueError`) instead of being held or parked for ever, as the client
+    /// refuses to send one.
+    async fn refuse_far_eta(&self, delivery: Delivery, message: &TaskMessage, eta: &str) {
+        tracing::error!(
+            id = message.id(),
+            task = message.task(),
+            eta,
+            "ETA more than 100 years away; failing it"
+        );
+        let exc = ExceptionInfo::new(
+            "ValueError",
+            format!("eta {eta} is more than 100 years away"),
+            "builtins",
+        );
+        self.events.failed("task-failed", message.id(), &exc, "");
+        let stored = self
+            .results
+            .store_outcome(failure_meta(message, &exc, None))
+            .await;
+        if stored.is_err() {
+            return self.settle(delivery, Settle::Requeue).await;
+        }
+        self.jobs.count(Outcome::Failed);
+        self.settle(delivery, Settle::Ack).await;
+    }
+
     /// A job past its `expires` is stored as REVOKED (`TaskRevokedError: expired`) and not run.
     async fn skip_expired(&self, delivery: Delivery, message: &TaskMessage) -> Option<Delivery> {
         match message.headers.expires {
@@ -150,6 +178,10 @@ impl Processor {
             return Some(delivery);
         };
         let wait = (eta.to_utc() - Utc::now()).to_std().unwrap_or_default();
+        if wait > MAX_DELAY {
+            Box::pin(self.refuse_far_eta(delivery, message, &eta.to_rfc3339())).await;
+            return None;
+        }
         let due = std::time::SystemTime::now() + wait;
         if wait > self.park_after && delivery.can_park(due) {
             match delivery.park(due).await {
