@@ -96,21 +96,7 @@ impl Processor {
             format!("'{}'", message.task()),
             "celery.exceptions",
         );
-        self.events.failed("task-failed", message.id(), &exc, "");
-        let stored = self
-            .results
-            .store_outcome(failure_meta(message, &exc, None))
-            .await;
-        if stored.is_err() {
-            return self.settle(delivery, Settle::Requeue).await;
-        }
-        self.jobs.count(Outcome::Failed);
-        let canvas = self.canvas(&delivery.queue);
-        if let Err(e) = Box::pin(canvas.on_failure(message, &exc, None)).await {
-            tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; giving the job back");
-            return self.settle(delivery, Settle::Later).await;
-        }
-        self.settle(delivery, Settle::Ack).await;
+        self.fail_unrun(delivery, message, exc).await;
     }
 
     /// A job due more than [`MAX_DELAY`] (100 years) from now — a unit mix-up or a hostile
@@ -128,6 +114,12 @@ impl Processor {
             format!("eta {eta} is more than 100 years away"),
             "builtins",
         );
+        self.fail_unrun(delivery, message, exc).await;
+    }
+
+    /// Fails a job that will not run with `exc`: FAILURE stored, the workflow's failure steps
+    /// done, then acked (given back if the backend or the steps cannot be reached).
+    async fn fail_unrun(&self, delivery: Delivery, message: &TaskMessage, exc: ExceptionInfo) {
         self.events.failed("task-failed", message.id(), &exc, "");
         let stored = self
             .results
@@ -137,6 +129,11 @@ impl Processor {
             return self.settle(delivery, Settle::Requeue).await;
         }
         self.jobs.count(Outcome::Failed);
+        let canvas = self.canvas(&delivery.queue);
+        if let Err(e) = Box::pin(canvas.on_failure(message, &exc, None)).await {
+            tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; giving the job back");
+            return self.settle(delivery, Settle::Later).await;
+        }
         self.settle(delivery, Settle::Ack).await;
     }
 
