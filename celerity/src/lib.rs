@@ -56,6 +56,7 @@ struct WorkerCli {
 /// level, default `info`). Returns the process exit code.
 pub fn worker_main(registry: celerity_worker::Registry) -> ExitCode {
     use clap::Parser;
+    reserve_thread_stacks();
     let args = WorkerCli::parse();
     init_logging("info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -74,6 +75,20 @@ pub fn worker_main(registry: celerity_worker::Registry) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// The stack a thread gets when its spawner names no size (`RUST_MIN_STACK`), unless the
+/// environment sets one: 256 MiB of address space, touched only as deep as a thread recurses.
+const THREAD_STACK: &str = "268435456";
+
+/// Gives threads spawned without a stack size — lapin's I/O thread among them, whose recursive
+/// frame parser reads AMQP header tables — room for the deepest table a 128 KiB frame can hold
+/// (about 18,000 levels), instead of the default 2 MiB that ~500 levels overflow, aborting the
+/// worker. Call first thing in `main`, before any thread is spawned (the value is read once).
+pub fn reserve_thread_stacks() {
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        std::env::set_var("RUST_MIN_STACK", THREAD_STACK);
     }
 }
 

@@ -47,6 +47,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    celerity::reserve_thread_stacks();
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Worker(_) | Command::Beat(_)) {
         "info"

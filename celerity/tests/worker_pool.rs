@@ -426,3 +426,77 @@ async fn a_remote_shutdown_stops_the_whole_pool() {
     drop(pool);
     delete_redis_prefix(&prefix).await;
 }
+
+/// A header table nested 5,000 deep (RabbitMQ takes it; a 128 KiB frame holds ~18,000 levels) used
+/// to overflow lapin's I/O thread's default 2 MiB stack and abort the worker. The `celerity` binary
+/// gives such threads room (`reserve_thread_stacks`), and our own reading stops at 64 levels: the
+/// worker lives on and serves the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_amqp_header_does_not_kill_the_worker() {
+    let q = unique();
+    let backend = format!("{REDIS}?global_keyprefix={q}:");
+    let mut pool = Pool::start(AMQP, &backend, &q, &["-P", "0", "-c", "2"]);
+    let c = client(AMQP, &backend).await;
+    assert_pool_adds(&c, &q).await;
+    // Published by this test binary run again with room on its own stacks (lapin writes the table
+    // recursively on its I/O thread, and the room must be there before the first thread starts).
+    let exe = std::env::current_exe().unwrap();
+    let published = Command::new(exe)
+        .args(["--exact", "deep_header_publisher", "--nocapture"])
+        .env("CELERITY_DEEP_HEADER_QUEUE", &q)
+        .env("RUST_MIN_STACK", "268435456")
+        .status()
+        .unwrap();
+    assert!(published.success(), "the publisher failed");
+    assert_pool_adds(&c, &q).await;
+    assert!(
+        pool.wait_exit(Duration::from_millis(200)).is_none(),
+        "the worker died"
+    );
+    drop(pool);
+    delete_amqp_queue(&q).await;
+    delete_redis_prefix(&q).await;
+}
+
+/// Helper of the test above (does nothing unless it sets `CELERITY_DEEP_HEADER_QUEUE`): publishes
+/// one message whose header table is nested 5,000 deep.
+#[tokio::test]
+async fn deep_header_publisher() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let Ok(q) = std::env::var("CELERITY_DEEP_HEADER_QUEUE") else {
+        return;
+    };
+    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut v = AMQPValue::Boolean(true);
+    for _ in 0..5_000 {
+        let mut t = FieldTable::default();
+        t.insert("a".into(), v);
+        v = AMQPValue::FieldTable(t);
+    }
+    let mut headers = FieldTable::default();
+    headers.insert("deep".into(), v);
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    channel
+        .basic_publish(
+            "".into(),
+            q.as_str().into(),
+            BasicPublishOptions::default(),
+            b"[[], {}, {}]",
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = conn.close(200, "OK".into()).await;
+}

@@ -6,6 +6,10 @@
 //! Decimal (→ exact decimal string), Timestamp (→ ISO-8601 UTC string), ShortString, ByteArray
 //! (→ lossy UTF-8 string). Non-finite floats read as null.
 //!
+//! Reading stops at [`MAX_DEPTH`] levels of nesting: a deeper table or array reads as a string
+//! saying so (the message then fails to decode and is dead-lettered), so a hostile header cannot
+//! overflow the reader's stack or build a JSON value too deep to drop.
+//!
 //! lapin's `FieldTable` is a `BTreeMap`, so header keys travel sorted by name (key order carries no
 //! meaning on AMQP).
 
@@ -24,13 +28,25 @@ pub(crate) fn to_table(map: &Map<String, Value>) -> Result<FieldTable> {
     Ok(table)
 }
 
+/// Most levels of nested tables and arrays read from a header (serde_json parses at most 128).
+pub(crate) const MAX_DEPTH: usize = 64;
+
 /// Converts an AMQP table into a JSON object.
 pub(crate) fn from_table(table: &FieldTable) -> Map<String, Value> {
+    table_at(table, 0)
+}
+
+fn table_at(table: &FieldTable, depth: usize) -> Map<String, Value> {
     table
         .inner()
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), from_value(v)))
+        .map(|(k, v)| (k.as_str().to_owned(), from_value(v, depth)))
         .collect()
+}
+
+/// What a table or array nested past [`MAX_DEPTH`] reads as.
+fn too_deep() -> Value {
+    Value::String(format!("<nested deeper than {MAX_DEPTH} levels>"))
 }
 
 /// An AMQP short string (at most 255 bytes); `what` names it in the error.
@@ -64,7 +80,7 @@ fn to_value(v: &Value) -> Result<AMQPValue> {
     })
 }
 
-fn from_value(v: &AMQPValue) -> Value {
+fn from_value(v: &AMQPValue, depth: usize) -> Value {
     match v {
         AMQPValue::Void => Value::Null,
         AMQPValue::Boolean(b) => Value::Bool(*b),
@@ -82,8 +98,14 @@ fn from_value(v: &AMQPValue) -> Value {
         AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
         AMQPValue::LongString(s) => Value::String(String::from_utf8_lossy(s.as_bytes()).into()),
         AMQPValue::ByteArray(b) => Value::String(String::from_utf8_lossy(b.as_slice()).into()),
-        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(from_value).collect()),
-        AMQPValue::FieldTable(t) => Value::Object(from_table(t)),
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) if depth >= MAX_DEPTH => too_deep(),
+        AMQPValue::FieldArray(a) => Value::Array(
+            a.as_slice()
+                .iter()
+                .map(|v| from_value(v, depth + 1))
+                .collect(),
+        ),
+        AMQPValue::FieldTable(t) => Value::Object(table_at(t, depth + 1)),
         AMQPValue::Timestamp(t) => i64::try_from(*t)
             .ok()
             .and_then(|secs| DateTime::from_timestamp(secs, 0))
@@ -117,6 +139,47 @@ fn decimal(d: DecimalValue) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_table_nested_past_the_limit_reads_as_a_marker_not_a_stack_overflow() {
+        // Deep enough to overflow a 2 MiB stack with unbounded recursion (the value is dropped
+        // iteratively below so the test itself stays within its stack).
+        let mut v = AMQPValue::Boolean(true);
+        for i in 0..20_000 {
+            v = if i % 2 == 0 {
+                let mut t = FieldTable::default();
+                t.insert("a".into(), v);
+                AMQPValue::FieldTable(t)
+            } else {
+                AMQPValue::FieldArray(FieldArray::from(vec![v]))
+            };
+        }
+        let mut outer = FieldTable::default();
+        outer.insert("deep".into(), v);
+        let read = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let json = from_table(&outer);
+                let mut depth = 0;
+                let mut cur = &json["deep"];
+                loop {
+                    cur = match cur {
+                        Value::Object(m) => &m["a"],
+                        Value::Array(a) => &a[0],
+                        other => break (depth, other.clone(), outer),
+                    };
+                    depth += 1;
+                }
+            })
+            .map(|h| h.join());
+        let Ok(Ok((depth, end, outer))) = read else {
+            panic!("reading the deep table crashed its thread");
+        };
+        assert_eq!(depth, MAX_DEPTH);
+        assert_eq!(end, too_deep());
+        // lapin's own drop of the 20,000-deep value is recursive: leak it on purpose.
+        std::mem::forget(outer);
+    }
 
     #[test]
     fn json_round_trips() {

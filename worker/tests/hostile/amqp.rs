@@ -215,9 +215,11 @@ async fn hostile_messages_on_rabbitmq() {
 }
 
 /// Depth at which a header table aborts the process that *reads* it: lapin's frame parser is
-/// recursive and runs on its io thread's default 2 MiB stack (a known limit, not yet fixed: it is
-/// inside lapin / amq-protocol). Run with `--ignored` to see it; the worker dies with
-/// `thread 'lapin-io-loop' has overflowed its stack`.
+/// recursive and runs on its io thread's default 2 MiB stack. Run with `--ignored` to see it; the
+/// test process dies with `thread 'lapin-io-loop' has overflowed its stack` — unless it runs with
+/// `RUST_MIN_STACK=268435456`, which the `celerity` binary sets for itself
+/// (`celerity::reserve_thread_stacks`; see `worker_pool`'s
+/// `a_deeply_nested_amqp_header_does_not_kill_the_worker`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "aborts the process: lapin's recursive table parser overflows its io thread's stack"]
 async fn a_deep_header_table_overflows_the_readers_stack() {
