@@ -150,17 +150,8 @@ async fn main() {
 
 async fn run(args: &Args) -> Result<String> {
     let plan = Plan::from(args);
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let celerity = args
-        .celerity_bin
-        .clone()
-        .unwrap_or_else(|| workspace.join("target/release/celerity"));
-    if !celerity.exists() {
-        return Err(BenchError::Setup(format!(
-            "{} not found: cargo build --release -p celerity (or --celerity-bin)",
-            celerity.display()
-        )));
-    }
+    let celerity =
+        procs::celerity_binary(args.celerity_bin.as_deref()).map_err(BenchError::Setup)?;
     let systems: Vec<System> = match args.only {
         Some(Only::Celery) => vec![System::Celery],
         Some(Only::Celerity) => vec![System::Celerity],

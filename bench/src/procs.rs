@@ -166,6 +166,25 @@ impl Worker {
 }
 
 /// Resident memory of process `pid` and all its descendants, in KiB.
+/// The `celerity` binary under test: `explicit` if given, else the workspace's release build;
+/// `Err` with the message to print when it is not there.
+pub fn celerity_binary(
+    explicit: Option<&std::path::Path>,
+) -> std::result::Result<std::path::PathBuf, String> {
+    let path = explicit.map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/celerity"),
+        std::path::Path::to_path_buf,
+    );
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} not found: cargo build --release -p celerity (or --celerity-bin)",
+            path.display()
+        ))
+    }
+}
+
 pub fn tree_rss_kib(pid: u32) -> u64 {
     tree(pid).iter().map(|&p| rss_of(p)).sum()
 }

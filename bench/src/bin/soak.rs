@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
+use celerity_bench::procs;
 use celerity_bench::setup::BrokerKind;
 use celerity_bench::soak::{self, Config};
 
@@ -60,18 +61,13 @@ fn positive(s: &str) -> Result<f64, String> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = Args::parse();
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let celerity = args
-        .celerity_bin
-        .clone()
-        .unwrap_or_else(|| workspace.join("target/release/celerity"));
-    if !celerity.exists() {
-        eprintln!(
-            "soak: {} not found: cargo build --release -p celerity (or --celerity-bin)",
-            celerity.display()
-        );
-        std::process::exit(2);
-    }
+    let celerity = match procs::celerity_binary(args.celerity_bin.as_deref()) {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("soak: {e}");
+            std::process::exit(2);
+        }
+    };
     let config = Config {
         celerity,
         brokers: match args.broker {
