@@ -29,14 +29,19 @@ use crate::transport::AckHandle;
 const MAX_PENDING: usize = 8;
 
 /// One delivery handed out and not settled yet.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Held {
     /// Hand-out order.
     seq: u64,
     /// Its `unacked_index` score as we last wrote it: proof that the record is still ours.
     score: String,
-    /// Scores renewals may have written without our seeing the reply (a dropped `keep_alive`).
-    pending: Vec<String>,
+    /// Renewals begun so far: each `keep_alive` gets the next number.
+    renewals: u64,
+    /// The number of the renewal that wrote `score` (0: the hand-out).
+    applied: u64,
+    /// Scores renewals may have written without our seeing the reply (a dropped or still running
+    /// `keep_alive`), with their numbers.
+    pending: Vec<(u64, String)>,
 }
 
 impl Held {
@@ -44,8 +49,31 @@ impl Held {
     fn scores(&self) -> Vec<String> {
         let mut all = Vec::with_capacity(1 + self.pending.len());
         all.push(self.score.clone());
-        all.extend(self.pending.iter().cloned());
+        all.extend(self.pending.iter().map(|(_, s)| s.clone()));
         all
+    }
+
+    /// Starts renewal to `score`: returns its number and the scores the record may have now.
+    /// The new score is remembered before it is sent, in case the caller's future is dropped mid-flight.
+    fn begin_renewal(&mut self, score: &str) -> (u64, Vec<String>) {
+        self.renewals = self.renewals.saturating_add(1);
+        let scores = self.scores();
+        if self.pending.len() < MAX_PENDING {
+            self.pending.push((self.renewals, score.to_owned()));
+        }
+        (self.renewals, scores)
+    }
+
+    /// Renewal `n` wrote `score`. Renewals can finish out of order (two `keep_alive`s in flight at
+    /// once): an older one's reply must not replace the newer score Redis already holds, or the ack
+    /// would no longer match and the job would be restored and run again.
+    fn renewed(&mut self, n: u64, score: String) {
+        if n <= self.applied {
+            return;
+        }
+        self.score = score;
+        self.applied = n;
+        self.pending.retain(|(m, _)| *m > n);
     }
 }
 
@@ -78,7 +106,7 @@ impl Outstanding {
         let held = Held {
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
             score: score.to_owned(),
-            pending: Vec::new(),
+            ..Held::default()
         };
         self.lock().insert(tag.clone(), held);
         RedisAck {
@@ -201,24 +229,81 @@ impl AckHandle for RedisAck {
     /// Renews the delivery's lease: its `unacked_index` score becomes now (if it is still ours).
     async fn keep_alive(&self) -> Result<()> {
         let renewed = format!("{:.6}", unix_now());
-        let scores = {
+        let (n, scores) = {
             let mut all = self.outstanding.lock();
             let Some(h) = all.get_mut(&self.tag) else {
                 return Ok(());
             };
-            let scores = h.scores();
-            // Remember the new score before sending it, in case this future is dropped mid-flight.
-            if h.pending.len() < MAX_PENDING {
-                h.pending.push(renewed.clone());
-            }
-            scores
+            h.begin_renewal(&renewed)
         };
         if retry_idempotent(|| self.settle_script(&scores, &renewed)).await? {
             if let Some(h) = self.outstanding.lock().get_mut(&self.tag) {
-                h.score = renewed;
-                h.pending.clear();
+                h.renewed(n, renewed);
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(score: &str) -> Held {
+        Held {
+            score: score.to_owned(),
+            ..Held::default()
+        }
+    }
+
+    /// Two renewals in flight, the newer one's reply seen first: the record in Redis holds the newer
+    /// score, and so must we (before: the older reply overwrote it, and the ack no longer matched).
+    #[test]
+    fn an_older_renewal_finishing_last_keeps_the_newer_score() {
+        let mut h = held("1.0");
+        let (a, a_scores) = h.begin_renewal("2.0");
+        let (b, b_scores) = h.begin_renewal("3.0");
+        assert_eq!(a_scores, ["1.0"]);
+        assert_eq!(b_scores, ["1.0", "2.0"], "b may find a's score in Redis");
+        h.renewed(b, "3.0".into());
+        h.renewed(a, "2.0".into());
+        assert_eq!(h.score, "3.0");
+        assert!(h.pending.is_empty());
+    }
+
+    /// In order, each renewal replaces the score and forgets only the pending scores up to itself.
+    #[test]
+    fn renewals_in_order_keep_later_pending_scores() {
+        let mut h = held("1.0");
+        let (a, _) = h.begin_renewal("2.0");
+        let (_b, _) = h.begin_renewal("3.0");
+        h.renewed(a, "2.0".into());
+        assert_eq!(h.score, "2.0");
+        assert_eq!(
+            h.scores(),
+            ["2.0", "3.0"],
+            "b's score may still land in Redis"
+        );
+    }
+
+    /// A renewal whose future was dropped leaves its score among those an ack accepts.
+    #[test]
+    fn a_dropped_renewal_stays_acceptable() {
+        let mut h = held("1.0");
+        let _ = h.begin_renewal("2.0");
+        assert_eq!(h.scores(), ["1.0", "2.0"]);
+        let (c, _) = h.begin_renewal("3.0");
+        h.renewed(c, "3.0".into());
+        assert_eq!(h.scores(), ["3.0"]);
+    }
+
+    /// Pending scores are bounded however many renewals are dropped.
+    #[test]
+    fn pending_scores_are_bounded() {
+        let mut h = held("1.0");
+        for i in 0..100 {
+            let _ = h.begin_renewal(&format!("{i}.5"));
+        }
+        assert_eq!(h.pending.len(), MAX_PENDING);
     }
 }

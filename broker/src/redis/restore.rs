@@ -93,26 +93,10 @@ async fn sweep_locked(shared: &Shared, conn: &mut ConnectionManager) -> Result<u
     let ceil = unix_now() - shared.visibility_timeout;
     let mut restored = 0;
     for _ in 0..SWEEP_ROUNDS {
-        let lapsed: Vec<(String, String)> = redis::cmd("ZRANGE")
-            .arg(shared.keys.unacked_index())
-            .arg("-inf")
-            .arg(format!("{ceil:.6}"))
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(SWEEP_BATCH)
-            .arg("WITHSCORES")
-            .query_async(conn)
-            .await?;
-        if lapsed.is_empty() {
+        let tags = read_lapsed(shared, conn, ceil).await?;
+        if tags.is_empty() {
             break;
         }
-        // Each tag is restored only if its score is still the lapsed one read here: a holder that
-        // renewed its lease in between keeps its delivery.
-        let tags: Vec<(String, Vec<String>)> = lapsed
-            .into_iter()
-            .map(|(tag, score)| (tag, vec![score]))
-            .collect();
         restored += restore_tags(shared, &tags, Side::Next).await?;
         if tags.len() < SWEEP_BATCH {
             break;
@@ -125,6 +109,31 @@ async fn sweep_locked(shared: &Shared, conn: &mut ConnectionManager) -> Result<u
         );
     }
     Ok(restored)
+}
+
+/// Up to [`SWEEP_BATCH`] deliveries whose lease lapsed before `ceil` (unix seconds), each with the
+/// score read: the sweep restores a tag only if its score is still that one, so a holder that renewed
+/// its lease in between keeps its delivery.
+async fn read_lapsed(
+    shared: &Shared,
+    conn: &mut ConnectionManager,
+    ceil: f64,
+) -> Result<Vec<(String, Vec<String>)>> {
+    let lapsed: Vec<(String, String)> = redis::cmd("ZRANGE")
+        .arg(shared.keys.unacked_index())
+        .arg("-inf")
+        .arg(format!("{ceil:.6}"))
+        .arg("BYSCORE")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(SWEEP_BATCH)
+        .arg("WITHSCORES")
+        .query_async(conn)
+        .await?;
+    Ok(lapsed
+        .into_iter()
+        .map(|(tag, score)| (tag, vec![score]))
+        .collect())
 }
 
 /// Restores the deliveries `tags` (marked redelivered) to their queues. With scores, a tag is only
@@ -362,5 +371,89 @@ fn non_empty(queue: &str) -> Vec<String> {
         Vec::new()
     } else {
         vec![queue.to_owned()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redis::RedisBroker;
+    use crate::transport::Broker;
+    use crate::{BrokerUrl, Message};
+
+    /// Deletes a test's keys when it ends, also on panic.
+    struct Space(String);
+
+    impl Drop for Space {
+        fn drop(&mut self) {
+            let Ok(mut c) =
+                redis::Client::open("redis://127.0.0.1:6379/0").and_then(|c| c.get_connection())
+            else {
+                return;
+            };
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}*", self.0))
+                .query(&mut c)
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut c);
+            }
+        }
+    }
+
+    fn message() -> Message {
+        let mut m = Message::default();
+        m.headers.insert("task".into(), "tests.add".into());
+        m.headers.insert("id".into(), "sweep-race-1".into());
+        m.body = b"[[1, 2], {}, {}]".to_vec();
+        m
+    }
+
+    /// The sweep reads a lapsed delivery, its holder renews the lease, then the sweep moves what it
+    /// read: the delivery must stay with its holder (before, the sweep moved any tag it had read, and
+    /// a job still running was handed out again).
+    #[tokio::test]
+    async fn a_lease_renewed_after_the_sweep_read_it_is_not_restored() {
+        let space = Space(format!("celtest:{}:", uuid::Uuid::new_v4().simple()));
+        let url = format!(
+            "redis://127.0.0.1:6379/0?global_keyprefix={}&visibility_timeout=1&restore_interval=3600",
+            space.0
+        );
+        let b = RedisBroker::connect(&BrokerUrl::parse(&url).unwrap())
+            .await
+            .unwrap();
+        b.publish("sweep", &message()).await.unwrap();
+        let mut c = b.consume(&["sweep".to_owned()], 1).await.unwrap();
+        let d = tokio::time::timeout(std::time::Duration::from_secs(10), c.next())
+            .await
+            .expect("no delivery in time")
+            .unwrap()
+            .expect("consumer closed");
+        tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+
+        let shared = &b.shared;
+        let mut conn = shared.conn.clone();
+        let lapsed = read_lapsed(shared, &mut conn, unix_now() - shared.visibility_timeout)
+            .await
+            .unwrap();
+        assert_eq!(lapsed.len(), 1, "the lease has lapsed");
+        d.keep_alive().await.unwrap();
+        let moved = restore_tags(shared, &lapsed, Side::Next).await.unwrap();
+        assert_eq!(moved, 0, "a renewed lease was restored");
+
+        let queued: usize = redis::cmd("LLEN")
+            .arg(shared.keys.queue("sweep", 0))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(queued, 0);
+        d.ack().await.unwrap();
+        let held: usize = redis::cmd("HLEN")
+            .arg(shared.keys.unacked())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(held, 0, "the holder's ack still matched");
+        c.close().await.unwrap();
     }
 }

@@ -86,8 +86,8 @@ impl Processor {
 }
 
 /// Renews `lease` (a delivery with a visibility lease, as on Redis) for as long as it is polled, so
-/// a long job is never handed to another worker. Only one renewal loop may run per delivery: two
-/// would race each other's fenced renewals.
+/// a long job is never handed to another worker. One loop per delivery is enough; renewals that
+/// overlap are safe (the delivery keeps the newest score, see the Redis transport's `ack` module).
 pub(super) async fn renew_lease(lease: Option<&Delivery>) -> std::convert::Infallible {
     let Some((d, every)) = lease.and_then(|d| d.renew_every().map(|e| (d, e))) else {
         return std::future::pending().await;
