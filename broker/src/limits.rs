@@ -140,8 +140,10 @@ mod tests {
             max_message_size: 10,
             ..Limits::default()
         };
-        let mut m = Message::default();
-        m.body = vec![b'x'; 10];
+        let mut m = Message {
+            body: vec![b'x'; 10],
+            ..Message::default()
+        };
         assert!(l.check(&m).is_ok());
         m.body.push(b'x');
         let e = l.check_publish("q", &m).unwrap_err().to_string();

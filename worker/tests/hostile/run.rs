@@ -271,7 +271,11 @@ impl Run {
                 }
             }
             _ => {
-                let mut consumer = self.broker.consume(&[self.dead.clone()], 64).await.unwrap();
+                let mut consumer = self
+                    .broker
+                    .consume(std::slice::from_ref(&self.dead), 64)
+                    .await
+                    .unwrap();
                 while let Ok(Ok(Some(d))) =
                     tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
                 {

@@ -98,7 +98,11 @@ impl Setup {
             return amqp_dead_letters(&self.dead).await;
         }
         let mut out = Vec::new();
-        let mut consumer = self.raw.consume(&[self.dead.clone()], 64).await.unwrap();
+        let mut consumer = self
+            .raw
+            .consume(std::slice::from_ref(&self.dead), 64)
+            .await
+            .unwrap();
         while let Ok(Ok(Some(d))) =
             tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
         {
