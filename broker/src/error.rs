@@ -46,6 +46,13 @@ pub enum BrokerError {
     /// queue, e.g. it was deleted): nothing was stored. Publishing again declares the queue anew.
     #[error("the broker returned a message for queue `{queue}` unrouted ({reason}): the queue does not exist (deleted?), nothing was stored")]
     Unroutable { queue: String, reason: String },
+    /// A message body over the broker URL's `max_message_size`: nothing was sent.
+    #[error("refused to publish to `{queue}`: the message body is {size} bytes, over the limit of {limit} bytes (max_message_size)")]
+    TooLarge {
+        queue: String,
+        size: usize,
+        limit: usize,
+    },
     /// The broker answered with an error.
     #[error("{transport} error: {message}")]
     Transport {

@@ -12,6 +12,7 @@
 //! - [`memory`], `redis`, `amqp`: the three transports (`memory://`, `redis://`, `amqp://`).
 //! - [`backend`]: the [`ResultBackend`] seam, task states and Celery's result meta document, with
 //!   memory and Redis backends.
+//! - [`limits`]: the URL's `max_message_size` and `max_dead_letters`, which every transport applies.
 //! - [`url`]: parses and classifies broker/backend URLs ([`BrokerUrl`], query options); a leaf.
 //! - [`tls`]: a `rediss://`/`amqps://` URL's TLS options (CA file, client certificate, verification),
 //!   spelled as redis-py and kombu spell them; read from the URL, under the transports.
@@ -25,7 +26,7 @@
 //! - [`wait_lock`]: lets the processes of one worker pool take turns at waiting for work.
 //! - [`error`]: [`BrokerError`], the one error type of this crate.
 //!
-//! Imports go one way: leaves (`error`, `pyjson`, `url`, `tls`, `topic`, `backoff`, `wait_lock`,
+//! Imports go one way: leaves (`error`, `pyjson`, `url`, `limits`, `tls`, `topic`, `backoff`, `wait_lock`,
 //! `message`, `protocol`) under `transport` and `backend`, under the transports, under `connect`.
 
 pub mod backend;
@@ -33,6 +34,7 @@ pub mod backoff;
 pub mod connect;
 pub mod error;
 pub mod lease;
+pub mod limits;
 pub mod memory;
 pub mod message;
 pub mod protocol;
@@ -53,6 +55,7 @@ pub mod testkit;
 pub use backend::{ResultBackend, State, TaskMeta};
 pub use connect::{connect_backend, connect_broker};
 pub use error::{BrokerError, Result};
+pub use limits::Limits;
 pub use message::{Message, Properties};
 pub use transport::{AckHandle, Broker, Consumer, Delivery};
 pub use url::BrokerUrl;

@@ -5,6 +5,7 @@
 //! shared by every handle that connects to the same name. Deliveries wait for an ack; a rejected
 //! message with `requeue` goes to the back of its queue, and a closed (or dropped) consumer puts its
 //! unacked deliveries back at the front, marked redelivered. Priorities follow AMQP: 9 is served first.
+//! The URL options `max_message_size` and `max_dead_letters` ([`crate::limits`]) bound each handle.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +15,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use crate::error::{BrokerError, Result};
+use crate::limits::Limits;
 use crate::message::Message;
 use crate::transport::{AckHandle, Broker, Consumer, Delivery, PrefetchWindow, Subscription};
 use crate::url::BrokerUrl;
@@ -24,6 +26,8 @@ const PRIORITY_LEVELS: usize = 10;
 #[derive(Clone)]
 pub struct MemoryBroker {
     shared: Arc<Shared>,
+    /// This handle's bounds (from its URL): handles on one set of queues may differ.
+    limits: Limits,
 }
 
 struct Shared {
@@ -56,6 +60,15 @@ impl Queue {
     fn len(&self) -> usize {
         self.levels.iter().map(VecDeque::len).sum()
     }
+    /// Drops the oldest messages (lowest priority first) until at most `max` are left.
+    fn trim_to(&mut self, max: usize) {
+        let mut excess = self.len().saturating_sub(max);
+        for level in &mut self.levels {
+            let n = excess.min(level.len());
+            level.drain(..n);
+            excess -= n;
+        }
+    }
 }
 
 fn registry() -> &'static Mutex<HashMap<String, Arc<Shared>>> {
@@ -70,10 +83,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl MemoryBroker {
-    /// The broker named by a `memory://NAME` URL (takes no options).
+    /// The broker named by a `memory://NAME` URL (options: `max_message_size`, `max_dead_letters`).
     pub fn from_url(url: &BrokerUrl) -> Result<Self> {
-        url.check_options(&[])?;
-        Ok(Self::named(url.base.host_str().unwrap_or("")))
+        url.check_options(crate::limits::OPTIONS)?;
+        let limits = Limits::from_url(url)?;
+        Ok(Self::named(url.base.host_str().unwrap_or("")).with_limits(limits))
+    }
+
+    /// This handle with other bounds.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The in-process broker called `name`, created on first use.
@@ -90,7 +110,10 @@ impl MemoryBroker {
             })
             .clone();
         shared.closed.store(false, Ordering::SeqCst);
-        MemoryBroker { shared }
+        MemoryBroker {
+            shared,
+            limits: Limits::default(),
+        }
     }
 
     fn push(&self, queue: &str, messages: impl IntoIterator<Item = Message>) {
@@ -119,12 +142,33 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
+        self.limits.check_publish(queue, message)?;
         self.push(queue, std::iter::once(message.clone()));
         Ok(())
     }
 
     async fn publish_batch(&self, queue: &str, messages: &[Message]) -> Result<()> {
+        for m in messages {
+            self.limits.check_publish(queue, m)?;
+        }
         self.push(queue, messages.iter().cloned());
+        Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    async fn dead_letter(&self, queue: &str, message: &Message) -> Result<()> {
+        let mut m = message.clone();
+        m.properties.priority = 0;
+        {
+            let mut queues = lock(&self.shared.queues);
+            let q = queues.entry(queue.to_owned()).or_default();
+            q.push_back(m, false);
+            q.trim_to(usize::try_from(self.limits.max_dead_letters).unwrap_or(usize::MAX));
+        }
+        self.shared.arrived.notify_waiters();
         Ok(())
     }
 

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::Result;
+use crate::limits::Limits;
 use crate::message::Message;
 use crate::wait_lock::WaitLock;
 
@@ -37,6 +38,19 @@ pub trait Broker: Send + Sync + 'static {
     /// Publishes many messages to `queue` in as few round trips as the transport allows. Returns once all
     /// of them are held by the broker. On error some may have been published.
     async fn publish_batch(&self, queue: &str, messages: &[Message]) -> Result<()>;
+
+    /// The bounds this broker applies, from its URL (`max_message_size`, `max_dead_letters`): a
+    /// publish over `max_message_size` fails with [`crate::BrokerError::TooLarge`].
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+
+    /// Adds `message` to the dead-letter queue `queue`, which keeps at most
+    /// [`Limits::max_dead_letters`] messages: the oldest are dropped (RabbitMQ: `x-max-length` with
+    /// `x-overflow: drop-head`; Redis: LPUSH and LTRIM in one MULTI). The copy is stored at
+    /// priority 0, so the queue is one list. Not checked against `max_message_size`: the caller
+    /// keeps only the start of an oversized body.
+    async fn dead_letter(&self, queue: &str, message: &Message) -> Result<()>;
 
     /// Starts consuming from `queues` with at most `prefetch` deliveries unacked at once (at least 1).
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>>;

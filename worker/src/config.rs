@@ -32,6 +32,9 @@ pub struct WorkerConfig {
     pub park_after: Duration,
     /// Celery events: task events from the start (`-E`), worker heartbeats.
     pub events: EventsConfig,
+    /// Where undecodable and oversized messages are copied before they are acked
+    /// ([`crate::DEAD_LETTER_QUEUE`] unless set; `--dead-letter-queue`).
+    pub dead_letter_queue: String,
 }
 
 impl Default for WorkerConfig {
@@ -51,6 +54,7 @@ impl Default for WorkerConfig {
                 task_events: false,
                 heartbeat: true,
             },
+            dead_letter_queue: crate::DEAD_LETTER_QUEUE.to_owned(),
         }
     }
 }

@@ -2,20 +2,24 @@
 //! addressed to this worker (`destination` null or naming it, or a `glob` pattern matching it),
 //! has `commands.rs` act on them and, when the request carries a ticket, replies the way a Celery
 //! worker does: to `reply_to.exchange` (`reply.celery.pidbox`) with routing key
-//! `reply_to.routing_key`, headers `{ticket, clock}`, body `{"<node>": reply}`. Python's
+//! `reply_to.routing_key`, headers `{ticket, clock}`, body `{"<node>": reply}`. A subscription
+//! that fails or ends while the worker runs is made again, with a backoff. Python's
 //! `celery inspect …` / `app.control.…` and `celerity inspect|control …` send the same requests.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use celerity_broker::backoff::Backoff;
 use celerity_broker::protocol::control::{
     pidbox_queue, reply_message, ControlRequest, PIDBOX_EXCHANGE,
 };
 use celerity_broker::protocol::event;
-use celerity_broker::{Broker, Message};
+use celerity_broker::transport::Subscription;
+use celerity_broker::{Broker, BrokerError, Message};
 
 use crate::commands::{self, Remote};
 
@@ -45,30 +49,61 @@ impl ControlListener {
     }
 }
 
+/// A subscription that served this long resets the resubscribe backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(5);
+
+/// Subscribes and serves; after any failure of the subscription (an error, or its end while the
+/// worker still runs) subscribes again after a backoff, so the worker never goes deaf to remote
+/// control. Ends when stopped or when the broker is closed.
 async fn listen(broker: Arc<dyn Broker>, remote: Remote, stop: CancellationToken) {
     let queue = pidbox_queue(&remote.hostname);
-    let mut sub = tokio::select! {
-        s = broker.subscribe(PIDBOX_EXCHANGE, "", &queue) => match s {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "remote control is not available on this broker; revoke and inspect will not reach this worker");
-                return;
+    let mut backoff = Backoff::default();
+    loop {
+        let subscribed = tokio::select! {
+            s = broker.subscribe(PIDBOX_EXCHANGE, "", &queue) => s,
+            _ = stop.cancelled() => return,
+        };
+        let reason = match subscribed {
+            Ok(mut sub) => {
+                let began = Instant::now();
+                let ended = serve_all(&*broker, &remote, &mut *sub, &stop).await;
+                sub.close().await;
+                let Some(reason) = ended else { return };
+                if began.elapsed() >= STABLE_AFTER {
+                    backoff.reset();
+                }
+                reason
             }
-        },
-        _ = stop.cancelled() => return,
-    };
+            Err(BrokerError::Closed) => return,
+            Err(e) => e.to_string(),
+        };
+        let delay = backoff.next();
+        tracing::warn!(reason, attempt = backoff.attempts(), retry_in = ?delay,
+            "remote control: the subscription failed; subscribing again (revoke and inspect do not reach this worker meanwhile)");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Serves requests from `sub` until stopped (`None`) or until the subscription fails or ends
+/// (why, as `Some`).
+async fn serve_all(
+    broker: &dyn Broker,
+    remote: &Remote,
+    sub: &mut dyn Subscription,
+    stop: &CancellationToken,
+) -> Option<String> {
     loop {
         let message = tokio::select! {
             m = sub.next() => m,
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return None,
         };
         match message {
-            Ok(Some(m)) => serve(&*broker, &remote, &m).await,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "remote control stopped");
-                return;
-            }
+            Ok(Some(m)) => serve(broker, remote, &m).await,
+            Ok(None) => return Some("the subscription ended".to_owned()),
+            Err(e) => return Some(e.to_string()),
         }
     }
 }

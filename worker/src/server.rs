@@ -100,6 +100,7 @@ pub async fn run(
         jobs: jobs.clone(),
         reporter: config.reporter,
         park_after: config.park_after,
+        dead_letter_queue: config.dead_letter_queue.clone(),
     });
 
     let consumer = broker.consume(&config.queues, config.concurrency).await?;

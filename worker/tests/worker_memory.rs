@@ -1,5 +1,6 @@
 //! Worker semantics on the in-process transport: results, failures of every kind, retries, ETA,
-//! expiry, time limits, shutdown, and no prefetch starvation.
+//! expiry, time limits, shutdown, no prefetch starvation, and remote control that outlives a failed
+//! subscription.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -429,4 +430,123 @@ async fn a_failed_read_during_workflow_replay_does_not_stop_the_chain() {
     shutdown.warm.cancel();
     let s = worker.await.unwrap().unwrap();
     assert_eq!(s.succeeded, 1, "only the second step ran here");
+}
+
+/// A memory broker whose first remote-control subscription fails at its first `next()` (as a
+/// subscription refused for good on reconnect does); later ones work.
+struct FlakySubscriptions {
+    inner: MemoryBroker,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+struct Failing;
+
+#[async_trait::async_trait]
+impl celerity_broker::transport::Subscription for Failing {
+    async fn next(&mut self) -> celerity_broker::Result<Option<Message>> {
+        Err(celerity_broker::BrokerError::ConnectionLost(
+            "refused on reconnect".into(),
+        ))
+    }
+}
+
+#[async_trait::async_trait]
+impl Broker for FlakySubscriptions {
+    fn transport(&self) -> &'static str {
+        self.inner.transport()
+    }
+    async fn declare_queue(&self, queue: &str) -> celerity_broker::Result<()> {
+        self.inner.declare_queue(queue).await
+    }
+    async fn publish(&self, queue: &str, message: &Message) -> celerity_broker::Result<()> {
+        self.inner.publish(queue, message).await
+    }
+    async fn publish_batch(
+        &self,
+        queue: &str,
+        messages: &[Message],
+    ) -> celerity_broker::Result<()> {
+        self.inner.publish_batch(queue, messages).await
+    }
+    async fn dead_letter(&self, queue: &str, message: &Message) -> celerity_broker::Result<()> {
+        self.inner.dead_letter(queue, message).await
+    }
+    async fn consume(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+    ) -> celerity_broker::Result<Box<dyn celerity_broker::Consumer>> {
+        self.inner.consume(queues, prefetch).await
+    }
+    async fn purge(&self, queue: &str) -> celerity_broker::Result<u64> {
+        self.inner.purge(queue).await
+    }
+    async fn queue_len(&self, queue: &str) -> celerity_broker::Result<u64> {
+        self.inner.queue_len(queue).await
+    }
+    async fn close(&self) -> celerity_broker::Result<()> {
+        self.inner.close().await
+    }
+    async fn broadcast(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Message,
+    ) -> celerity_broker::Result<()> {
+        self.inner.broadcast(exchange, routing_key, message).await
+    }
+    async fn subscribe(
+        &self,
+        exchange: &str,
+        binding_key: &str,
+        name: &str,
+    ) -> celerity_broker::Result<Box<dyn celerity_broker::transport::Subscription>> {
+        use std::sync::atomic::Ordering;
+        if exchange == "celery.pidbox" && !self.failed.swap(true, Ordering::SeqCst) {
+            return Ok(Box::new(Failing));
+        }
+        self.inner.subscribe(exchange, binding_key, name).await
+    }
+}
+
+#[tokio::test]
+async fn the_control_listener_subscribes_again_after_its_subscription_fails() {
+    let name = uuid::Uuid::new_v4().to_string();
+    let memory = MemoryBroker::named(&name);
+    let flaky = Arc::new(FlakySubscriptions {
+        inner: memory.clone(),
+        failed: std::sync::atomic::AtomicBool::new(false),
+    });
+    let mut registry = Registry::new();
+    demo::register(&mut registry);
+    let shutdown = Shutdown::default();
+    let node = format!("{name}@flaky");
+    let config = WorkerConfig {
+        queues: vec![Q.into()],
+        hostname: node.clone(),
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(run(registry, flaky, None, config, shutdown.clone()));
+    let client = Client::new(Arc::new(memory), None);
+    let target = celerity_client::control::Target {
+        destination: vec![node.clone()],
+        timeout: Duration::from_secs(1),
+    };
+    let mut answered = false;
+    for _ in 0..10 {
+        let replies = client
+            .control_call("ping", Map::new(), &target)
+            .await
+            .unwrap();
+        if replies.iter().any(|r| r.node == node) {
+            answered = true;
+            break;
+        }
+    }
+    assert!(
+        answered,
+        "deaf to remote control after its subscription failed once"
+    );
+    shutdown.warm.cancel();
+    worker.await.unwrap().unwrap();
 }

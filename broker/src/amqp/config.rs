@@ -7,7 +7,8 @@
 //! (`classic` | `quorum`), `heartbeat` (seconds, default 60), `connect_timeout` (seconds, default 5),
 //! `consumer_timeout` (seconds; asks RabbitMQ to allow a consumer's delivery that long unacked, see
 //! [`AmqpConfig::consumer_args`]), and lapin's own `frame_max` (default here [`DEFAULT_FRAME_MAX`],
-//! see there), `channel_max`, `auth_mechanism`. On `amqps://`, the TLS options of [`crate::tls`]:
+//! see there), `channel_max`, `auth_mechanism`, and `max_message_size`, `max_dead_letters`
+//! ([`crate::limits`]). On `amqps://`, the TLS options of [`crate::tls`]:
 //! `ssl_ca_certs` (added to the system's roots), `ssl_certfile` and `ssl_keyfile` (a client
 //! certificate), `ssl_cert_reqs` (`required`/`optional` only: lapin cannot turn verification off).
 //! kombu takes these as `broker_use_ssl` transport options, not in the URL; the names are the same
@@ -23,6 +24,7 @@ use lapin::uri::{
 };
 
 use crate::error::{BrokerError, Result};
+use crate::limits::Limits;
 use crate::tls::TlsOptions;
 use crate::url::{percent_decode, BrokerUrl};
 
@@ -74,6 +76,8 @@ pub(crate) struct AmqpConfig {
     pub tls: Option<TlsOptions>,
     /// `frame_max` for consuming connections ([`CONSUMER_FRAME_MAX`] unless the URL sets one).
     pub consumer_frame_max: u32,
+    /// `max_message_size` and `max_dead_letters` ([`crate::limits`]).
+    pub limits: Limits,
 }
 
 /// RabbitMQ's largest consumer timeout, in milliseconds (a signed 32-bit count).
@@ -82,7 +86,8 @@ const MAX_CONSUMER_TIMEOUT_MS: f64 = 2_147_483_647.0;
 impl AmqpConfig {
     /// Reads and checks the URL.
     pub fn from_url(url: &BrokerUrl) -> Result<Self> {
-        url.check_options(&[KNOWN_OPTIONS, crate::tls::OPTIONS].concat())?;
+        url.check_options(&[KNOWN_OPTIONS, crate::tls::OPTIONS, crate::limits::OPTIONS].concat())?;
+        let limits = Limits::from_url(url)?;
         let invalid = |reason: String| BrokerError::InvalidUrl {
             url: url.redacted(),
             reason,
@@ -194,7 +199,17 @@ impl AmqpConfig {
             consumer_args,
             tls,
             consumer_frame_max: frame_max.unwrap_or(CONSUMER_FRAME_MAX),
+            limits,
         })
+    }
+
+    /// This configuration for a connection that receives what producers sent (a task consumer, a
+    /// remote-control subscriber): it offers [`AmqpConfig::consumer_frame_max`], so a header frame
+    /// of any size a Celery producer may send arrives instead of closing the connection.
+    pub fn for_receiving(&self) -> AmqpConfig {
+        let mut own = self.clone();
+        own.uri.query.frame_max = Some(own.consumer_frame_max);
+        own
     }
 
     /// lapin's TLS settings: the URL's CA (added to the system roots) and client certificate.

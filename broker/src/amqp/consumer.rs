@@ -108,10 +108,8 @@ impl AmqpConsumer {
         shutdown: CancellationToken,
     ) -> Result<Self> {
         // A consumer takes whatever producers sent: it offers a frame big enough for any header.
-        let mut own = AmqpConfig::clone(&config);
-        own.uri.query.frame_max = Some(own.consumer_frame_max);
         let mut consumer = AmqpConsumer {
-            config: Arc::new(own),
+            config: Arc::new(config.for_receiving()),
             publisher,
             queues,
             prefetch: qos_count(prefetch),

@@ -179,6 +179,9 @@ pub(crate) async fn subscribe(
         queue: short_string(name, "queue name")?,
         spec: fanout_spec(exchange),
     };
+    // A subscriber takes whatever a Celery client broadcast: a remote-control request may carry
+    // headers over our default frame (16 KiB), which would close the connection on every try.
+    let config = Arc::new(config.for_receiving());
     let first = Session::open(&config, &target).await.map_err(|f| f.error)?;
     tracing::debug!(exchange, binding_key, queue = name, "amqp: subscribed");
     let stop = shutdown.child_token();

@@ -30,6 +30,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{BrokerError, Result};
+use crate::limits::Limits;
 use crate::message::Message;
 use crate::transport::{Broker, Consumer, Subscription};
 use crate::url::BrokerUrl;
@@ -90,6 +91,14 @@ impl Broker for AmqpBroker {
 
     async fn publish_batch(&self, queue: &str, messages: &[Message]) -> Result<()> {
         self.publisher.publish_batch(queue, messages).await
+    }
+
+    fn limits(&self) -> Limits {
+        self.config.limits
+    }
+
+    async fn dead_letter(&self, queue: &str, message: &Message) -> Result<()> {
+        self.publisher.dead_letter(queue, message).await
     }
 
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>> {

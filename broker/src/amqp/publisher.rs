@@ -13,12 +13,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 
 use super::config::AmqpConfig;
@@ -26,7 +27,7 @@ use super::connection::lapin_err;
 use super::link::{Link, LinkSlot};
 use super::props::to_properties;
 use super::table::short_string;
-use super::topology::{declare_task_queue, is_not_found, ready_count};
+use super::topology::{declare_task_queue, is_not_found, is_precondition_failed, ready_count};
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
 
@@ -38,6 +39,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) struct Publisher {
     config: Arc<AmqpConfig>,
     link: LinkSlot,
+    /// Set once the warning that the dead-letter queue is unbounded was logged.
+    warned_unbounded: AtomicBool,
 }
 
 /// Publish options: `mandatory`, so an unroutable message comes back instead of being dropped.
@@ -77,6 +80,7 @@ impl Publisher {
         Publisher {
             link: LinkSlot::new(config.clone(), "publisher", true),
             config,
+            warned_unbounded: AtomicBool::new(false),
         }
     }
 
@@ -123,33 +127,85 @@ impl Publisher {
     }
 
     pub async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
+        self.config.limits.check_publish(queue, message)?;
         let name = short_string(queue, "queue name")?;
         let props = to_properties(message)?;
         self.retry_once("publish", |link| {
             let (name, props) = (&name, &props);
             async move {
                 self.ensure_declared(&link, name).await?;
-                let confirm = link
-                    .channel
-                    .basic_publish(
-                        ShortString::default(),
-                        name.clone(),
-                        MANDATORY,
-                        &message.body,
-                        props.clone(),
-                    )
-                    .await
-                    .map_err(lapin_err)?;
-                let c = confirm.await.map_err(lapin_err)?;
-                forget_if_unroutable(&link, name.as_str(), confirmed(c, name.as_str()))
+                send_one(&link, name, &message.body, props).await
             }
         })
         .await
     }
 
+    /// Publishes `message` to the dead-letter queue `queue`, declared bounded (see
+    /// [`Publisher::ensure_bounded`]), at priority 0.
+    pub async fn dead_letter(&self, queue: &str, message: &Message) -> Result<()> {
+        let name = short_string(queue, "queue name")?;
+        let mut kept = message.clone();
+        kept.properties.priority = 0;
+        let props = to_properties(&kept)?;
+        self.retry_once("dead-letter", |link| {
+            let (name, props, body) = (&name, &props, &kept.body);
+            async move {
+                self.ensure_bounded(&link, name).await?;
+                send_one(&link, name, body, props).await
+            }
+        })
+        .await
+    }
+
+    /// Declares dead-letter queue `queue` with `x-max-length` = `max_dead_letters` and
+    /// `x-overflow: drop-head` (the oldest go), on a channel of its own. A queue that already exists
+    /// with other arguments makes RabbitMQ refuse (406 PRECONDITION_FAILED, closing that channel):
+    /// it is then used as it is, after a passive declare, with one warning that it is unbounded.
+    async fn ensure_bounded(&self, link: &Link, queue: &ShortString) -> Result<()> {
+        if link.is_declared(queue.as_str()) {
+            return Ok(());
+        }
+        let mut args = self.config.queue_args.clone();
+        let keep = i32::try_from(self.config.limits.max_dead_letters).unwrap_or(i32::MAX);
+        args.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(keep));
+        args.insert(
+            ShortString::from("x-overflow"),
+            AMQPValue::LongString("drop-head".into()),
+        );
+        let channel = link.conn.create_channel().await.map_err(lapin_err)?;
+        let declared = declare_task_queue(&channel, queue, &args).await;
+        close_quietly(&channel).await;
+        match declared {
+            Ok(()) => {}
+            Err(e) if is_precondition_failed(&e) => {
+                let channel = link.conn.create_channel().await.map_err(lapin_err)?;
+                let exists = ready_count(&channel, queue).await;
+                close_quietly(&channel).await;
+                if exists.map_err(lapin_err)?.is_none() {
+                    return Err(lapin_err(e));
+                }
+                if !self.warned_unbounded.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        queue = queue.as_str(),
+                        max_dead_letters = keep,
+                        "amqp: the dead-letter queue already exists with other arguments (declared before it was \
+                         bounded?); using it as it is, UNBOUNDED: delete it, or pick another with \
+                         --dead-letter-queue, to have it declared with x-max-length"
+                    );
+                }
+            }
+            Err(e) => return Err(lapin_err(e)),
+        }
+        link.mark_declared(queue.as_str());
+        Ok(())
+    }
+
     pub async fn publish_batch(&self, queue: &str, messages: &[Message]) -> Result<()> {
         if messages.is_empty() {
             return Ok(());
+        }
+        for m in messages {
+            self.config.limits.check_publish(queue, m)?;
         }
         let name = short_string(queue, "queue name")?;
         let props = messages
@@ -257,6 +313,28 @@ impl Publisher {
     pub async fn close(&self) {
         self.link.close().await;
     }
+}
+
+/// Publishes one message to `queue` through the default exchange and waits for its confirm.
+async fn send_one(
+    link: &Link,
+    queue: &ShortString,
+    body: &[u8],
+    props: &BasicProperties,
+) -> Result<()> {
+    let confirm = link
+        .channel
+        .basic_publish(
+            ShortString::default(),
+            queue.clone(),
+            MANDATORY,
+            body,
+            props.clone(),
+        )
+        .await
+        .map_err(lapin_err)?;
+    let c = confirm.await.map_err(lapin_err)?;
+    forget_if_unroutable(link, queue.as_str(), confirmed(c, queue.as_str()))
 }
 
 /// Closes a short-lived channel if the broker has not already closed it.

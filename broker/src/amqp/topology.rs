@@ -90,6 +90,12 @@ pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
         if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
+/// True for the broker's 406 PRECONDITION_FAILED (a queue declared again with other arguments).
+pub(crate) fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
+
 /// How a broadcast exchange and its subscriber queues are declared (see the module doc).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct FanoutSpec {

@@ -346,7 +346,9 @@ impl RedisConsumer {
             Some(_) => String::new(),
             None => format!("{:.6}", unix_now()),
         };
-        inv.arg(score).arg(permits.len());
+        inv.arg(score)
+            .arg(permits.len())
+            .arg(self.shared.limits.max_dead_letters);
         for &i in &self.order {
             inv.arg(&self.queues[i]);
         }
@@ -679,10 +681,15 @@ async fn dead_letter(shared: Arc<Shared>, queue: String, tag: String, score: Str
         .query_async(&mut conn)
         .await;
     let moved = match record {
-        Ok(Some(record)) => restore::move_record(&shared, &tag, &[score], record, raw, dead).await,
+        Ok(Some(record)) => {
+            restore::move_record(&shared, &tag, &[score], record, raw, dead.clone()).await
+        }
         Ok(None) => Ok(false),
         Err(e) => Err(e.into()),
     };
+    if let Ok(true) = moved {
+        restore::trim_dead(&shared, &dead).await;
+    }
     if let Err(e) = moved {
         tracing::warn!(tag, error = %e, "could not dead-letter the message; it stays unacked and comes back after the visibility timeout");
     }

@@ -18,7 +18,8 @@
 //!   `shared.rs` (the parts import it, never this file).
 //!
 //! URL options: `global_keyprefix` (prefix of every key, as kombu's), `visibility_timeout` (seconds,
-//! default 3600), `restore_interval` (seconds between sweeps, default 10), and on `rediss://` the TLS
+//! default 3600), `restore_interval` (seconds between sweeps, default 10), `max_message_size` and
+//! `max_dead_letters` ([`crate::limits`]), and on `rediss://` the TLS
 //! options of [`crate::tls`] (`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs`).
 //! Needs Redis ≥ 6.2 (`BLMOVE`, `RPOP` with a count, `ZRANGE … BYSCORE`).
 
@@ -45,6 +46,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{BrokerError, Result};
+use crate::limits::Limits;
 use crate::message::Message;
 use crate::transport::{Broker, Consumer, Subscription};
 use crate::url::BrokerUrl;
@@ -77,7 +79,8 @@ impl RedisBroker {
     /// Connects to the Redis server `url` names. Fails with [`BrokerError::Connect`] within a few
     /// seconds if it is unreachable, and with [`BrokerError::InvalidUrl`] on a bad or unknown option.
     pub async fn connect(url: &BrokerUrl) -> Result<Self> {
-        url.check_options(&[OPTIONS, crate::tls::OPTIONS].concat())?;
+        url.check_options(&[OPTIONS, crate::tls::OPTIONS, crate::limits::OPTIONS].concat())?;
+        let limits = Limits::from_url(url)?;
         let invalid = |reason: String| BrokerError::InvalidUrl {
             url: url.redacted(),
             reason,
@@ -121,6 +124,7 @@ impl RedisBroker {
                 restore_interval: Duration::from_secs_f64(restore_interval),
                 closed: CancellationToken::new(),
                 declared: Mutex::default(),
+                limits,
             }),
             wait_lock: Mutex::default(),
         })
@@ -186,6 +190,7 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
+        self.shared.limits.check_publish(queue, message)?;
         self.declare_queue(queue).await?;
         let key = self
             .shared
@@ -202,6 +207,9 @@ impl Broker for RedisBroker {
     }
 
     async fn publish_batch(&self, queue: &str, messages: &[Message]) -> Result<()> {
+        for m in messages {
+            self.shared.limits.check_publish(queue, m)?;
+        }
         self.declare_queue(queue).await?;
         let mut conn = self.shared.conn.clone();
         for chunk in messages.chunks(PUBLISH_CHUNK) {
@@ -218,6 +226,35 @@ impl Broker for RedisBroker {
             }
             pipe.exec_async(&mut conn).await?;
         }
+        Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        self.shared.limits
+    }
+
+    /// LPUSH and LTRIM of the queue's list (priority step 0) in one MULTI: the newest
+    /// `max_dead_letters` stay (consumers pop from the other end, the oldest).
+    async fn dead_letter(&self, queue: &str, message: &Message) -> Result<()> {
+        self.declare_queue(queue).await?;
+        let mut m = message.clone();
+        m.properties.priority = 0;
+        let key = self.shared.keys.queue(queue, 0);
+        let keep = i64::from(self.shared.limits.max_dead_letters);
+        let mut conn = self.shared.conn.clone();
+        redis::pipe()
+            .atomic()
+            .cmd("LPUSH")
+            .arg(&key)
+            .arg(envelope::encode(&m, "", queue))
+            .ignore()
+            .cmd("LTRIM")
+            .arg(&key)
+            .arg(0)
+            .arg(keep - 1)
+            .ignore()
+            .exec_async(&mut conn)
+            .await?;
         Ok(())
     }
 

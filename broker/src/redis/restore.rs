@@ -314,10 +314,31 @@ async fn apply(shared: &Shared, op: &Op) -> Result<bool> {
             for s in scores {
                 inv.arg(s);
             }
-            inv.invoke_async(&mut conn).await?
+            let done: i64 = inv.invoke_async(&mut conn).await?;
+            if done == 1 && dests.iter().any(|d| *d == keys.dead_unroutable()) {
+                trim_dead(shared, &keys.dead_unroutable()).await;
+            }
+            done
         }
     };
     Ok(done == 1 && matches!(op, Op::Move { .. }))
+}
+
+/// Keeps only the newest `max_dead_letters` of dead-letter list `key` (after a push to it; not
+/// atomic with the push, so the list may hold a few more for a moment). A failure is logged: the
+/// next push trims it.
+pub(crate) async fn trim_dead(shared: &Shared, key: &str) {
+    let keep = i64::from(shared.limits.max_dead_letters);
+    let mut conn = shared.conn.clone();
+    let trimmed: redis::RedisResult<()> = redis::cmd("LTRIM")
+        .arg(key)
+        .arg(0)
+        .arg(keep - 1)
+        .query_async(&mut conn)
+        .await;
+    if let Err(e) = trimmed {
+        tracing::warn!(list = key, error = %e, "could not trim the dead-letter list");
+    }
 }
 
 /// kombu's `_lookup`: the anonymous exchange routes to the queue named by the routing key; a named

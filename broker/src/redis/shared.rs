@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::Keys;
 use crate::error::{BrokerError, Result};
+use crate::limits::Limits;
 use crate::url::BrokerUrl;
 
 /// How long a connection attempt may take.
@@ -32,6 +33,8 @@ pub(crate) struct Shared {
     pub(crate) closed: CancellationToken,
     /// Queues whose binding was already stored (declaring is cached).
     pub(crate) declared: Mutex<HashSet<String>>,
+    /// The URL's `max_message_size` and `max_dead_letters`.
+    pub(crate) limits: Limits,
 }
 
 /// The URL for the redis crate: no query string, and kombu's `redis+socket://` spelled `redis+unix://`.

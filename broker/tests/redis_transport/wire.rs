@@ -150,6 +150,43 @@ async fn malformed_envelopes_are_dead_lettered() {
     c.close().await.unwrap();
 }
 
+#[tokio::test]
+async fn the_dead_letter_list_keeps_the_newest_max_dead_letters() {
+    let s = Space::new().await;
+    let b = s.broker("&max_dead_letters=3").await;
+    let mut raw = s.raw.clone();
+    // Five that are not envelopes (dead-lettered by the fetch script), one that does not decode
+    // (moved there by the consumer), oldest first.
+    for i in 0..5 {
+        let _: () = raw
+            .lpush(s.key("capped"), format!("not json {i}"))
+            .await
+            .unwrap();
+    }
+    let undecodable =
+        br#"{"body": "x", "properties": {"body_encoding": "rot13", "delivery_tag": "bad-9"}}"#;
+    let _: () = raw.lpush(s.key("capped"), &undecodable[..]).await.unwrap();
+    b.publish("capped", &message(1, 0)).await.unwrap();
+    let mut c = b.consume(&queue("capped"), 16).await.unwrap();
+    let d = next(&mut c).await;
+    assert_eq!(task_id(&d), "task-1");
+    d.ack().await.unwrap();
+    let expected: Vec<Vec<u8>> = vec![
+        undecodable.to_vec(),
+        b"not json 4".to_vec(),
+        b"not json 3".to_vec(),
+    ];
+    // The consumer moves the undecodable one, then trims, in the background.
+    let deadline = Instant::now() + PATIENCE;
+    let mut dead = s.lrange("capped.celerity.dead").await;
+    while dead != expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        dead = s.lrange("capped.celerity.dead").await;
+    }
+    assert_eq!(dead, expected);
+    c.close().await.unwrap();
+}
+
 /// Interop with the real kombu 5.7 (Python) from the pinned venv.
 #[tokio::test]
 async fn python_kombu_interop() {

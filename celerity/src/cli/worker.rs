@@ -77,6 +77,10 @@ pub struct WorkerArgs {
     /// Share rate limits across every worker through Redis (the broker, else the result backend)
     #[arg(long)]
     pub global_rate_limits: bool,
+    /// Queue that undecodable and oversized messages are copied to (bounded by the broker URL's
+    /// max_dead_letters)
+    #[arg(long, value_name = "QUEUE", default_value = celerity_worker::DEAD_LETTER_QUEUE)]
+    pub dead_letter_queue: String,
 }
 
 impl WorkerArgs {
@@ -100,6 +104,12 @@ impl WorkerArgs {
                 Ok((task.trim().to_owned(), limit))
             })
             .collect::<Result<Vec<_>>>()?;
+        let dead_letter_queue = self.dead_letter_queue.trim();
+        if dead_letter_queue.is_empty() {
+            return Err(WorkerError::Config(
+                "--dead-letter-queue: the queue name is empty".into(),
+            ));
+        }
         let queues: Vec<String> = self
             .queues
             .iter()
@@ -125,6 +135,7 @@ impl WorkerArgs {
             max_tasks: self.max_tasks_per_child,
             max_memory_kib: self.max_memory_per_child.map(|mb| mb.saturating_mul(1024)),
             rate_limits,
+            dead_letter_queue: dead_letter_queue.to_owned(),
             ..WorkerConfig::default()
         })
     }

@@ -1,5 +1,6 @@
-//! Admission: what happens to a delivery before its task may run. In order: decode it (an
-//! undecodable message is dead-lettered), start showing it to `inspect`, skip it if the backend
+//! Admission: what happens to a delivery before its task may run. In order: check its size (a body
+//! over `max_message_size` is dead-lettered without being parsed), decode it (an undecodable message
+//! is dead-lettered), start showing it to `inspect`, skip it if the backend
 //! already holds its final state (finishing its workflow steps instead), if it was revoked, if its
 //! task is unknown (FAILURE) or if it expired (REVOKED); wait for its ETA (or park it on the broker
 //! when it is far off; fail it when it is over 100 years away); then wait for the task's rate limit and a free slot, and check the revoke
@@ -25,6 +26,10 @@ impl Processor {
     /// Takes `delivery` up to the moment its task can run; `None` if it was settled (or left for
     /// redelivery) instead.
     pub(super) async fn admit(&self, delivery: Delivery) -> Option<Admitted> {
+        if let Err(too_large) = self.broker.limits().check(&delivery.message) {
+            Box::pin(self.dead_letter_oversized(delivery, too_large)).await;
+            return None;
+        }
         let message = match TaskMessage::decode(&delivery.message) {
             Ok(m) => m,
             Err(e) => {

@@ -10,8 +10,9 @@ use chrono::Utc;
 use serde_json::Value;
 
 use celerity_broker::backend::ExceptionInfo;
+use celerity_broker::limits::TooLarge;
 use celerity_broker::protocol::TaskMessage;
-use celerity_broker::{Delivery, State, TaskMeta};
+use celerity_broker::{Delivery, Message, State, TaskMeta};
 
 use celerity_client::MAX_DELAY;
 
@@ -22,7 +23,10 @@ use crate::results::{failure_meta, meta, Interrupted};
 use crate::retry::{decide, random_unit, Decision};
 use crate::task::TaskError;
 
-use super::{Processor, DEAD_LETTER_QUEUE};
+use super::Processor;
+
+/// How much of an oversized body the dead-letter copy keeps.
+const DEAD_BODY_KEPT: usize = 64 * 1024;
 
 /// What to do with a finished job's delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,11 +222,31 @@ impl Processor {
         self.settle(delivery, Settle::Ack).await;
     }
 
-    /// Copies an undecodable message to [`DEAD_LETTER_QUEUE`] with the reason, stores a FAILURE
+    /// Copies an undecodable message to the dead-letter queue with the reason, stores a FAILURE
     /// (`DecodeError`) under its id if it has one, and acks it.
     pub(super) async fn dead_letter(&self, delivery: Delivery, reason: String) {
+        let kept = delivery.message.clone();
+        self.move_to_dead_letters(delivery, kept, reason).await;
+    }
+
+    /// A message whose body is over `max_message_size` is not parsed: it is dead-lettered with
+    /// only the first [`DEAD_BODY_KEPT`] bytes of its body and its size in `x-celerity-dead-size`,
+    /// and fails (`DecodeError` naming the limit) under the id its headers give, if any.
+    pub(super) async fn dead_letter_oversized(&self, delivery: Delivery, too_large: TooLarge) {
+        let mut kept = delivery.message.clone();
+        kept.body.truncate(DEAD_BODY_KEPT);
+        kept.headers
+            .insert("x-celerity-dead-size".into(), Value::from(too_large.size));
+        self.move_to_dead_letters(delivery, kept, too_large.to_string())
+            .await;
+    }
+
+    /// Stores the FAILURE (if the id is known), copies `kept` to the dead-letter queue with the
+    /// reason and the queue it came from, then acks; given back if either fails.
+    async fn move_to_dead_letters(&self, delivery: Delivery, mut kept: Message, reason: String) {
         let id = delivery.message.task_id().map(str::to_owned);
-        tracing::error!(queue = delivery.queue, id = ?id, reason, "undecodable message; moving it to {DEAD_LETTER_QUEUE}");
+        let dead = self.dead_letter_queue.as_str();
+        tracing::error!(queue = delivery.queue, id = ?id, reason, "message cannot be run (undecodable or too large); moving it to {dead}");
         if let Some(id) = &id {
             let exc = ExceptionInfo::new("DecodeError", reason.clone(), "kombu.exceptions");
             let stored = self
@@ -234,14 +258,13 @@ impl Processor {
             }
         }
         self.jobs.count(Outcome::Rejected);
-        let mut kept = delivery.message.clone();
         kept.headers
             .insert("x-celerity-dead-reason".into(), Value::String(reason));
         kept.headers.insert(
             "x-celerity-dead-queue".into(),
             Value::String(delivery.queue.clone()),
         );
-        match self.broker.publish(DEAD_LETTER_QUEUE, &kept).await {
+        match self.broker.dead_letter(dead, &kept).await {
             Ok(()) => self.settle(delivery, Settle::Ack).await,
             Err(e) => {
                 // Keep it rather than lose it.

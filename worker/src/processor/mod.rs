@@ -11,7 +11,8 @@
 //!
 //! The message is acked only after its outcome is stored (acks late), so a process that dies
 //! mid-job leaves the job to be delivered again. Bad input never takes the worker down: an
-//! undecodable message is copied to the dead-letter queue and acked; an unknown task or arguments of
+//! undecodable message is copied to the dead-letter queue and acked, and so is one whose body is
+//! over the broker's `max_message_size` (not parsed; only its first 64 KiB kept); an unknown task or arguments of
 //! the wrong type fail the job (FAILURE stored) and ack it; a panic in a task is a FAILURE.
 
 mod admit;
@@ -37,7 +38,8 @@ use crate::results::ResultStore;
 use self::finish::{Next, Settle};
 use self::invoke::Ran;
 
-/// Where undecodable messages are copied before they are acked.
+/// Where undecodable and oversized messages are copied before they are acked, unless
+/// [`crate::WorkerConfig::dead_letter_queue`] names another queue.
 pub const DEAD_LETTER_QUEUE: &str = "celerity.deadletter";
 
 /// Shared by every job of one worker process.
@@ -61,6 +63,8 @@ pub(crate) struct Processor {
     pub reporter: Option<Reporter>,
     /// A job due later than this is parked on the broker (where it can) instead of held here.
     pub park_after: Duration,
+    /// Where undecodable and oversized messages go ([`DEAD_LETTER_QUEUE`] by default).
+    pub dead_letter_queue: String,
 }
 
 /// A job that passed admission and holds a slot: it runs now.

@@ -2,8 +2,7 @@
 //! with lapin so the header table is exactly hostile — tables nested deep, values of every AMQP
 //! type where a string belongs (timestamps, decimals, byte arrays, non-UTF-8 long strings, NaN).
 //! lapin's short strings are Rust strings, so a non-UTF-8 header *key* cannot be sent this way.
-//! The shared `celerity.deadletter` queue is read with `basic_get`: this run's entries are acked,
-//! everyone else's given back.
+//! The run's own dead-letter queue is read with `basic_get`.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{
@@ -13,10 +12,9 @@ use lapin::BasicProperties;
 
 use celerity_broker::{connect_backend, connect_broker};
 use celerity_testsupport::{AMQP, REDIS};
-use celerity_worker::DEAD_LETTER_QUEUE;
 
 use crate::gen::{Case, Expect, Gen, Payload};
-use crate::run::{Raw as RunRaw, Run};
+use crate::run::{bounded, Raw as RunRaw, Run};
 
 /// Depth of the nested header tables in the main run. Deeper ones abort the reading process:
 /// see `a_deep_header_table_overflows_the_readers_stack` (500 levels do, in a debug build).
@@ -67,14 +65,14 @@ impl Raw {
             .unwrap();
     }
 
-    /// This run's dead letters (tag → reason), taken off the shared queue; others' left there.
-    pub async fn take_dead_letters(&self, _queue: &str) -> Vec<(String, String)> {
+    /// This run's dead letters (tag → reason), taken off its dead-letter queue `dead`.
+    pub async fn take_dead_letters(&self, dead: &str) -> Vec<(String, String)> {
         let mut found = Vec::new();
         let channel = self.conn.create_channel().await.unwrap();
         let mut seen = 0;
         loop {
             let Ok(Some(msg)) = channel
-                .basic_get(DEAD_LETTER_QUEUE.into(), BasicGetOptions::default())
+                .basic_get(dead.into(), BasicGetOptions::default())
                 .await
             else {
                 break;
@@ -206,11 +204,17 @@ async fn hostile_messages_on_rabbitmq() {
     crate::count_panics();
     let url = std::env::var("CELERITY_HOSTILE_AMQP").unwrap_or_else(|_| AMQP.to_owned());
     let broker = connect_broker(&url).await.unwrap();
+    let worker_broker = connect_broker(&bounded(&url)).await.unwrap();
     let backend = connect_backend(REDIS).await.unwrap();
     let raw = Raw::connect().await;
     let mut g = Gen::new(crate::seed() ^ 0xa3, "amqpraw");
     let extra = raw_cases(&mut g, 100);
-    let run = Run::new("amqp", broker, backend, RunRaw::Amqp(Box::new(raw)));
+    let run = Run::new(
+        "amqp",
+        [broker, worker_broker],
+        backend,
+        RunRaw::Amqp(Box::new(raw)),
+    );
     run.go(crate::count(), crate::seed(), extra).await;
 }
 

@@ -76,7 +76,7 @@ pub struct Gen {
     pub rng: Rng,
     pub run: String,
     n: u64,
-    /// Size of the huge bodies (5 MiB: there is no maximum message size yet).
+    /// Size of the huge bodies (5 MiB: over the worker's `max_message_size` of 1 MiB).
     pub huge: usize,
     /// Depth of the deeply nested values.
     pub deep: usize,
@@ -334,7 +334,7 @@ impl Gen {
         }
     }
 
-    /// A few huge bodies (5 MiB): garbage, a huge valid-JSON argument.
+    /// A few huge bodies (5 MiB, over the worker's limit): garbage, a huge valid-JSON argument.
     pub fn huge(&mut self) -> Vec<Case> {
         let n = self.huge;
         vec![

@@ -4,7 +4,8 @@
 //!
 //! Asserted: no panic anywhere (a panic hook counts them), the worker keeps serving (every good job
 //! returns its sum), and every hostile message is accounted for: dead-lettered (with a reason) or
-//! stored as FAILURE with a readable reason, `NotRegistered` for a valid call of an unknown task;
+//! stored as FAILURE with a readable reason (bodies over the worker's `max_message_size`, 1 MiB:
+//! dead-lettered unparsed), `NotRegistered` for a valid call of an unknown task;
 //! a few valid-but-odd ones (priority 255, a far `expires`) may also simply run. Each run prints a
 //! table kind → count → outcome. `CELERITY_HOSTILE_COUNT` (default 1,000 per broker) and
 //! `CELERITY_HOSTILE_SEED` make a larger or a replayed run.
@@ -62,9 +63,15 @@ async fn hostile_messages_on_memory() {
     let name = celerity_testsupport::unique("hostile");
     let broker: std::sync::Arc<dyn celerity_broker::Broker> =
         std::sync::Arc::new(celerity_broker::memory::MemoryBroker::named(&name));
+    let worker_broker: std::sync::Arc<dyn celerity_broker::Broker> = std::sync::Arc::new(
+        celerity_broker::memory::MemoryBroker::named(&name).with_limits(celerity_broker::Limits {
+            max_message_size: run::WORKER_MAX_MESSAGE_SIZE,
+            ..celerity_broker::Limits::default()
+        }),
+    );
     let backend: std::sync::Arc<dyn celerity_broker::ResultBackend> = std::sync::Arc::new(
         celerity_broker::backend::memory::MemoryBackend::named(&name),
     );
-    let run = run::Run::new("memory", broker, backend, run::Raw::None);
+    let run = run::Run::new("memory", [broker, worker_broker], backend, run::Raw::None);
     run.go(count(), seed(), Vec::new()).await;
 }

@@ -8,7 +8,7 @@ use celerity_broker::{connect_backend, connect_broker};
 use celerity_testsupport::{delete_redis_prefix, REDIS};
 
 use crate::gen::{Case, Expect, Gen, Payload};
-use crate::run::{Raw, Run};
+use crate::run::{bounded, Raw, Run};
 
 /// Raw envelopes pushed onto the queue's list as they are.
 pub fn raw_cases(g: &mut Gen, count: usize) -> Vec<Case> {
@@ -58,15 +58,15 @@ async fn hostile_messages_on_redis() {
     crate::count_panics();
     let prefix = format!("{}:", celerity_testsupport::unique("hostile"));
     let _cleanup = celerity_testsupport::Cleanup::new().redis_prefix(prefix.clone());
-    let broker = connect_broker(&format!("{REDIS}?global_keyprefix={prefix}"))
-        .await
-        .unwrap();
+    let url = format!("{REDIS}?global_keyprefix={prefix}");
+    let broker = connect_broker(&url).await.unwrap();
+    let worker_broker = connect_broker(&bounded(&url)).await.unwrap();
     let backend = connect_backend(REDIS).await.unwrap();
     let client = ::redis::Client::open(REDIS).unwrap();
     let conn = client.get_multiplexed_async_connection().await.unwrap();
     let run = Run::new(
         "redis",
-        broker,
+        [broker, worker_broker],
         backend,
         Raw::Redis {
             conn,

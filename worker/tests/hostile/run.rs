@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use celerity_broker::{Broker, ResultBackend, State};
 use celerity_client::{Client, SendOptions};
 use celerity_testsupport::{demo_registry, InProcessWorker};
-use celerity_worker::{WorkerConfig, DEAD_LETTER_QUEUE};
+use celerity_worker::WorkerConfig;
 
 use crate::gen::{Case, Expect, Gen, Payload, KINDS};
 
@@ -25,12 +25,26 @@ pub enum Raw {
     Amqp(Box<crate::amqp::Raw>),
 }
 
+/// The worker's `max_message_size` (1 MiB): the huge bodies (5 MiB) are over it.
+pub const WORKER_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
+
+/// `url` with the worker's `max_message_size` added to its options.
+pub fn bounded(url: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}max_message_size={WORKER_MAX_MESSAGE_SIZE}")
+}
+
 pub struct Run {
     name: &'static str,
+    /// Publishes the cases (no size limit of its own beyond the default).
     broker: Arc<dyn Broker>,
+    /// The worker's: the same queues, with [`WORKER_MAX_MESSAGE_SIZE`].
+    worker_broker: Arc<dyn Broker>,
     backend: Arc<dyn ResultBackend>,
     raw: Raw,
     queue: String,
+    /// The worker's own dead-letter queue.
+    dead: String,
     node: String,
 }
 
@@ -47,16 +61,19 @@ enum End {
 impl Run {
     pub fn new(
         name: &'static str,
-        broker: Arc<dyn Broker>,
+        [broker, worker_broker]: [Arc<dyn Broker>; 2],
         backend: Arc<dyn ResultBackend>,
         raw: Raw,
     ) -> Run {
+        let queue = celerity_testsupport::unique("hostile");
         Run {
             name,
             broker,
+            worker_broker,
             backend,
             raw,
-            queue: celerity_testsupport::unique("hostile"),
+            dead: format!("{queue}.dead"),
+            queue,
             node: format!("{}@hostile", celerity_testsupport::unique("w")),
         }
     }
@@ -101,11 +118,12 @@ impl Run {
             concurrency: 8,
             hostname: self.node.clone(),
             grace: Duration::from_secs(10),
+            dead_letter_queue: self.dead.clone(),
             ..WorkerConfig::default()
         };
         let worker = InProcessWorker::spawn(
             demo_registry(),
-            self.broker.clone(),
+            self.worker_broker.clone(),
             Some(self.backend.clone()),
             config,
         );
@@ -248,14 +266,14 @@ impl Run {
         let mut found = HashMap::new();
         match &self.raw {
             Raw::Amqp(publisher) => {
-                for (tag, reason) in publisher.take_dead_letters(&self.queue).await {
+                for (tag, reason) in publisher.take_dead_letters(&self.dead).await {
                     found.insert(tag, reason);
                 }
             }
             _ => {
                 let mut consumer = self
                     .broker
-                    .consume(&[DEAD_LETTER_QUEUE.to_owned()], 64)
+                    .consume(std::slice::from_ref(&self.dead), 64)
                     .await
                     .unwrap();
                 while let Ok(Ok(Some(d))) =
@@ -314,6 +332,14 @@ impl Run {
     }
 
     async fn end_of(&self, case: &Case, dead: &HashMap<String, String>) -> End {
+        // Over the worker's max_message_size: dead-lettered unparsed (its FAILURE, stored too,
+        // only names the limit).
+        if dead
+            .get(&case.tag)
+            .is_some_and(|reason| reason.contains("max_message_size"))
+        {
+            return End::DeadLettered;
+        }
         if let Some(id) = &case.id {
             if let Ok(meta) = self.backend.get(id).await {
                 match meta.status {
@@ -347,8 +373,10 @@ impl Run {
             let _ = self.backend.forget(id).await;
         }
         let _ = self.broker.purge(&self.queue).await;
+        let _ = self.broker.purge(&self.dead).await;
         if let Raw::Amqp(_) = self.raw {
             celerity_testsupport::delete_amqp_queue(&self.queue).await;
+            celerity_testsupport::delete_amqp_queue(&self.dead).await;
         }
     }
 }

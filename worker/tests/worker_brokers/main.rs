@@ -1,6 +1,7 @@
 //! The worker against the real Redis and RabbitMQ (results on Redis), one module per behaviour:
 //! jobs, failures, retries, shutdown and revokes (`jobs`), lost connections and a restarted Redis
-//! (`reconnect`), and far-off ETAs, a global rate limit and the Redis lease (`scheduling`).
+//! (`reconnect`), far-off ETAs, a global rate limit and the Redis lease (`scheduling`), and the
+//! URL's bounds on message size and dead letters, with oversized control requests (`bounds`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +46,7 @@ fn unique() -> String {
     celerity_testsupport::unique("wtest")
 }
 
+mod bounds;
 mod jobs;
 mod reconnect;
 mod scheduling;

@@ -9,19 +9,22 @@
 -- ARGV[1]  now, unix seconds as a decimal (the unacked_index score), or '' to use the server's
 --          clock (a fetch queued behind a blocking wait runs at an unknown later time)
 -- ARGV[2]  N, the most messages to pop
--- ARGV[3..] the queue names, in the same order (routing key for envelopes without delivery_info)
+-- ARGV[3]  the most messages a dead-letter list keeps (the newest; `max_dead_letters`)
+-- ARGV[4..] the queue names, in the same order (routing key for envelopes without delivery_info)
 --
 -- Lists are popped priority-major (every queue's step 0 before any queue's step 3, ...), RPOP from
 -- the right as producers LPUSH on the left. The envelope is never re-encoded: cjson only reads the
 -- delivery tag, exchange and routing key, and the record is built by string concatenation.
 -- An envelope that is not a JSON object with a string `properties.delivery_tag` goes to its queue's
--- dead-letter list instead (LPUSH) and is reported, so nothing is lost silently.
+-- dead-letter list instead (LPUSH, then LTRIM to ARGV[3]) and is reported, so nothing is lost
+-- silently (only the oldest dead letters, past the bound).
 --
 -- Returns a flat array: the score used, then four items per popped message:
 --   kind (1 = recorded as unacked, 0 = dead-lettered), queue position (1-based), delivery tag
 --   ("" when dead-lettered), envelope.
-local nqueues = #ARGV - 2
+local nqueues = #ARGV - 3
 local want = tonumber(ARGV[2])
+local keep = tonumber(ARGV[3])
 local score = ARGV[1]
 if score == '' then
   local t = redis.call('TIME')
@@ -50,7 +53,7 @@ for step = 1, 4 do
         end
         if type(tag) == 'string' and tag ~= '' then
           if type(ex) ~= 'string' then ex = '' end
-          if type(rk) ~= 'string' then rk = ARGV[2 + q] end
+          if type(rk) ~= 'string' then rk = ARGV[3 + q] end
           local record = '[' .. item .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']'
           redis.call('ZADD', KEYS[2], score, tag)
           redis.call('HSET', KEYS[1], tag, record)
@@ -59,6 +62,7 @@ for step = 1, 4 do
           out[#out + 1] = tag
         else
           redis.call('LPUSH', KEYS[base + 5], item)
+          redis.call('LTRIM', KEYS[base + 5], 0, keep - 1)
           out[#out + 1] = 0
           out[#out + 1] = q
           out[#out + 1] = ''
