@@ -32,6 +32,8 @@ pub struct WorkerConfig {
     pub park_after: Duration,
     /// Celery events: task events from the start (`-E`), worker heartbeats.
     pub events: EventsConfig,
+    /// Count into these metrics (`--metrics-addr`); none: nothing is counted or probed.
+    pub metrics: Option<std::sync::Arc<crate::metrics::WorkerMetrics>>,
 }
 
 impl Default for WorkerConfig {
@@ -51,6 +53,7 @@ impl Default for WorkerConfig {
                 task_events: false,
                 heartbeat: true,
             },
+            metrics: None,
         }
     }
 }

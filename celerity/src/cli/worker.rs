@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -17,6 +18,7 @@ use celerity_broker::redis::RedisRateLimiter;
 use celerity_broker::url::{BrokerUrl, Scheme};
 use celerity_client::DEFAULT_QUEUE;
 use celerity_worker::events::EventsConfig;
+use celerity_worker::metrics::{self, MetricsSource, PoolMetrics, WorkerMetrics};
 use celerity_worker::{
     node, run, supervisor, Registry, Reporter, Shutdown, Summary, WorkerConfig, WorkerError,
 };
@@ -77,6 +79,10 @@ pub struct WorkerArgs {
     /// Share rate limits across every worker through Redis (the broker, else the result backend)
     #[arg(long)]
     pub global_rate_limits: bool,
+    /// Serve Prometheus metrics at /metrics, and /healthz and /readyz, on HOST:PORT (port 0: any
+    /// free port, logged). With --processes N the supervisor serves the whole pool
+    #[arg(long, value_name = "HOST:PORT", env = "CELERITY_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 impl WorkerArgs {
@@ -142,18 +148,35 @@ pub async fn run_worker(
     let shutdown = Shutdown::default();
     let forwarding = tokio::spawn(signals::warm_then_cold(shutdown.clone()));
     let is_child = std::env::var_os(supervisor::CHILD_ENV).is_some();
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
     let outcome = if args.processes > 0 && !is_child {
+        let pool = match &args.metrics_addr {
+            Some(addr) => {
+                let pool = Arc::new(PoolMetrics::new(args.processes));
+                start_metrics(addr, pool.clone(), metrics_stop.clone()).await?;
+                Some(pool)
+            }
+            None => None,
+        };
         let backend = conn.worker_backend().await?;
         // The URLs may hold passwords: the worker processes get them in their environment, not
         // on their command lines (which `ps` shows to every user).
         let secrets = supervisor::ChildSecrets::new()
             .flag("--broker", BROKER_ENV, Some(&conn.broker))
             .flag("--backend", BACKEND_ENV, conn.backend.as_deref());
-        supervisor::supervise(args.processes, backend, secrets, shutdown)
+        supervisor::supervise(args.processes, backend, secrets, shutdown, pool)
             .await
             .map(|()| None)
     } else {
         config.reporter = is_child.then_some(Reporter);
+        if let Some(addr) = &args.metrics_addr {
+            let metrics = Arc::new(WorkerMetrics::new(&config.hostname));
+            // A pool child reports to its supervisor, which serves the pool.
+            if !is_child {
+                start_metrics(addr, metrics.clone(), metrics_stop.clone()).await?;
+            }
+            config.metrics = Some(metrics);
+        }
         if args.global_rate_limits {
             config.global_rate_limits = Some(global_limiter(conn).await?);
         }
@@ -169,7 +192,27 @@ pub async fn run_worker(
         summary.map(Some)
     };
     forwarding.abort();
+    metrics_stop.cancel();
     outcome
+}
+
+/// Binds `addr` and serves `source` there until `stop`; the address is logged (and printed on
+/// stderr) once bound, with the port chosen when `addr` asks for port 0.
+async fn start_metrics(
+    addr: &str,
+    source: Arc<dyn MetricsSource>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| WorkerError::Config(format!("--metrics-addr {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| WorkerError::Config(format!("--metrics-addr {addr}: {e}")))?;
+    tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+    eprintln!("metrics listening on http://{bound}/metrics");
+    tokio::spawn(metrics::serve(listener, source, stop));
+    Ok(())
 }
 
 /// The Redis that holds cluster-wide rate limits: the broker if it is Redis, else the backend.

@@ -17,6 +17,7 @@ use celerity_client::MAX_DELAY;
 
 use crate::canvas::Canvas;
 use crate::jobs::Outcome;
+use crate::metrics::inc;
 use crate::registry::Registered;
 use crate::results::{failure_meta, meta, Interrupted};
 use crate::retry::{decide, random_unit, Decision};
@@ -119,6 +120,10 @@ impl Processor {
             }
         }
         self.jobs.count(Outcome::Succeeded);
+        self.count(message, queue, |c| {
+            inc(&c.succeeded);
+            c.runtime.observe(runtime);
+        });
         Next::Ack
     }
 
@@ -148,6 +153,7 @@ impl Processor {
                     return Next::Requeue;
                 }
                 self.jobs.count(Outcome::Failed);
+                self.count(message, queue, |c| c.failed(&exc.exc_type));
                 let canvas = self.canvas(queue);
                 if let Err(e) = Box::pin(canvas.on_failure(message, &exc, Some(&tb))).await {
                     tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; giving the job back");
@@ -169,9 +175,13 @@ impl Processor {
         let mut next = message.clone();
         next.headers.retries = next.headers.retries.saturating_add(1);
         next.headers.eta = Some(retry_eta(Utc::now(), countdown).fixed_offset());
+        let started = std::time::Instant::now();
         if let Err(e) = self.broker.publish(queue, &next.encode()).await {
             tracing::error!(id = message.id(), error = %e, "could not send the retry; giving the job back");
             return Next::Leave;
+        }
+        if let Some(m) = &self.metrics {
+            m.publish.observe(started.elapsed());
         }
         tracing::info!(id = message.id(), task = message.task(), retries = next.headers.retries, countdown_s = countdown.as_secs_f64(), reason = %cause, "retry");
         let exc = exception_of(cause);
@@ -185,6 +195,10 @@ impl Processor {
             return Next::Requeue;
         }
         self.jobs.count(Outcome::Retried);
+        self.count(message, queue, |c| {
+            inc(&c.retried);
+            inc(&c.sent);
+        });
         Next::Ack
     }
 
@@ -207,6 +221,7 @@ impl Processor {
             return self.settle(delivery, Settle::Requeue).await;
         }
         self.jobs.count(Outcome::Revoked);
+        self.count(message, &delivery.queue, |c| inc(&c.revoked));
         let joined = self
             .canvas(&delivery.queue)
             .chord_part(message, State::Revoked, &exc.to_value())
@@ -220,7 +235,7 @@ impl Processor {
 
     /// Copies an undecodable message to [`DEAD_LETTER_QUEUE`] with the reason, stores a FAILURE
     /// (`DecodeError`) under its id if it has one, and acks it.
-    pub(super) async fn dead_letter(&self, delivery: Delivery, reason: String) {
+    pub(super) async fn dead_letter(&self, delivery: Delivery, kind: &'static str, reason: String) {
         let id = delivery.message.task_id().map(str::to_owned);
         tracing::error!(queue = delivery.queue, id = ?id, reason, "undecodable message; moving it to {DEAD_LETTER_QUEUE}");
         if let Some(id) = &id {
@@ -234,6 +249,16 @@ impl Processor {
             }
         }
         self.jobs.count(Outcome::Rejected);
+        if let Some(m) = &self.metrics {
+            let name = delivery
+                .message
+                .headers
+                .get("task")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            inc(&m.task(name, &delivery.queue).rejected);
+            m.dead_lettered(kind);
+        }
         let mut kept = delivery.message.clone();
         kept.headers
             .insert("x-celerity-dead-reason".into(), Value::String(reason));
