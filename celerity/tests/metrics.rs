@@ -321,7 +321,8 @@ async fn readyz_follows_a_redis_outage_while_healthz_stays_ok() {
     };
     let q = unique("metrics-ready");
     let url = redis.url();
-    let worker = Worker::start(&url, &url, &q, &["-P", "0", "-c", "2"]);
+    let node = format!("{q}@probe");
+    let worker = Worker::start(&url, &url, &q, &["-P", "0", "-c", "2", "-n", &node]);
     let ready = |s: u16, _: &str| s == 200;
     assert_eq!(
         worker.wait_for("/readyz", Duration::from_secs(20), ready).0,
@@ -329,6 +330,22 @@ async fn readyz_follows_a_redis_outage_while_healthz_stays_ok() {
         "never ready"
     );
     assert_eq!(worker.get("/healthz").0, 200);
+    // `inspect ping -d NODE` as an exec probe: 0 only if every named node answered.
+    let ping = |nodes: &str| {
+        Command::new(env!("CARGO_BIN_EXE_celerity"))
+            .args(["--broker", &url, "inspect", "ping", "-d", nodes, "-t", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run celerity inspect ping")
+            .success()
+    };
+    assert!(ping(&node), "inspect ping -d {node} failed");
+    assert!(
+        !ping(&format!("{node},nobody@nowhere")),
+        "a silent node must fail the ping"
+    );
+    assert!(!ping("nobody@nowhere"));
 
     // While Redis is down (6 s): /readyz must turn 503 and /healthz stay 200 throughout.
     let addr = worker.addr.clone();
