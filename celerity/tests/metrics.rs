@@ -2,7 +2,8 @@
 //! process), real Redis, scraped over HTTP. Known jobs (successes, failures, retries, a revoke)
 //! give exact counts in celery-exporter's names, children recycled mid-run included; `/readyz`
 //! follows a private Redis going away and coming back while `/healthz` stays OK; a pool child stuck
-//! in a job that never yields makes `/healthz` fail until it is free again.
+//! in a job that never yields makes `/healthz` fail until it is free again; two beats show one
+//! leader and one ready standby, which leads once the leader dies.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -30,18 +31,24 @@ struct Worker {
 
 impl Worker {
     fn start(broker: &str, backend: &str, queue: &str, extra: &[&str]) -> Worker {
+        let mut args = vec![
+            "--broker",
+            broker,
+            "--backend",
+            backend,
+            "worker",
+            "-Q",
+            queue,
+        ];
+        args.extend(extra);
+        Worker::spawn(&args)
+    }
+
+    /// `celerity ARGS… --metrics-addr 127.0.0.1:0` (the verb's flag goes last).
+    fn spawn(args: &[&str]) -> Worker {
         let mut child = Command::new(env!("CARGO_BIN_EXE_celerity"))
-            .args([
-                "--broker",
-                broker,
-                "--backend",
-                backend,
-                "worker",
-                "-Q",
-                queue,
-            ])
+            .args(args)
             .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(extra)
             .env("CELERITY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -267,10 +274,12 @@ async fn a_pool_serves_exact_counts_of_known_jobs() {
         ("celery_task_started_total", by("demo.sleep_ms"), 0.0),
         ("celery_task_revoked_total", by("demo.sleep_ms"), 1.0),
     ];
-    // (Both children up and reporting: a recycled one's successor may not have reported yet.)
+    // (Gauges too: both children up and reporting, a recycled one's successor may not have
+    // reported yet, and the queue seen empty, which a child measures once a second.)
     let matches = |text: &str| {
         want.iter().all(|(m, with, n)| total(text, m, with) == *n)
             && total(text, "celery_worker_up", &[]) == 2.0
+            && total(text, "celery_queue_length", &[("queue_name", q.as_str())]) == 0.0
     };
     // Children report every second; wait for the last reports, then hold the counts to the exact
     // numbers (none counted twice, none lost with a recycled child).
@@ -441,4 +450,56 @@ async fn a_pool_child_stuck_in_a_job_fails_healthz_until_it_is_free() {
     );
     drop(pool);
     delete_redis_prefix(&q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beat_serves_leader_ticks_and_standby_readiness() {
+    let Some(redis) = PrivateRedis::start_in(PORTS.end..PORTS.end + 100).await else {
+        panic!("cannot start a private redis-server");
+    };
+    let url = redis.url();
+    let dir = std::env::temp_dir().join(unique("metrics-beat"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let schedule = dir.join("schedule.toml");
+    std::fs::write(
+        &schedule,
+        "[[entry]]\nname = \"tick\"\ntask = \"demo.noop\"\nevery = \"1s\"\nqueue = \"beat-metrics\"\n",
+    )
+    .unwrap();
+    let path = schedule.to_string_lossy().into_owned();
+    let beat =
+        |url: &str| Worker::spawn(&["--broker", url, "beat", "--schedule", &path, "--lease", "2"]);
+    let leader = beat(&url);
+    let leading = |_: u16, t: &str| {
+        total(t, "celerity_beat_leader", &[]) == 1.0
+            && total(t, "celerity_beat_ticks_sent_total", &[("entry", "tick")]) >= 2.0
+    };
+    let (_, text) = leader.wait_for("/metrics", Duration::from_secs(20), leading);
+    assert!(leading(200, &text), "{text}");
+    assert!(
+        total(&text, "celerity_beat_lateness_seconds_count", &[]) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        total(&text, "celerity_beat_lease_renewals_total", &[]) >= 1.0,
+        "{text}"
+    );
+    assert_eq!(leader.get("/readyz").0, 200);
+
+    let standby = beat(&url);
+    let (status, _) = standby.wait_for("/readyz", Duration::from_secs(20), |s, _| s == 200);
+    assert_eq!(status, 200, "a healthy standby is ready");
+    assert_eq!(
+        total(&standby.get("/metrics").1, "celerity_beat_leader", &[]),
+        0.0
+    );
+    assert_eq!(standby.get("/healthz").0, 200);
+
+    // The leader dies: the standby takes the lease and says so.
+    drop(leader);
+    let (_, text) = standby.wait_for("/metrics", Duration::from_secs(20), leading);
+    assert!(leading(200, &text), "the standby never led: {text}");
+    drop(standby);
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -198,7 +198,7 @@ pub async fn run_worker(
 
 /// Binds `addr` and serves `source` there until `stop`; the address is logged (and printed on
 /// stderr) once bound, with the port chosen when `addr` asks for port 0.
-async fn start_metrics(
+pub(crate) async fn start_metrics(
     addr: &str,
     source: Arc<dyn MetricsSource>,
     stop: tokio_util::sync::CancellationToken,

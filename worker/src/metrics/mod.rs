@@ -77,7 +77,8 @@ impl Histogram {
         self.count.fetch_add(1, Relaxed);
     }
 
-    fn value(&self) -> Hist {
+    /// The histogram's state now.
+    pub fn value(&self) -> Hist {
         Hist {
             bounds: self.bounds.to_vec(),
             buckets: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),

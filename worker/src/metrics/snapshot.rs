@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use serde::{Deserialize, Serialize};
 
@@ -147,26 +147,20 @@ struct Collector(Snapshot);
 
 impl prometheus_client::collector::Collector for Collector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        for (name, series) in by_name(&self.0.counters) {
-            let mut family =
-                encoder.encode_descriptor(name, help(name), None, MetricType::Counter)?;
-            for s in series {
-                let c = prometheus_client::metrics::counter::ConstCounter::new(s.value);
-                c.encode(family.encode_family(&s.labels)?)?;
-            }
-        }
-        for (name, series) in by_name(&self.0.gauges) {
-            let mut family =
-                encoder.encode_descriptor(name, help(name), None, MetricType::Gauge)?;
-            for s in series {
-                let g = prometheus_client::metrics::gauge::ConstGauge::new(s.value);
-                g.encode(family.encode_family(&s.labels)?)?;
-            }
-        }
-        for (name, series) in by_name(&self.0.histograms) {
-            let mut family =
-                encoder.encode_descriptor(name, help(name), None, MetricType::Histogram)?;
-            for s in series {
+        family(
+            &mut encoder,
+            &self.0.counters,
+            MetricType::Counter,
+            |s, e| prometheus_client::metrics::counter::ConstCounter::new(s.value).encode(e),
+        )?;
+        family(&mut encoder, &self.0.gauges, MetricType::Gauge, |s, e| {
+            prometheus_client::metrics::gauge::ConstGauge::new(s.value).encode(e)
+        })?;
+        family(
+            &mut encoder,
+            &self.0.histograms,
+            MetricType::Histogram,
+            |s, mut e| {
                 let h = &s.value;
                 let buckets: Vec<(f64, u64)> = h
                     .bounds
@@ -175,15 +169,33 @@ impl prometheus_client::collector::Collector for Collector {
                     .chain(std::iter::once(f64::MAX))
                     .zip(h.buckets.iter().copied())
                     .collect();
-                family
-                    .encode_family(&s.labels)?
-                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                        h.sum, h.count, &buckets, None,
-                    )?;
+                e.encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets, None)
+            },
+        )
+    }
+}
+
+/// Encodes `series` of one type, one descriptor per name; a series without labels is written
+/// without braces.
+fn family<V>(
+    encoder: &mut DescriptorEncoder<'_>,
+    series: &[Series<V>],
+    kind: MetricType,
+    value: impl Fn(&Series<V>, MetricEncoder<'_>) -> Result<(), std::fmt::Error>,
+) -> Result<(), std::fmt::Error> {
+    for (name, series) in by_name(series) {
+        let mut metric = encoder.encode_descriptor(name, help(name), None, kind)?;
+        if let [only] = series.as_slice() {
+            if only.labels.is_empty() {
+                value(only, metric)?;
+                continue;
             }
         }
-        Ok(())
+        for s in series {
+            value(s, metric.encode_family(&s.labels)?)?;
+        }
     }
+    Ok(())
 }
 
 fn by_name<V>(series: &[Series<V>]) -> BTreeMap<&str, Vec<&Series<V>>> {
@@ -218,6 +230,11 @@ fn help(name: &str) -> &'static str {
             "Time to publish (and have confirmed) a message the worker sends."
         }
         "celerity_dead_lettered" => "Messages moved to the dead-letter queue, by reason.",
+        "celerity_beat_ticks_sent" => "Periodic ticks sent, by schedule entry.",
+        "celerity_beat_lateness_seconds" => "How late a tick was sent after its scheduled time.",
+        "celerity_beat_leader" => "1 on the beat that holds the leader lock, 0 on a standby.",
+        "celerity_beat_lease_renewals" => "Leader lease renewals.",
+        "celerity_beat_lease_losses" => "Times the leader lost its lease.",
         _ => "",
     }
 }
