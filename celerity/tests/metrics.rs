@@ -503,3 +503,36 @@ async fn beat_serves_leader_ticks_and_standby_readiness() {
     drop(redis);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_embedded_beat_serves_both_on_one_listener() {
+    let Some(redis) = PrivateRedis::start_in(PORTS.end + 100..PORTS.end + 200).await else {
+        panic!("cannot start a private redis-server");
+    };
+    let url = redis.url();
+    let q = unique("metrics-worker-beat");
+    let dir = std::env::temp_dir().join(&q);
+    std::fs::create_dir_all(&dir).unwrap();
+    let schedule = dir.join("schedule.toml");
+    std::fs::write(
+        &schedule,
+        format!(
+            "[[entry]]\nname = \"tick\"\ntask = \"demo.noop\"\nevery = \"1s\"\nqueue = \"{q}\"\n"
+        ),
+    )
+    .unwrap();
+    let path = schedule.to_string_lossy().into_owned();
+    let worker = Worker::start(&url, &url, &q, &["-P", "1", "-B", "--beat-schedule", &path]);
+    let both = |s: u16, t: &str| {
+        s == 200
+            && total(t, "celerity_beat_leader", &[]) == 1.0
+            && total(t, "celery_worker_up", &[]) == 1.0
+            && total(t, "celery_task_succeeded_total", &[("name", "demo.noop")]) >= 1.0
+    };
+    let (status, text) = worker.wait_for("/metrics", Duration::from_secs(20), both);
+    assert!(both(status, &text), "{text}");
+    assert_eq!(worker.get("/readyz").0, 200);
+    drop(worker);
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -154,8 +154,8 @@ impl BeatObserver for BeatMetrics {
 }
 
 impl MetricsSource for BeatMetrics {
-    fn metrics(&self) -> String {
-        self.snapshot().render()
+    fn snapshot(&self) -> Snapshot {
+        BeatMetrics::snapshot(self)
     }
 
     fn health(&self) -> Health {

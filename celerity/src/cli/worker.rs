@@ -18,12 +18,13 @@ use celerity_broker::redis::RedisRateLimiter;
 use celerity_broker::url::{BrokerUrl, Scheme};
 use celerity_client::DEFAULT_QUEUE;
 use celerity_worker::events::EventsConfig;
-use celerity_worker::metrics::{self, MetricsSource, PoolMetrics, WorkerMetrics};
+use celerity_worker::metrics::{self, Joined, MetricsSource, PoolMetrics, WorkerMetrics};
 use celerity_worker::{
     node, run, supervisor, Registry, Reporter, Shutdown, Summary, WorkerConfig, WorkerError,
 };
 
 use super::beat::run_beat_config;
+use super::beat_metrics::BeatMetrics;
 use super::connection::{ConnectionArgs, BACKEND_ENV, BROKER_ENV};
 use crate::signals;
 
@@ -144,7 +145,24 @@ pub async fn run_worker(
     args: &WorkerArgs,
     conn: &ConnectionArgs,
 ) -> Result<Option<Summary>> {
+    run_worker_with(registry, args, conn, None).await
+}
+
+/// [`run_worker`], with `beside` served on the same `--metrics-addr` (the embedded beat's metrics;
+/// ignored in a pool child, which serves nothing).
+pub async fn run_worker_with(
+    registry: Registry,
+    args: &WorkerArgs,
+    conn: &ConnectionArgs,
+    beside: Option<Arc<dyn MetricsSource>>,
+) -> Result<Option<Summary>> {
     let mut config = args.config()?;
+    let served = |own: Arc<dyn MetricsSource>| -> Arc<dyn MetricsSource> {
+        match &beside {
+            Some(b) => Arc::new(Joined(vec![own, b.clone()])),
+            None => own,
+        }
+    };
     let shutdown = Shutdown::default();
     let forwarding = tokio::spawn(signals::warm_then_cold(shutdown.clone()));
     let is_child = std::env::var_os(supervisor::CHILD_ENV).is_some();
@@ -153,7 +171,7 @@ pub async fn run_worker(
         let pool = match &args.metrics_addr {
             Some(addr) => {
                 let pool = Arc::new(PoolMetrics::new(args.processes));
-                start_metrics(addr, pool.clone(), metrics_stop.clone()).await?;
+                start_metrics(addr, served(pool.clone()), metrics_stop.clone()).await?;
                 Some(pool)
             }
             None => None,
@@ -173,7 +191,7 @@ pub async fn run_worker(
             let metrics = Arc::new(WorkerMetrics::new(&config.hostname));
             // A pool child reports to its supervisor, which serves the pool.
             if !is_child {
-                start_metrics(addr, metrics.clone(), metrics_stop.clone()).await?;
+                start_metrics(addr, served(metrics.clone()), metrics_stop.clone()).await?;
             }
             config.metrics = Some(metrics);
         }
@@ -257,11 +275,17 @@ pub async fn run_worker_command(
     let mut registry = Registry::new();
     celerity_worker::demo::register(&mut registry);
     let is_child = std::env::var_os(supervisor::CHILD_ENV).is_some();
+    let mut beat_metrics: Option<Arc<dyn MetricsSource>> = None;
     let beat = if cmd.beat && !is_child {
         let Some(schedule) = &cmd.beat_schedule else {
             return Err("--beat needs --beat-schedule FILE (or CELERITY_BEAT_SCHEDULE)".into());
         };
-        let config = BeatConfig::new(schedule.clone());
+        let mut config = BeatConfig::new(schedule.clone());
+        if cmd.worker.metrics_addr.is_some() {
+            let m = Arc::new(BeatMetrics::default());
+            config.observer = Some(m.clone());
+            beat_metrics = Some(m);
+        }
         let stop = tokio_util::sync::CancellationToken::new();
         let conn = conn.clone();
         let task_stop = stop.clone();
@@ -272,7 +296,7 @@ pub async fn run_worker_command(
     } else {
         None
     };
-    let outcome = run_worker(registry, &cmd.worker, conn).await;
+    let outcome = run_worker_with(registry, &cmd.worker, conn, beat_metrics).await;
     if let Some((stop, task)) = beat {
         stop.cancel();
         match task.await {

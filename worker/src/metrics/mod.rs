@@ -24,7 +24,7 @@ use std::time::Duration;
 
 pub use pool::{PoolMetrics, RestartCause};
 pub(crate) use probe::Probe;
-pub use serve::{serve, Health, MetricsSource};
+pub use serve::{serve, Health, Joined, MetricsSource};
 pub use snapshot::{Hist, Labels, Series, Snapshot, Totals};
 
 /// The runtime buckets (seconds): Prometheus's default ones, as celery-exporter uses.
@@ -343,8 +343,8 @@ impl WorkerMetrics {
 
 /// A worker process serves its own metrics; it is live while its runtime answers (this answer).
 impl MetricsSource for WorkerMetrics {
-    fn metrics(&self) -> String {
-        self.snapshot().render()
+    fn snapshot(&self) -> Snapshot {
+        WorkerMetrics::snapshot(self)
     }
 
     fn health(&self) -> Health {

@@ -197,8 +197,8 @@ impl PoolMetrics {
 }
 
 impl MetricsSource for PoolMetrics {
-    fn metrics(&self) -> String {
-        self.snapshot().render()
+    fn snapshot(&self) -> Snapshot {
+        PoolMetrics::snapshot(self)
     }
 
     fn health(&self) -> Health {

@@ -17,6 +17,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::Snapshot;
+
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 32;
 /// Time a client has to send a request's head.
@@ -33,10 +35,35 @@ pub struct Health {
 
 /// What the listener serves.
 pub trait MetricsSource: Send + Sync + 'static {
-    /// The `/metrics` text.
-    fn metrics(&self) -> String;
+    /// The values now.
+    fn snapshot(&self) -> Snapshot;
     /// What `/healthz` and `/readyz` answer.
     fn health(&self) -> Health;
+    /// The `/metrics` text.
+    fn metrics(&self) -> String {
+        self.snapshot().render()
+    }
+}
+
+/// Several sources on one listener (a worker and the beat it embeds): their metrics side by side,
+/// live and ready when all of them are.
+pub struct Joined(pub Vec<Arc<dyn MetricsSource>>);
+
+impl MetricsSource for Joined {
+    fn snapshot(&self) -> Snapshot {
+        let parts: Vec<Snapshot> = self.0.iter().map(|s| s.snapshot()).collect();
+        let mut all = Snapshot::merge(&parts);
+        all.ready = parts.iter().all(|p| p.ready);
+        all
+    }
+
+    fn health(&self) -> Health {
+        let each: Vec<Health> = self.0.iter().map(|s| s.health()).collect();
+        Health {
+            live: each.iter().try_for_each(|h| h.live.clone()),
+            ready: each.iter().try_for_each(|h| h.ready.clone()),
+        }
+    }
 }
 
 /// Serves `source` on `listener` until `stop` fires.
