@@ -2,7 +2,8 @@
 //! process), real Redis, scraped over HTTP. Known jobs (successes, failures, retries, a revoke)
 //! give exact counts in celery-exporter's names, children recycled mid-run included; `/readyz`
 //! follows a private Redis going away and coming back while `/healthz` stays OK; a pool child stuck
-//! in a job that never yields makes `/healthz` fail until it is free again; two beats show one
+//! in a job that never yields makes `/healthz` fail until it is free again (and one killed at its
+//! hard time limit is counted by the supervisor); two beats show one
 //! leader and one ready standby, which leads once the leader dies.
 
 use std::collections::HashMap;
@@ -448,6 +449,39 @@ async fn a_pool_child_stuck_in_a_job_fails_healthz_until_it_is_free() {
             .0,
         200
     );
+
+    // Past its hard time limit the supervisor kills the child: it counts the restart's cause and
+    // the job's failure, which the dead child never could.
+    let limited = SendOptions::new().queue(&q).time_limits(Some(1.0), None);
+    let spin = c
+        .send_task(
+            "demo.spin_ms",
+            vec![json!(60_000)],
+            Default::default(),
+            &limited,
+        )
+        .await
+        .unwrap();
+    let m = spin.wait_meta(Some(Duration::from_secs(30))).await.unwrap();
+    assert_eq!(m.status, State::Failure);
+    let killed = |_: u16, t: &str| {
+        total(
+            t,
+            "celerity_process_restarts_total",
+            &[("cause", "hard_time_limit")],
+        ) == 1.0
+            && total(
+                t,
+                "celery_task_failed_total",
+                &[
+                    ("name", "demo.spin_ms"),
+                    ("exception", "TimeLimitExceeded"),
+                    ("queue_name", &q),
+                ],
+            ) == 1.0
+    };
+    let (status, text) = pool.wait_for("/metrics", Duration::from_secs(10), killed);
+    assert!(killed(status, &text), "{text}");
     drop(pool);
     delete_redis_prefix(&q).await;
 }
