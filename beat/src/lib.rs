@@ -13,6 +13,7 @@
 //! - [`state`]: the leader lock and last-run state per broker ([`state::Store`]): the wire-level
 //!   lease and last-run record are `celerity_broker::lease` (a fenced Redis lease + hash, or a
 //!   RabbitMQ single-active-consumer queue); the local state file for AMQP brokers is `state_file`.
+//! - `observe`: [`BeatObserver`], what beat tells a watcher (leading, ticks sent, lease events).
 //! - `describe`: [`check`], the text `celerity beat --check` prints.
 //! - [`BeatError`]: the crate's error type.
 //!
@@ -21,6 +22,7 @@
 mod describe;
 mod entry;
 mod error;
+mod observe;
 mod reload;
 mod schedule;
 mod service;
@@ -30,5 +32,6 @@ mod ticker;
 
 pub use describe::check;
 pub use error::BeatError;
+pub use observe::BeatObserver;
 pub use schedule::{CatchUp, Entry, When};
 pub use service::{run, BeatConfig, DEFAULT_LEASE};

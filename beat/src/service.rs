@@ -3,6 +3,7 @@
 //! caller sends), and runs the [`Ticker`] until shutdown. [`BeatConfig`] holds the settings.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -12,6 +13,7 @@ use celerity_broker::connect_broker;
 use celerity_client::Client;
 
 use crate::error::Result;
+use crate::observe::BeatObserver;
 use crate::reload;
 use crate::schedule;
 use crate::state::{AmqpPlaces, Store};
@@ -31,6 +33,8 @@ pub struct BeatConfig {
     /// Where the lock and the last-run state live when the broker is amqp:// (Redis keeps them in
     /// its own keys).
     pub amqp: AmqpPlaces,
+    /// Told what beat does (for metrics and readiness); none: nobody watches.
+    pub observer: Option<Arc<dyn BeatObserver>>,
 }
 
 impl BeatConfig {
@@ -40,6 +44,7 @@ impl BeatConfig {
             schedule: schedule.into(),
             lease: DEFAULT_LEASE,
             amqp: AmqpPlaces::default(),
+            observer: None,
         }
     }
 }
@@ -65,7 +70,8 @@ pub async fn run(
     // The watcher stops with beat, whether beat was shut down or failed.
     let watching = shutdown.child_token();
     let entries = reload::watch(path.to_path_buf(), entries, reloads, watching.clone());
-    let ticker = Ticker::new(entries, client.clone(), store, config.lease);
+    let ticker = Ticker::new(entries, client.clone(), store, config.lease)
+        .observed_by(config.observer.clone());
     let out = ticker.run(shutdown).await;
     watching.cancel();
     let _ = client.close().await;

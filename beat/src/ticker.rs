@@ -4,6 +4,7 @@
 //! their progress across reloads by name.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
@@ -15,6 +16,7 @@ use tracing::{debug, error, info, warn};
 use celerity_client::{Client, Expires, SendOptions};
 
 use crate::error::Result;
+use crate::observe::BeatObserver;
 use crate::schedule::{CatchUp, Entry};
 use crate::state::{Lease, Recorded, Store};
 
@@ -27,7 +29,14 @@ pub(crate) struct Ticker {
     client: Client,
     store: Store,
     lease: Duration,
+    observer: Arc<dyn BeatObserver>,
 }
+
+/// Watches nothing.
+#[derive(Debug)]
+struct Unobserved;
+
+impl BeatObserver for Unobserved {}
 
 /// Why leading stopped.
 enum Led {
@@ -50,13 +59,23 @@ impl Ticker {
             client,
             store,
             lease,
+            observer: Arc::new(Unobserved),
         }
+    }
+
+    /// Tells `observer` (if any) what this beat does.
+    pub(crate) fn observed_by(mut self, observer: Option<Arc<dyn BeatObserver>>) -> Self {
+        if let Some(o) = observer {
+            self.observer = o;
+        }
+        self
     }
 
     /// Runs until `shutdown`: standby (retrying the lock every lease/3), then leader.
     pub(crate) async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let out = self.run_until(shutdown).await;
         self.store.close().await;
+        self.observer.stopped();
         out
     }
 
@@ -66,6 +85,7 @@ impl Ticker {
             let held = match self.store.try_acquire(self.lease).await {
                 Ok(Some(l)) => l,
                 Ok(None) => {
+                    self.observer.standing_by();
                     debug!("beat: another beat holds the lock; standing by");
                     if wait(&shutdown, retry).await {
                         return Ok(());
@@ -73,6 +93,7 @@ impl Ticker {
                     continue;
                 }
                 Err(e) => {
+                    self.observer.unreachable(&e.to_string());
                     warn!("beat: cannot reach the lock: {e}");
                     if wait(&shutdown, retry).await {
                         return Ok(());
@@ -81,7 +102,12 @@ impl Ticker {
                 }
             };
             info!(epoch = held.epoch, "beat: leader");
-            match self.lead(&held, &shutdown).await {
+            self.observer.leading();
+            let led = self.lead(&held, &shutdown).await;
+            if !matches!(led, Ok(Led::Shutdown)) {
+                self.observer.lost();
+            }
+            match led {
                 Ok(Led::Shutdown) => {
                     if let Err(e) = self.store.release(&held).await {
                         warn!("beat: could not release the lock: {e}");
@@ -170,6 +196,7 @@ impl Ticker {
                 if !self.store.renew(held, self.lease).await? {
                     return Ok(Led::LostLock);
                 }
+                self.observer.renewed();
                 renew_at = Instant::now() + self.lease / 3;
             }
         }
@@ -194,10 +221,15 @@ impl Ticker {
             .send_task(&e.task, e.args.clone(), e.kwargs.clone(), &o)
             .await
         {
-            Ok(r) => info!(
-                entry = %e.name, task = %e.task, id = %r.id(), scheduled = %tick, actual = %Utc::now(),
-                "beat: sent"
-            ),
+            Ok(r) => {
+                let now = Utc::now();
+                self.observer
+                    .sent(&e.name, (now - tick).to_std().unwrap_or_default());
+                info!(
+                    entry = %e.name, task = %e.task, id = %r.id(), scheduled = %tick, actual = %now,
+                    "beat: sent"
+                )
+            }
             // The tick is recorded: sending it again later could run it twice, so it is dropped.
             Err(err) => {
                 error!(entry = %e.name, task = %e.task, scheduled = %tick, "beat: send failed, tick dropped: {err}")

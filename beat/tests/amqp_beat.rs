@@ -65,6 +65,7 @@ impl Env {
             lease: 1.0,
             state_file: state,
             lock_queue: self.lock.clone(),
+            metrics_addr: None,
         };
         let conn = ConnectionArgs {
             broker: URL.into(),

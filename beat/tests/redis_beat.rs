@@ -50,6 +50,7 @@ impl Env {
             lease,
             state_file: PathBuf::from("unused-on-redis.json"),
             lock_queue: "unused-on-redis".into(),
+            metrics_addr: None,
         };
         let conn = ConnectionArgs {
             broker: self.url.clone(),
@@ -365,6 +366,7 @@ async fn bad_input_gives_one_clear_line() {
         lease: 1.0,
         state_file: std::env::temp_dir().join("celerity-beat-unused.json"),
         lock_queue: "unused".into(),
+        metrics_addr: None,
     };
     let conn = ConnectionArgs {
         broker: "memory://".into(),

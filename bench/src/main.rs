@@ -36,6 +36,8 @@ enum Shape {
     Latency,
     /// sleep_ms(100) IO-bound
     Io,
+    /// Celerity only, Redis: add with results, metrics off and on (`--metrics-addr`), interleaved
+    MetricsAb,
 }
 
 /// Celerity vs Python Celery, same machine, brokers and job shapes.
@@ -193,6 +195,10 @@ async fn run(args: &Args) -> Result<String> {
             io_rows(&programs, system, &plan, &mut rows).await?;
         }
     }
+    let mut ab = String::new();
+    if plan.has(Shape::MetricsAb) && brokers.contains(&BrokerKind::Redis) {
+        ab = metrics_ab(&programs, &plan).await?;
+    }
     let mut raw = String::new();
     if !args.skip_raw {
         if brokers.contains(&BrokerKind::Redis) {
@@ -203,9 +209,14 @@ async fn run(args: &Args) -> Result<String> {
         }
     }
     let table = format!(
-        "{}\n{}{}\n",
+        "{}\n{}{}{}\n",
         machine(&plan, &load_before),
-        report::table(&rows),
+        if rows.is_empty() {
+            String::new()
+        } else {
+            report::table(&rows)
+        },
+        ab,
         raw
     );
     if let Some(path) = &args.out {
@@ -480,6 +491,73 @@ async fn io_rows(
     .await;
     s.end().await?;
     outcome
+}
+
+/// Celerity's add-with-results drain on Redis with metrics off and on, interleaved (off, on, off,
+/// on, …; a fresh worker each run, so both see the same drift of this VM), and each worker's idle
+/// RSS; as a markdown table.
+async fn metrics_ab(programs: &Programs, plan: &Plan) -> Result<String> {
+    let (mut drain, mut idle) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for run in 0..plan.runs {
+        for (i, pool) in [Pool::TwoProcesses, Pool::TwoProcessesWithMetrics]
+            .into_iter()
+            .enumerate()
+        {
+            let s =
+                Session::start(programs, System::Celerity, BrokerKind::Redis, true, pool).await?;
+            let outcome = async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let rss = procs::tree_rss_kib(s.worker.pid()) as f64 / 1024.0;
+                let results = Results::connect(&s.setup).await?;
+                let job = shapes::Job {
+                    task: "demo.add",
+                    n: plan.jobs,
+                    sleep_ms: 0,
+                };
+                let t = shapes::with_results(programs, &s.setup, &s.queue, &results, job).await;
+                results.close().await;
+                Ok::<_, BenchError>((t?, rss))
+            }
+            .await;
+            s.end().await?;
+            let (t, rss) = outcome?;
+            eprintln!(
+                "metrics {} run {}: drain {:.0}/s, idle {rss:.1} MiB",
+                ["off", "on"][i],
+                run + 1,
+                t.drain
+            );
+            drain[i].push(t.drain);
+            idle[i].push(rss);
+        }
+    }
+    let cell = |v: &[f64], places: usize| match report::summary(v) {
+        Some((med, lo, hi)) if places > 0 => format!("{med:.1} ({lo:.1}–{hi:.1})"),
+        Some((med, lo, hi)) => format!(
+            "{} ({}–{})",
+            report::fmt_num(med),
+            report::fmt_num(lo),
+            report::fmt_num(hi)
+        ),
+        None => "—".into(),
+    };
+    let ratio = match (report::summary(&drain[1]), report::summary(&drain[0])) {
+        (Some((on, _, _)), Some((off, _, _))) if off > 0.0 => format!("{:.3}", on / off),
+        _ => "—".into(),
+    };
+    Ok(format!(
+        "\nMetrics A/B (Celerity, Redis / Redis, add ×{} with results checked, -P {} -c {}; off and \
+         on interleaved, a fresh worker each run):\n\n\
+         | metrics | drain jobs/s | idle RSS MiB (worker + children) |\n|---|---|---|\n\
+         | off | {} | {} |\n| on (`--metrics-addr`) | {} | {} |\n\nOn ÷ off (drain medians): {ratio}.\n",
+        plan.jobs,
+        programs.celerity_shape.processes,
+        programs.celerity_shape.concurrency,
+        cell(&drain[0], 0),
+        cell(&idle[0], 1),
+        cell(&drain[1], 0),
+        cell(&idle[1], 1),
+    ))
 }
 
 /// redis-benchmark LPUSH/RPOP, unpipelined and 16 deep, as a markdown table.

@@ -91,7 +91,9 @@ impl Worker {
                 cmd.args(["-m", "celery", "-A", "celery_bench", "worker", "-Q", queue])
                     .args(["-l", "WARNING", "-n", &node]);
                 match pool {
-                    Pool::TwoProcesses => cmd.args(["-P", "prefork", "-c", "2"]),
+                    Pool::TwoProcesses | Pool::TwoProcessesWithMetrics => {
+                        cmd.args(["-P", "prefork", "-c", "2"])
+                    }
                     Pool::Io => cmd.args(["-P", "threads", "-c", "16"]),
                 };
                 cmd
@@ -104,8 +106,11 @@ impl Worker {
                     .arg("--backend")
                     .arg(setup.backend_url().unwrap_or_else(|| "none".into()))
                     .args(["worker", "-Q", queue, "-n", &node]);
+                if pool == Pool::TwoProcessesWithMetrics {
+                    cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+                }
                 match pool {
-                    Pool::TwoProcesses => cmd
+                    Pool::TwoProcesses | Pool::TwoProcessesWithMetrics => cmd
                         .arg("-P")
                         .arg(programs.celerity_shape.processes.to_string())
                         .arg("-c")

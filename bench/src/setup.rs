@@ -36,6 +36,8 @@ pub enum Pool {
     TwoProcesses,
     /// Celery threads -c 16; Celerity one process with many jobs at once.
     Io,
+    /// Celerity only: [`Pool::TwoProcesses`] with `--metrics-addr 127.0.0.1:0` (the metrics A/B).
+    TwoProcessesWithMetrics,
 }
 
 /// One broker + backend combination, with this run's names.

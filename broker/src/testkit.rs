@@ -141,6 +141,19 @@ mod private_redis {
                 .local_addr()
                 .ok()?
                 .port();
+            Self::start_on(port).await
+        }
+
+        /// Starts one on the first port of `ports` that is free (a test's own range, clear of
+        /// other suites' servers); `None` if none is or `redis-server` cannot be run.
+        pub async fn start_in(ports: std::ops::Range<u16>) -> Option<PrivateRedis> {
+            let port = ports
+                .into_iter()
+                .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())?;
+            Self::start_on(port).await
+        }
+
+        async fn start_on(port: u16) -> Option<PrivateRedis> {
             let dir =
                 std::env::temp_dir().join(format!("celerity-redis-{port}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).ok()?;

@@ -110,7 +110,12 @@ impl Canvas<'_> {
                     backend.set_chord_size(&group_id, size).await?;
                 }
                 Action::Publish { message: m, queue } => {
+                    let started = std::time::Instant::now();
                     self.broker.publish(&queue, &m.encode()).await?;
+                    if let Some(metrics) = self.results.metrics() {
+                        metrics.publish.observe(started.elapsed());
+                        crate::metrics::inc(&metrics.task(m.task(), &queue).sent);
+                    }
                     tracing::debug!(id = m.id(), task = m.task(), queue, parent = ?call.parent_id, "workflow step sent");
                 }
             }

@@ -35,6 +35,8 @@ pub struct WorkerConfig {
     /// Where undecodable and oversized messages are copied before they are acked
     /// ([`crate::DEAD_LETTER_QUEUE`] unless set; `--dead-letter-queue`).
     pub dead_letter_queue: String,
+    /// Count into these metrics (`--metrics-addr`); none: nothing is counted or probed.
+    pub metrics: Option<std::sync::Arc<crate::metrics::WorkerMetrics>>,
 }
 
 impl Default for WorkerConfig {
@@ -55,6 +57,7 @@ impl Default for WorkerConfig {
                 heartbeat: true,
             },
             dead_letter_queue: crate::DEAD_LETTER_QUEUE.to_owned(),
+            metrics: None,
         }
     }
 }

@@ -15,8 +15,10 @@ use tokio_util::task::TaskTracker;
 use celerity_broker::backoff::Backoff;
 use celerity_broker::{Consumer, Delivery};
 
+use crate::metrics::inc;
 use crate::pool::Pool;
 use crate::processor::Processor;
+use crate::report::JobEvent;
 
 /// What the fetch loop needs.
 pub(crate) struct Fetcher {
@@ -48,13 +50,17 @@ impl Fetcher {
         loop {
             if self.max_tasks.is_some_and(|max| taken >= max) {
                 tracing::info!(taken, "max tasks per process reached; recycling");
+                self.recycling("max_tasks");
                 break;
             }
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = memory_check.tick(), if self.max_memory_kib.is_some() => {
-                    if self.over_memory() { break }
+                    if self.over_memory() {
+                        self.recycling("max_memory");
+                        break;
+                    }
                 }
                 Some(delta) = self.window_rx.recv() => {
                     window = self.resize(window, delta).await;
@@ -67,6 +73,9 @@ impl Fetcher {
                     }
                     Ok(None) => break,
                     Err(e) => {
+                        if let Some(m) = &self.processor.metrics {
+                            inc(&m.fetch_errors);
+                        }
                         let pause = backoff.next();
                         tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "fetching failed");
                         tokio::select! {
@@ -78,6 +87,15 @@ impl Fetcher {
             }
         }
         self.consumer
+    }
+
+    /// In a pool child: tells the supervisor why this process stops by itself.
+    fn recycling(&self, cause: &str) {
+        if let Some(r) = &self.processor.reporter {
+            r.send(&JobEvent::Recycling {
+                cause: cause.to_owned(),
+            });
+        }
     }
 
     /// Hands one delivery to the processor in its own task.

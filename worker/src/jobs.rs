@@ -227,6 +227,13 @@ impl Jobs {
             .count()
     }
 
+    /// Jobs running now and jobs held but not started (reserved or waiting for their ETA).
+    pub fn phase_counts(&self) -> (usize, usize) {
+        let held = lock(&self.held);
+        let active = held.values().filter(|j| j.phase == Phase::Active).count();
+        (active, held.len() - active)
+    }
+
     /// Jobs started so far, by task name.
     pub fn totals(&self) -> HashMap<String, u64> {
         lock(&self.totals).clone()

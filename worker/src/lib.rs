@@ -16,6 +16,8 @@
 //! - `heartbeat`: publishes worker events (online/heartbeat/offline) and the queued task events.
 //! - `control` + `commands`: remote control on Celery's pidbox (the listener; the commands with
 //!   Celery's reply shapes).
+//! - [`metrics`]: Prometheus metrics (celery-exporter's names) and `/healthz` `/readyz`, for a
+//!   process or, added up in the supervisor, for a pool.
 //! - [`supervisor`]: the parent of a pool of worker processes (restart, recycle, hard time limits),
 //!   and `report`, the line protocol its children use to tell it about jobs with a hard time limit.
 //!
@@ -36,6 +38,7 @@ mod fetcher;
 mod heartbeat;
 mod jobs;
 pub mod limits;
+pub mod metrics;
 pub mod node;
 mod pool;
 mod processor;

@@ -1,16 +1,27 @@
 //! The wire between a supervised worker process and its supervisor: a child writes one JSON line
 //! ([`JobEvent`]) to its stdout when a job with a hard time limit starts and when it ends, so the
 //! supervisor can kill the process if the job overruns (a job that never yields cannot be stopped
-//! any other way). Nothing else in a child writes to stdout.
+//! any other way); with metrics on, its metrics every second; and why it stops when it recycles
+//! itself. Nothing else in a child writes to stdout.
 
 /// What a supervised child tells its supervisor about jobs with a hard time limit.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum JobEvent {
-    /// A job started and must be done within `hard` seconds.
-    Started { id: String, task: String, hard: f64 },
+    /// A job from `queue` started and must be done within `hard` seconds.
+    Started {
+        id: String,
+        task: String,
+        #[serde(default)]
+        queue: String,
+        hard: f64,
+    },
     /// That job is over (whatever the outcome).
     Finished { id: String },
+    /// The child's metrics now (sent every second with `--metrics-addr`).
+    Metrics { snapshot: crate::metrics::Snapshot },
+    /// The child is about to stop by itself to be replaced: `max_tasks` or `max_memory`.
+    Recycling { cause: String },
 }
 
 /// Writes [`JobEvent`]s to this process's stdout, one JSON line each, for the supervisor.
@@ -36,10 +47,11 @@ impl Reporter {
 
     /// Reports that job `id` of `task` started with `hard` seconds to run; the returned guard
     /// reports its end when dropped, whatever way the job ends.
-    pub(crate) fn started(self, id: &str, task: &str, hard: f64) -> FinishReport {
+    pub(crate) fn started(self, id: &str, task: &str, queue: &str, hard: f64) -> FinishReport {
         self.send(&JobEvent::Started {
             id: id.to_owned(),
             task: task.to_owned(),
+            queue: queue.to_owned(),
             hard,
         });
         FinishReport(self, id.to_owned())
@@ -66,12 +78,13 @@ mod tests {
         let e = JobEvent::Started {
             id: "a".into(),
             task: "t".into(),
+            queue: "q".into(),
             hard: 1.5,
         };
         let line = serde_json::to_string(&e).unwrap_or_default();
         assert_eq!(
             line,
-            r#"{"event":"started","id":"a","task":"t","hard":1.5}"#
+            r#"{"event":"started","id":"a","task":"t","queue":"q","hard":1.5}"#
         );
         assert_eq!(serde_json::from_str::<JobEvent>(&line).ok(), Some(e));
     }

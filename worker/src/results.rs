@@ -20,6 +20,8 @@ use celerity_broker::backoff::Backoff;
 use celerity_broker::protocol::TaskMessage;
 use celerity_broker::{ResultBackend, State, TaskMeta};
 
+use crate::metrics::WorkerMetrics;
+
 /// The first pause before a backend call is tried again.
 pub(crate) const RETRY_BASE: Duration = Duration::from_millis(100);
 /// The longest pause between two tries.
@@ -40,6 +42,8 @@ pub(crate) struct ResultStore {
     hostname: String,
     /// Fired on cold shutdown: stop waiting for the backend.
     abort: CancellationToken,
+    /// Where store latencies and sent messages are counted (metrics on).
+    metrics: Option<Arc<WorkerMetrics>>,
 }
 
 impl ResultStore {
@@ -47,12 +51,19 @@ impl ResultStore {
         backend: Option<Arc<dyn ResultBackend>>,
         hostname: String,
         abort: CancellationToken,
+        metrics: Option<Arc<WorkerMetrics>>,
     ) -> Self {
         ResultStore {
             backend,
             hostname,
             abort,
+            metrics,
         }
+    }
+
+    /// The metrics jobs count into, if on.
+    pub fn metrics(&self) -> Option<&Arc<WorkerMetrics>> {
+        self.metrics.as_ref()
     }
 
     /// Our node name.
@@ -82,8 +93,15 @@ impl ResultStore {
         let Some(backend) = &self.backend else {
             return Ok(());
         };
-        self.until_done("storing a result", &meta.task_id, || backend.store(meta))
-            .await
+        self.until_done("storing a result", &meta.task_id, || async {
+            let started = std::time::Instant::now();
+            let r = backend.store(meta).await;
+            if let (Ok(()), Some(m)) = (&r, &self.metrics) {
+                m.result_store.observe(started.elapsed());
+            }
+            r
+        })
+        .await
     }
 
     /// The final state the backend already holds for this id, if any (a redelivery of a job that

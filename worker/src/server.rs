@@ -4,7 +4,9 @@
 //! - the fetcher (`fetcher.rs`) takes deliveries and spawns the processor (`processor/`) on each;
 //! - the heartbeater (`heartbeat.rs`) publishes worker and task events;
 //! - the control listener (`control.rs`) answers remote control;
-//! - [`Jobs`] (`jobs.rs`) owns the in-flight state all of them read.
+//! - [`Jobs`] (`jobs.rs`) owns the in-flight state all of them read;
+//! - with metrics on, the probe (`metrics/probe.rs`) measures queues and readiness every second.
+//!   It stops last, so a pool child's final report holds every job it finished.
 //!
 //! Stop order (senders before receivers): on **warm** the fetcher stops taking work and the control
 //! listener stops; running jobs get the grace period; past it (or on **cold**) they are cancelled
@@ -31,6 +33,7 @@ use crate::fetcher::Fetcher;
 use crate::heartbeat::Heartbeater;
 use crate::jobs::{Jobs, Summary};
 use crate::limits::{RateLimit, RateLimits};
+use crate::metrics::Probe;
 use crate::pool::Pool;
 use crate::processor::Processor;
 use crate::registry::Registry;
@@ -91,7 +94,12 @@ pub async fn run(
     let processor = Arc::new(Processor {
         registry,
         broker: broker.clone(),
-        results: ResultStore::new(backend, config.hostname.clone(), shutdown.cold.clone()),
+        results: ResultStore::new(
+            backend.clone(),
+            config.hostname.clone(),
+            shutdown.cold.clone(),
+            config.metrics.clone(),
+        ),
         slots: pool.slots().clone(),
         buckets,
         events,
@@ -101,10 +109,26 @@ pub async fn run(
         reporter: config.reporter,
         park_after: config.park_after,
         dead_letter_queue: config.dead_letter_queue.clone(),
+        metrics: config.metrics.clone(),
     });
 
     let consumer = broker.consume(&config.queues, config.concurrency).await?;
     tracing::info!(hostname = config.hostname, queues = ?config.queues, concurrency = config.concurrency, transport = broker.transport(), "worker ready");
+    let consuming = Arc::new(AtomicBool::new(true));
+    let probe_stop = tokio_util::sync::CancellationToken::new();
+    let probe = config.metrics.clone().map(|metrics| {
+        let probe = Probe {
+            metrics,
+            broker: broker.clone(),
+            backend,
+            queues: config.queues.clone(),
+            jobs: jobs.clone(),
+            events: processor.events.clone(),
+            reporter: config.reporter,
+            consuming: consuming.clone(),
+        };
+        tokio::spawn(probe.run(probe_stop.clone()))
+    });
     let tracker = TaskTracker::new();
     let fetcher = Fetcher {
         consumer,
@@ -117,7 +141,12 @@ pub async fn run(
         max_memory_kib: config.max_memory_kib,
     };
     let consumer = fetcher.run(shutdown.warm.clone()).await;
+    consuming.store(false, Ordering::Relaxed);
     stop(consumer, tracker, control, heartbeater, &config, &shutdown).await;
+    probe_stop.cancel();
+    if let Some(p) = probe {
+        let _ = p.await;
+    }
     Ok(Summary {
         shutdown_requested: shutdown_requested.load(Ordering::SeqCst),
         ..jobs.summary()

@@ -19,7 +19,8 @@
 //!
 //! Children run in their own process group, so a Ctrl-C in a terminal reaches only the supervisor,
 //! which forwards it once. Children report jobs that carry a hard time limit as JSON lines
-//! ([`JobEvent`]) on their stdout.
+//! ([`JobEvent`]) on their stdout; with metrics on, also their metrics every second, which the
+//! supervisor adds up for the whole pool ([`PoolMetrics`]).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -37,6 +38,7 @@ use celerity_broker::backend::ExceptionInfo;
 use celerity_broker::{ResultBackend, TaskMeta};
 
 use crate::error::{Result, WorkerError};
+use crate::metrics::{PoolMetrics, RestartCause};
 use crate::report::JobEvent;
 use crate::shutdown::Shutdown;
 
@@ -123,12 +125,14 @@ impl std::fmt::Debug for ChildSecrets {
     }
 }
 
-/// Runs `processes` children until `shutdown`, then waits for all of them to exit.
+/// Runs `processes` children until `shutdown`, then waits for all of them to exit. With `metrics`,
+/// the children's reports are added up there.
 pub async fn supervise(
     processes: usize,
     backend: Option<Arc<dyn ResultBackend>>,
     secrets: ChildSecrets,
     shutdown: Shutdown,
+    metrics: Option<Arc<PoolMetrics>>,
 ) -> Result<()> {
     if processes == 0 {
         return Err(WorkerError::Config(
@@ -157,6 +161,7 @@ pub async fn supervise(
         wait_lock_fd: wait_lock_fd.clone(),
         backend: backend.clone(),
         shutdown: shutdown.clone(),
+        metrics: metrics.clone(),
     };
     let mut slots = tokio::task::JoinSet::new();
     let mut slot_of = HashMap::new();
@@ -234,6 +239,7 @@ struct SlotArgs {
     secrets: ChildSecrets,
     backend: Option<Arc<dyn ResultBackend>>,
     shutdown: Shutdown,
+    metrics: Option<Arc<PoolMetrics>>,
 }
 
 /// Makes the child get SIGTERM (a warm shutdown) when the supervisor dies, however it dies, so no
@@ -295,9 +301,16 @@ async fn run_slot(a: SlotArgs) {
         };
         let pid = child.id();
         tracing::info!(slot = a.slot, pid, "worker process started");
+        if let Some(m) = &a.metrics {
+            m.started(a.slot);
+        }
         let started = Instant::now();
-        let end = watch_child(&a, &mut child).await;
+        let mut recycling = None;
+        let end = watch_child(&a, &mut child, &mut recycling).await;
         let lived = started.elapsed();
+        if let Some(m) = &a.metrics {
+            m.ended(a.slot, end.cause(recycling.as_deref()));
+        }
         match end {
             End::Shutdown => return,
             End::StopPool => {
@@ -341,18 +354,41 @@ enum End {
     Died(std::process::ExitStatus),
 }
 
-/// Follows one child until it exits: reads its job reports, enforces hard time limits, forwards
-/// shutdown signals.
-async fn watch_child(a: &SlotArgs, child: &mut Child) -> End {
+impl End {
+    /// Why the child is replaced (`None`: it is not); `recycling` is the cause it gave, if any.
+    fn cause(&self, recycling: Option<&str>) -> Option<RestartCause> {
+        use std::os::unix::process::ExitStatusExt;
+        match self {
+            End::Shutdown | End::StopPool => None,
+            End::Recycled => Some(match recycling {
+                Some("max_tasks") => RestartCause::MaxTasks,
+                Some("max_memory") => RestartCause::MaxMemory,
+                _ => RestartCause::Exit,
+            }),
+            End::Killed => Some(RestartCause::HardTimeLimit),
+            End::Died(status) if status.signal().is_some() => Some(RestartCause::Signal),
+            End::Died(_) => Some(RestartCause::Exit),
+        }
+    }
+}
+
+/// What the supervisor knows of a job with a hard time limit: task, queue, limit, deadline.
+type Running = HashMap<String, (String, String, f64, Instant)>;
+
+/// Follows one child until it exits: reads its reports, enforces hard time limits, forwards
+/// shutdown signals. `recycling` gets the cause the child gives when it recycles itself.
+async fn watch_child(a: &SlotArgs, child: &mut Child, recycling: &mut Option<String>) -> End {
     let pid = child.id().and_then(|p| i32::try_from(p).ok());
     let mut lines = child.stdout.take().map(|out| BufReader::new(out).lines());
-    let mut running: HashMap<String, (String, f64, Instant)> = HashMap::new();
+    let mut running = Running::new();
     let mut warm_sent = false;
     let mut cold_sent = false;
     loop {
-        let next_deadline = running.values().map(|(_, _, d)| *d).min();
+        let next_deadline = running.values().map(|(_, _, _, d)| *d).min();
         tokio::select! {
             status = child.wait() => {
+                // Its last lines (the final metrics, why it recycled) may still be in the pipe.
+                drain(a, &mut lines, &mut running, recycling).await;
                 let Ok(status) = status else { return End::Died(std::process::ExitStatus::default()) };
                 if warm_sent || a.shutdown.warm.is_cancelled() {
                     return End::Shutdown;
@@ -363,30 +399,26 @@ async fn watch_child(a: &SlotArgs, child: &mut Child) -> End {
                 return if status.success() { End::Recycled } else { End::Died(status) };
             }
             line = next_line(&mut lines) => match line {
-                Some(line) => match serde_json::from_str::<JobEvent>(&line) {
-                    Ok(JobEvent::Started { id, task, hard }) => match deadline_after(hard) {
-                        Some(deadline) => { running.insert(id, (task, hard, deadline)); }
-                        None => tracing::warn!(id, task, hard_limit_s = hard, "hard time limit out of range; not enforced"),
-                    },
-                    Ok(JobEvent::Finished { id }) => { running.remove(&id); }
-                    Err(_) => tracing::debug!(line, "ignoring a line a worker process printed"),
-                },
+                Some(line) => on_line(a, &line, &mut running, recycling),
                 None => lines = None,
             },
             _ = sleep_until_opt(next_deadline) => {
                 let now = Instant::now();
-                let overdue: Vec<(String, String, f64)> = running
+                let overdue: Vec<(String, String, String, f64)> = running
                     .iter()
-                    .filter(|(_, (_, _, d))| *d <= now)
-                    .map(|(id, (task, hard, _))| (id.clone(), task.clone(), *hard))
+                    .filter(|(_, (_, _, _, d))| *d <= now)
+                    .map(|(id, (task, queue, hard, _))| (id.clone(), task.clone(), queue.clone(), *hard))
                     .collect();
-                for (id, task, hard) in &overdue {
+                for (id, task, _, hard) in &overdue {
                     tracing::error!(id, task, hard_limit_s = hard, pid, "hard time limit exceeded; killing the worker process");
                 }
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                for (id, _, hard) in overdue {
+                for (id, task, queue, hard) in overdue {
                     store_time_limit(a.backend.as_deref(), &id, hard).await;
+                    if let Some(m) = &a.metrics {
+                        m.time_limit_failure(a.slot, &task, &queue);
+                    }
                 }
                 return End::Killed;
             }
@@ -399,6 +431,54 @@ async fn watch_child(a: &SlotArgs, child: &mut Child) -> End {
                 signal(pid, libc::SIGTERM);
             }
         }
+    }
+}
+
+/// Handles one line a child wrote.
+fn on_line(a: &SlotArgs, line: &str, running: &mut Running, recycling: &mut Option<String>) {
+    match serde_json::from_str::<JobEvent>(line) {
+        Ok(JobEvent::Started {
+            id,
+            task,
+            queue,
+            hard,
+        }) => match deadline_after(hard) {
+            Some(deadline) => {
+                running.insert(id, (task, queue, hard, deadline));
+            }
+            None => {
+                tracing::warn!(
+                    id,
+                    task,
+                    hard_limit_s = hard,
+                    "hard time limit out of range; not enforced"
+                )
+            }
+        },
+        Ok(JobEvent::Finished { id }) => {
+            running.remove(&id);
+        }
+        Ok(JobEvent::Metrics { snapshot }) => {
+            if let Some(m) = &a.metrics {
+                m.report(a.slot, snapshot);
+            }
+        }
+        Ok(JobEvent::Recycling { cause }) => *recycling = Some(cause),
+        Err(_) => tracing::debug!(line, "ignoring a line a worker process printed"),
+    }
+}
+
+/// Reads what an exited child left in its pipe (at most a second's worth of waiting).
+async fn drain<R: tokio::io::AsyncBufRead + Unpin>(
+    a: &SlotArgs,
+    lines: &mut Option<tokio::io::Lines<R>>,
+    running: &mut Running,
+    recycling: &mut Option<String>,
+) {
+    let Some(l) = lines else { return };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while let Ok(Ok(Some(line))) = tokio::time::timeout_at(deadline, l.next_line()).await {
+        on_line(a, &line, running, recycling);
     }
 }
 

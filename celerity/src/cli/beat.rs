@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use celerity_beat::state::{AmqpPlaces, DEFAULT_LOCK_QUEUE, DEFAULT_STATE_FILE};
 use celerity_beat::{BeatConfig, BeatError, DEFAULT_LEASE};
 
+use super::beat_metrics::BeatMetrics;
 use super::connection::ConnectionArgs;
 use crate::signals;
 
@@ -39,6 +41,10 @@ pub struct BeatArgs {
     /// RabbitMQ lock queue (for tests and for separate beat groups on one vhost)
     #[arg(long, hide = true, default_value = DEFAULT_LOCK_QUEUE)]
     pub lock_queue: String,
+    /// Serve Prometheus metrics at /metrics, and /healthz and /readyz (ready: leading, or a
+    /// standby that reaches the lock), on HOST:PORT (port 0: any free port, logged)
+    #[arg(long, value_name = "HOST:PORT", env = "CELERITY_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 impl BeatArgs {
@@ -61,6 +67,7 @@ impl BeatArgs {
                 state_file: self.state_file.clone(),
                 lock_queue: self.lock_queue.clone(),
             },
+            observer: None,
         })
     }
 }
@@ -77,7 +84,15 @@ pub async fn run_beat_command(
     }
     let stop = CancellationToken::new();
     tokio::spawn(signals::cancel_on_stop(stop.clone()));
-    run_beat(args, conn, stop).await?;
+    let mut config = args.config()?;
+    if let Some(addr) = &args.metrics_addr {
+        let metrics = Arc::new(BeatMetrics::default());
+        super::worker::start_metrics(addr, metrics.clone(), stop.clone())
+            .await
+            .map_err(|e| BeatError::Unsupported(e.to_string()))?;
+        config.observer = Some(metrics);
+    }
+    run_beat_config(&config, conn, stop).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,7 +1,8 @@
 //! The `celerity inspect …` and `celerity control …` verbs: remote control from the command line,
 //! answered by Celerity and Python Celery workers alike. Replies are printed per node, as Celery's
 //! CLI prints them (`-> node: OK` and the body), or as one JSON object with `--json`. No reply within
-//! the timeout is an error (exit 1), as with `celery inspect`.
+//! the timeout is an error (exit 1), as with `celery inspect`; so is a node named with `-d` that did
+//! not reply, which makes `celerity inspect ping -d NODE -t SECONDS` an exec probe.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -165,6 +166,7 @@ async fn call(
         eprintln!("Error: No nodes replied within time constraint.");
         return Ok(ExitCode::FAILURE);
     }
+    let silent = silent_nodes(&target.destination, &replies);
     if target.json {
         let all: Map<String, Value> = replies.into_iter().map(|r| (r.node, r.value)).collect();
         println!(
@@ -178,7 +180,27 @@ async fn call(
         }
         println!("\n{n} node{} online.", if n == 1 { "" } else { "s" });
     }
+    // Usable as an exec probe: success only if every named node answered.
+    if !silent.is_empty() {
+        eprintln!(
+            "Error: no reply within the timeout from {}.",
+            silent.join(", ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The named destinations no reply came from (a glob pattern counts as answered by any reply).
+fn silent_nodes(destination: &[String], replies: &[Reply]) -> Vec<String> {
+    destination
+        .iter()
+        .filter(|d| {
+            let glob = d.contains(['*', '?', '[']);
+            !replies.iter().any(|r| glob || &r.node == *d)
+        })
+        .cloned()
+        .collect()
 }
 
 /// One node's reply as Celery's CLI shows it.

@@ -7,9 +7,10 @@
 //! - [`producer`]: `call`, `result`, `purge`, `queues`, `revoke`; [`workflow`]: `call --workflow`.
 //! - [`control`]: `inspect …` and `control …` (remote control of running workers).
 //! - [`worker`]: `worker` (and `-B`, an embedded beat); [`demo`]: `demo`.
-//! - [`beat`]: `beat` and `beat --check`.
+//! - [`beat`]: `beat` and `beat --check`; [`beat_metrics`]: its `--metrics-addr`.
 
 pub mod beat;
+pub mod beat_metrics;
 pub mod connection;
 pub mod control;
 pub mod demo;

@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -17,11 +18,13 @@ use celerity_broker::redis::RedisRateLimiter;
 use celerity_broker::url::{BrokerUrl, Scheme};
 use celerity_client::DEFAULT_QUEUE;
 use celerity_worker::events::EventsConfig;
+use celerity_worker::metrics::{self, Joined, MetricsSource, PoolMetrics, WorkerMetrics};
 use celerity_worker::{
     node, run, supervisor, Registry, Reporter, Shutdown, Summary, WorkerConfig, WorkerError,
 };
 
 use super::beat::run_beat_config;
+use super::beat_metrics::BeatMetrics;
 use super::connection::{ConnectionArgs, BACKEND_ENV, BROKER_ENV};
 use crate::signals;
 
@@ -81,6 +84,10 @@ pub struct WorkerArgs {
     /// max_dead_letters)
     #[arg(long, value_name = "QUEUE", default_value = celerity_worker::DEAD_LETTER_QUEUE)]
     pub dead_letter_queue: String,
+    /// Serve Prometheus metrics at /metrics, and /healthz and /readyz, on HOST:PORT (port 0: any
+    /// free port, logged). With --processes N the supervisor serves the whole pool
+    #[arg(long, value_name = "HOST:PORT", env = "CELERITY_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 impl WorkerArgs {
@@ -149,22 +156,56 @@ pub async fn run_worker(
     args: &WorkerArgs,
     conn: &ConnectionArgs,
 ) -> Result<Option<Summary>> {
+    run_worker_with(registry, args, conn, None).await
+}
+
+/// [`run_worker`], with `beside` served on the same `--metrics-addr` (the embedded beat's metrics;
+/// ignored in a pool child, which serves nothing).
+pub async fn run_worker_with(
+    registry: Registry,
+    args: &WorkerArgs,
+    conn: &ConnectionArgs,
+    beside: Option<Arc<dyn MetricsSource>>,
+) -> Result<Option<Summary>> {
     let mut config = args.config()?;
+    let served = |own: Arc<dyn MetricsSource>| -> Arc<dyn MetricsSource> {
+        match &beside {
+            Some(b) => Arc::new(Joined(vec![own, b.clone()])),
+            None => own,
+        }
+    };
     let shutdown = Shutdown::default();
     let forwarding = tokio::spawn(signals::warm_then_cold(shutdown.clone()));
     let is_child = std::env::var_os(supervisor::CHILD_ENV).is_some();
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
     let outcome = if args.processes > 0 && !is_child {
+        let pool = match &args.metrics_addr {
+            Some(addr) => {
+                let pool = Arc::new(PoolMetrics::new(args.processes));
+                start_metrics(addr, served(pool.clone()), metrics_stop.clone()).await?;
+                Some(pool)
+            }
+            None => None,
+        };
         let backend = conn.worker_backend().await?;
         // The URLs may hold passwords: the worker processes get them in their environment, not
         // on their command lines (which `ps` shows to every user).
         let secrets = supervisor::ChildSecrets::new()
             .flag("--broker", BROKER_ENV, Some(&conn.broker))
             .flag("--backend", BACKEND_ENV, conn.backend.as_deref());
-        supervisor::supervise(args.processes, backend, secrets, shutdown)
+        supervisor::supervise(args.processes, backend, secrets, shutdown, pool)
             .await
             .map(|()| None)
     } else {
         config.reporter = is_child.then_some(Reporter);
+        if let Some(addr) = &args.metrics_addr {
+            let metrics = Arc::new(WorkerMetrics::new(&config.hostname));
+            // A pool child reports to its supervisor, which serves the pool.
+            if !is_child {
+                start_metrics(addr, served(metrics.clone()), metrics_stop.clone()).await?;
+            }
+            config.metrics = Some(metrics);
+        }
         if args.global_rate_limits {
             config.global_rate_limits = Some(global_limiter(conn).await?);
         }
@@ -180,7 +221,27 @@ pub async fn run_worker(
         summary.map(Some)
     };
     forwarding.abort();
+    metrics_stop.cancel();
     outcome
+}
+
+/// Binds `addr` and serves `source` there until `stop`; the address is logged (and printed on
+/// stderr) once bound, with the port chosen when `addr` asks for port 0.
+pub(crate) async fn start_metrics(
+    addr: &str,
+    source: Arc<dyn MetricsSource>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| WorkerError::Config(format!("--metrics-addr {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| WorkerError::Config(format!("--metrics-addr {addr}: {e}")))?;
+    tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+    eprintln!("metrics listening on http://{bound}/metrics");
+    tokio::spawn(metrics::serve(listener, source, stop));
+    Ok(())
 }
 
 /// The Redis that holds cluster-wide rate limits: the broker if it is Redis, else the backend.
@@ -225,11 +286,17 @@ pub async fn run_worker_command(
     let mut registry = Registry::new();
     celerity_worker::demo::register(&mut registry);
     let is_child = std::env::var_os(supervisor::CHILD_ENV).is_some();
+    let mut beat_metrics: Option<Arc<dyn MetricsSource>> = None;
     let beat = if cmd.beat && !is_child {
         let Some(schedule) = &cmd.beat_schedule else {
             return Err("--beat needs --beat-schedule FILE (or CELERITY_BEAT_SCHEDULE)".into());
         };
-        let config = BeatConfig::new(schedule.clone());
+        let mut config = BeatConfig::new(schedule.clone());
+        if cmd.worker.metrics_addr.is_some() {
+            let m = Arc::new(BeatMetrics::default());
+            config.observer = Some(m.clone());
+            beat_metrics = Some(m);
+        }
         let stop = tokio_util::sync::CancellationToken::new();
         let conn = conn.clone();
         let task_stop = stop.clone();
@@ -240,7 +307,7 @@ pub async fn run_worker_command(
     } else {
         None
     };
-    let outcome = run_worker(registry, &cmd.worker, conn).await;
+    let outcome = run_worker_with(registry, &cmd.worker, conn, beat_metrics).await;
     if let Some((stop, task)) = beat {
         stop.cancel();
         match task.await {

@@ -15,6 +15,7 @@ use celerity_broker::{Delivery, State};
 use celerity_client::MAX_DELAY;
 
 use crate::jobs::{JobGuard, Outcome};
+use crate::metrics::inc;
 use crate::registry::Registered;
 use crate::results::{failure_meta, meta, Interrupted};
 
@@ -33,7 +34,7 @@ impl Processor {
         let message = match TaskMessage::decode(&delivery.message) {
             Ok(m) => m,
             Err(e) => {
-                Box::pin(self.dead_letter(delivery, e.to_string())).await;
+                Box::pin(self.dead_letter(delivery, dead_reason(&e), e.to_string())).await;
                 return None;
             }
         };
@@ -45,6 +46,7 @@ impl Processor {
             "received"
         );
         let guard = self.jobs.track(&message, &delivery);
+        self.count(&message, &delivery.queue, |c| inc(&c.received));
         self.events.received(&message);
         let delivery = self.skip_finished(delivery, &message).await?;
         if self.jobs.is_revoked(message.id()) {
@@ -134,6 +136,7 @@ impl Processor {
             return self.settle(delivery, Settle::Requeue).await;
         }
         self.jobs.count(Outcome::Failed);
+        self.count(message, &delivery.queue, |c| c.failed(&exc.exc_type));
         let canvas = self.canvas(&delivery.queue);
         if let Err(e) = Box::pin(canvas.on_failure(message, &exc, None)).await {
             tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; giving the job back");
@@ -164,6 +167,7 @@ impl Processor {
             return None;
         }
         self.jobs.count(Outcome::Revoked);
+        self.count(message, &delivery.queue, |c| inc(&c.revoked));
         self.settle(delivery, Settle::Ack).await;
         None
     }
@@ -268,5 +272,15 @@ impl Processor {
             guard,
             slot,
         })
+    }
+}
+
+/// The `reason` label of a dead-lettered message: what kind of undecodable it was.
+fn dead_reason(e: &celerity_broker::BrokerError) -> &'static str {
+    use celerity_broker::BrokerError;
+    match e {
+        BrokerError::ContentType(_) => "content_type",
+        BrokerError::Malformed(_) => "malformed",
+        _ => "other",
     }
 }

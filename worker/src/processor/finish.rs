@@ -18,6 +18,7 @@ use celerity_client::MAX_DELAY;
 
 use crate::canvas::Canvas;
 use crate::jobs::Outcome;
+use crate::metrics::inc;
 use crate::registry::Registered;
 use crate::results::{failure_meta, meta, Interrupted};
 use crate::retry::{decide, random_unit, Decision};
@@ -123,6 +124,10 @@ impl Processor {
             }
         }
         self.jobs.count(Outcome::Succeeded);
+        self.count(message, queue, |c| {
+            inc(&c.succeeded);
+            c.runtime.observe(runtime);
+        });
         Next::Ack
     }
 
@@ -152,6 +157,7 @@ impl Processor {
                     return Next::Requeue;
                 }
                 self.jobs.count(Outcome::Failed);
+                self.count(message, queue, |c| c.failed(&exc.exc_type));
                 let canvas = self.canvas(queue);
                 if let Err(e) = Box::pin(canvas.on_failure(message, &exc, Some(&tb))).await {
                     tracing::error!(id = message.id(), error = %e, "workflow steps after a failure could not be done; giving the job back");
@@ -173,9 +179,13 @@ impl Processor {
         let mut next = message.clone();
         next.headers.retries = next.headers.retries.saturating_add(1);
         next.headers.eta = Some(retry_eta(Utc::now(), countdown).fixed_offset());
+        let started = std::time::Instant::now();
         if let Err(e) = self.broker.publish(queue, &next.encode()).await {
             tracing::error!(id = message.id(), error = %e, "could not send the retry; giving the job back");
             return Next::Leave;
+        }
+        if let Some(m) = &self.metrics {
+            m.publish.observe(started.elapsed());
         }
         tracing::info!(id = message.id(), task = message.task(), retries = next.headers.retries, countdown_s = countdown.as_secs_f64(), reason = %cause, "retry");
         let exc = exception_of(cause);
@@ -189,6 +199,10 @@ impl Processor {
             return Next::Requeue;
         }
         self.jobs.count(Outcome::Retried);
+        self.count(message, queue, |c| {
+            inc(&c.retried);
+            inc(&c.sent);
+        });
         Next::Ack
     }
 
@@ -211,6 +225,7 @@ impl Processor {
             return self.settle(delivery, Settle::Requeue).await;
         }
         self.jobs.count(Outcome::Revoked);
+        self.count(message, &delivery.queue, |c| inc(&c.revoked));
         let joined = self
             .canvas(&delivery.queue)
             .chord_part(message, State::Revoked, &exc.to_value())
@@ -224,9 +239,10 @@ impl Processor {
 
     /// Copies an undecodable message to the dead-letter queue with the reason, stores a FAILURE
     /// (`DecodeError`) under its id if it has one, and acks it.
-    pub(super) async fn dead_letter(&self, delivery: Delivery, reason: String) {
+    pub(super) async fn dead_letter(&self, delivery: Delivery, kind: &'static str, reason: String) {
         let kept = delivery.message.clone();
-        self.move_to_dead_letters(delivery, kept, reason).await;
+        self.move_to_dead_letters(delivery, kept, kind, reason)
+            .await;
     }
 
     /// A message whose body is over `max_message_size` is not parsed: it is dead-lettered with
@@ -237,13 +253,20 @@ impl Processor {
         kept.body.truncate(DEAD_BODY_KEPT);
         kept.headers
             .insert("x-celerity-dead-size".into(), Value::from(too_large.size));
-        self.move_to_dead_letters(delivery, kept, too_large.to_string())
+        self.move_to_dead_letters(delivery, kept, "too_large", too_large.to_string())
             .await;
     }
 
     /// Stores the FAILURE (if the id is known), copies `kept` to the dead-letter queue with the
-    /// reason and the queue it came from, then acks; given back if either fails.
-    async fn move_to_dead_letters(&self, delivery: Delivery, mut kept: Message, reason: String) {
+    /// reason and the queue it came from, then acks; given back if either fails. `kind` labels the
+    /// dead-lettered metric.
+    async fn move_to_dead_letters(
+        &self,
+        delivery: Delivery,
+        mut kept: Message,
+        kind: &'static str,
+        reason: String,
+    ) {
         let id = delivery.message.task_id().map(str::to_owned);
         let dead = self.dead_letter_queue.as_str();
         tracing::error!(queue = delivery.queue, id = ?id, reason, "message cannot be run (undecodable or too large); moving it to {dead}");
@@ -258,6 +281,16 @@ impl Processor {
             }
         }
         self.jobs.count(Outcome::Rejected);
+        if let Some(m) = &self.metrics {
+            let name = delivery
+                .message
+                .headers
+                .get("task")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            inc(&m.task(name, &delivery.queue).rejected);
+            m.dead_lettered(kind);
+        }
         kept.headers
             .insert("x-celerity-dead-reason".into(), Value::String(reason));
         kept.headers.insert(

@@ -61,7 +61,7 @@ impl Processor {
             .filter(|h| *h > 0.0);
         let _report_finish = hard
             .zip(self.reporter)
-            .map(|(hard, r)| r.started(message.id(), message.task(), hard));
+            .map(|(hard, r)| r.started(message.id(), message.task(), queue, hard));
         let started = Instant::now();
         let handler = AssertUnwindSafe(task.handler.call(
             ctx,

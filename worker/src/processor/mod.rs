@@ -31,6 +31,7 @@ use celerity_broker::{Broker, Delivery};
 use crate::events::EventSender;
 use crate::jobs::{JobGuard, Jobs};
 use crate::limits::RateLimits;
+use crate::metrics::{inc, TaskCounters, WorkerMetrics};
 use crate::registry::{Registered, Registry};
 use crate::report::Reporter;
 use crate::results::ResultStore;
@@ -65,6 +66,8 @@ pub(crate) struct Processor {
     pub park_after: Duration,
     /// Where undecodable and oversized messages go ([`DEAD_LETTER_QUEUE`] by default).
     pub dead_letter_queue: String,
+    /// Where jobs are counted (metrics on).
+    pub metrics: Option<Arc<WorkerMetrics>>,
 }
 
 /// A job that passed admission and holds a slot: it runs now.
@@ -78,6 +81,13 @@ pub(crate) struct Admitted {
 }
 
 impl Processor {
+    /// Counts into the counters of `message`'s task from `queue`, if metrics are on.
+    pub(crate) fn count(&self, message: &TaskMessage, queue: &str, f: impl FnOnce(&TaskCounters)) {
+        if let Some(m) = &self.metrics {
+            f(&m.task(message.task(), queue));
+        }
+    }
+
     /// Processes one delivery to the end. Never panics, never returns an error: problems are stored,
     /// logged and the message is settled.
     pub async fn handle(&self, delivery: Delivery) {
@@ -114,6 +124,7 @@ impl Processor {
                 return Next::Requeue;
             }
             guard.started(cancel.clone());
+            self.count(&message, &queue, |c| inc(&c.started));
             self.events.started(message.id());
             let ran = self.invoke(&message, &task, &queue, &cancel).await;
             self.outcome(ran, &message, &task, &queue, ignore_result)
