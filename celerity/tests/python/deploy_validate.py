@@ -4,7 +4,9 @@ Run with the python of scripts/deploy-venv.sh:  python deploy_validate.py <repo>
 
 - Kubernetes: every core resource against the Kubernetes 1.37 JSON schemas shipped in the PyPI
   package kubernetes-validate, in strict mode (unknown fields are errors); KEDA's resources (not in
-  the core schemas) by their structure; then what the files promise each other: probes on the
+  the core schemas) against the pydantic models the PyPI package cloudcoil-models-keda generated
+  from KEDA 2.16's CRDs (types and required fields; unknown fields found by what the model drops);
+  then what the files promise each other: probes on the
   metrics port, a grace period longer than preStop + --grace, two beat replicas, a schedule from
   the ConfigMap, PodDisruptionBudgets and a ScaledObject that select/target the Deployments.
 - Compose: against the compose-spec JSON schema vendored in the PyPI package check-jsonschema, then
@@ -26,8 +28,10 @@ import sys
 
 import jsonschema
 import kubernetes_validate
+import pydantic
 import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
+from cloudcoil.models.keda import v1alpha1 as keda
 
 K8S_VERSION = "1.37.0"
 WORKER_PORT = 9808
@@ -54,6 +58,33 @@ def k8s_schema_errors(doc):
         return None
     except kubernetes_validate.ValidationError as e:
         return "%s at %s" % (e.message, "/".join(str(p) for p in e.path))
+
+
+def dropped(given, kept, path=""):
+    """Keys of `given` that are not in `kept` (the model's dump): fields the model does not know."""
+    out = []
+    if isinstance(given, dict):
+        for k, v in given.items():
+            if not isinstance(kept, dict) or k not in kept:
+                out.append(path + "/" + k)
+            else:
+                out += dropped(v, kept[k], path + "/" + k)
+    elif isinstance(given, list) and isinstance(kept, list):
+        for i, (a, b) in enumerate(zip(given, kept)):
+            out += dropped(a, b, "%s/%d" % (path, i))
+    return out
+
+
+def keda_errors(doc):
+    model = getattr(keda, doc.get("kind", ""), None)
+    if model is None:
+        return "no KEDA model for kind %r" % doc.get("kind")
+    try:
+        parsed = model.model_validate(doc)
+    except pydantic.ValidationError as e:
+        return str(e).replace("\n", " ")
+    unknown = dropped(doc, parsed.model_dump(by_alias=True, exclude_unset=True, mode="json"))
+    return "unknown fields %s" % unknown if unknown else None
 
 
 def flag(args, name):
@@ -95,6 +126,9 @@ def check_kubernetes(kdir):
             key = (doc["kind"], doc["metadata"]["name"])
             docs[key] = doc
             if doc["apiVersion"].startswith("keda.sh/"):
+                err = keda_errors(doc)
+                check(err is None, "%s %s/%s: KEDA 2.16 CRD models%s" % (
+                    name, doc["kind"], key[1], "" if err is None else ": " + err))
                 continue
             err = k8s_schema_errors(doc)
             check(err is None, "%s %s/%s: Kubernetes %s schema (strict)%s" % (
@@ -106,10 +140,19 @@ def check_kubernetes(kdir):
     if worker is None or beat is None:
         return
 
-    # Negative control: a misspelt field fails the strict schema.
+    # Negative controls: a misspelt field fails the strict schema and the KEDA check; a number
+    # where KEDA wants a string fails the KEDA check.
     broken = copy.deepcopy(worker)
     container(broken)["livenessProbe"]["httpGet"]["pathh"] = "/healthz"
     check(k8s_schema_errors(broken) is not None, "control: a misspelt probe field is rejected")
+    so = docs.get(("ScaledObject", "celerity-worker"))
+    if so is not None:
+        broken = copy.deepcopy(so)
+        broken["spec"]["minReplicaCountt"] = 1
+        check(keda_errors(broken) is not None, "control: a misspelt ScaledObject field is rejected")
+        broken = copy.deepcopy(so)
+        broken["spec"]["triggers"][0]["metadata"]["listLength"] = 100
+        check(keda_errors(broken) is not None, "control: a non-string trigger value is rejected")
 
     for name, d in (("worker", worker), ("beat", beat)):
         found["commands"]["kubernetes " + name] = container(d)["args"]
