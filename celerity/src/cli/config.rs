@@ -149,7 +149,10 @@ impl Config {
                 },
                 None => ConfigError::Syntax {
                     path: path.to_owned(),
-                    message: e.to_string().lines().last().unwrap_or_default().to_owned(),
+                    message: match e.span() {
+                        Some(s) => format!("line {}: {message}", line_of(text, s.start)),
+                        None => message,
+                    },
                 },
             }
         })?;
@@ -307,26 +310,31 @@ fn check_values(f: &ConfigFile) -> Result<(), (&'static str, String)> {
 }
 
 /// The key (`section.key`) whose name or value starts at byte `at` of `text`: the name before
-/// `=` on that line, under the last `[section]` header above it.
+/// `=` on that line (or, inside a value spread over lines, the nearest such line above), under the
+/// last `[section]` header above it. `None` on a header line.
 fn key_at(text: &str, at: usize) -> Option<String> {
     let before = text.get(..at)?;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line = text.get(line_start..)?.lines().next()?;
-    let key = line.split('=').next()?.trim().trim_matches('"');
-    if key.is_empty() || key.starts_with('[') {
+    let here = text.get(line_start..)?.lines().next().unwrap_or_default();
+    let above = before.get(..line_start)?.lines().rev();
+    let mut lines = std::iter::once(here).chain(above).map(str::trim);
+    let line = lines.find(|l| l.contains('=') || l.starts_with('['))?;
+    if line.starts_with('[') {
         return None;
     }
-    let section = before
-        .get(..line_start)?
-        .lines()
-        .rev()
-        .map(str::trim)
+    let key = line.split('=').next()?.trim().trim_matches('"');
+    let section = lines
         .find(|l| l.starts_with('[') && !l.starts_with("[["))
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
     Some(match section {
         Some(s) => format!("{s}.{key}"),
         None => key.to_owned(),
     })
+}
+
+/// The 1-based line of byte `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.get(..at).map_or(0, |b| b.matches('\n').count()) + 1
 }
 
 /// `celerity worker`'s flags alone, to read their defaults and environment.
@@ -469,8 +477,18 @@ mod tests {
         let e = err("[worker]\nmetrics_addr = \"here\"\n");
         assert!(e.contains("`worker.metrics_addr`"), "{e}");
         let e = err("[worker\n");
-        assert!(e.starts_with("config file c.toml: "), "{e}");
+        assert!(e.starts_with("config file c.toml: line 1: "), "{e}");
         assert_eq!(e.lines().count(), 1, "{e}");
+        let e = err("[beat]\nlease = 1\n[worker]\nqueues = [\n  \"a\",\n  7,\n]\n");
+        assert!(
+            e.contains("`worker.queues`") && e.contains("invalid type"),
+            "{e}"
+        );
+        let e = err("[workers]\nconcurrency = 1\n");
+        assert!(
+            e.contains("line 1") && e.contains("unknown field `workers`"),
+            "{e}"
+        );
     }
 
     #[test]
