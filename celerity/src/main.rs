@@ -1,6 +1,7 @@
 //! The `celerity` command: producer verbs (`call`, `result`, `purge`, `queues`), `worker` (with the
 //! built-in `demo.*` tasks), `demo` (producer + worker + results in one process), `beat` (the
-//! periodic scheduler), and remote control of running workers (`inspect`, `control`).
+//! periodic scheduler), remote control of running workers (`inspect`, `control`), and `config check`
+//! (the `--config FILE` every verb reads).
 //!
 //! This file is the top-level parser and the dispatch; each verb's flags and code are in
 //! `celerity::cli`. Errors are printed as one line (`celerity: error: …`) with exit code 2; a failed
