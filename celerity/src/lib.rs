@@ -26,6 +26,7 @@ pub use celerity_client as client;
 pub use celerity_worker as worker;
 
 pub mod cli;
+pub mod logging;
 mod signals;
 
 use std::process::ExitCode;
@@ -48,17 +49,41 @@ struct WorkerCli {
     #[command(flatten)]
     conn: cli::ConnectionArgs,
     #[command(flatten)]
+    file: cli::config::ConfigFileArg,
+    #[command(flatten)]
+    log: cli::LogArgs,
+    #[command(flatten)]
     worker: cli::worker::WorkerArgs,
 }
 
-/// Runs a worker over `registry`, configured from the command line and environment exactly like
-/// `celerity worker` (`--broker`, `-Q`, `-c`, `-P`, …). Logs go to stderr (`CELERITY_LOG` sets the
-/// level, default `info`). Returns the process exit code.
+/// Runs a worker over `registry`, configured from the command line, the environment and the
+/// `--config` file exactly like `celerity worker` (`--broker`, `-Q`, `-c`, `-P`, `-l`, …). Logs go
+/// to stderr (level: `-l`, else `CELERITY_LOG`, else the file's, else `info`). Returns the process
+/// exit code.
 pub fn worker_main(registry: celerity_worker::Registry) -> ExitCode {
-    use clap::Parser;
+    use clap::{CommandFactory, FromArgMatches};
     reserve_thread_stacks();
-    let args = WorkerCli::parse();
-    init_logging("info");
+    let matches = WorkerCli::command().get_matches();
+    let mut args = match WorkerCli::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
+    let config = match &args.file.config {
+        Some(path) => match cli::config::Config::load(path) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => cli::config::Config::default(),
+    };
+    logging::init(
+        &config.log_settings(args.log.log_format, args.log.loglevel),
+        "info",
+    );
+    config.apply_connection(&matches, &mut args.conn);
+    config.apply_worker(&matches, &mut args.worker);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -92,15 +117,8 @@ pub fn reserve_thread_stacks() {
     }
 }
 
-/// Sends `tracing` logs to stderr, filtered by `CELERITY_LOG` (else `default`). A line that cannot
-/// be written (stderr closed, its reader gone) is dropped: the subscriber's default is to report that
-/// with `eprintln!`, which panics on the same closed stderr, in whatever task was logging.
+/// Sends `tracing` logs to stderr as plain text (colour only on a terminal), filtered by
+/// `CELERITY_LOG` (else `default`); see [`logging::init`] for the JSON format and `-l`.
 pub fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CELERITY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .log_internal_errors(false)
-        .try_init();
+    logging::init(&logging::LogSettings::default(), default);
 }

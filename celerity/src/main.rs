@@ -1,6 +1,7 @@
 //! The `celerity` command: producer verbs (`call`, `result`, `purge`, `queues`), `worker` (with the
 //! built-in `demo.*` tasks), `demo` (producer + worker + results in one process), `beat` (the
-//! periodic scheduler), and remote control of running workers (`inspect`, `control`).
+//! periodic scheduler), remote control of running workers (`inspect`, `control`), and `config check`
+//! (the `--config FILE` every verb reads).
 //!
 //! This file is the top-level parser and the dispatch; each verb's flags and code are in
 //! `celerity::cli`. Errors are printed as one line (`celerity: error: …`) with exit code 2; a failed
@@ -8,14 +9,15 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use celerity::cli::beat::{run_beat_command, BeatArgs};
+use celerity::cli::config::{Config, ConfigArgs, ConfigError, ConfigFileArg, ConfigWhat};
 use celerity::cli::control::{run_control, run_inspect, ControlArgs, InspectArgs};
 use celerity::cli::demo::{run_demo, DemoArgs};
 use celerity::cli::producer::{self, ProducerCommand};
 use celerity::cli::worker::{run_worker_command, WorkerCommand};
-use celerity::cli::ConnectionArgs;
+use celerity::cli::{ConnectionArgs, LogArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +28,10 @@ use celerity::cli::ConnectionArgs;
 struct Cli {
     #[command(flatten)]
     conn: ConnectionArgs,
+    #[command(flatten)]
+    file: ConfigFileArg,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,17 +50,29 @@ enum Command {
     Inspect(InspectArgs),
     /// Tell running workers (Celerity or Python Celery): revoke, shutdown, rate-limit, pool-grow, pool-shrink, …
     Control(ControlArgs),
+    /// Check a config file (--config / CELERITY_CONFIG): print the configuration in effect
+    Config(ConfigArgs),
 }
 
 fn main() -> ExitCode {
     celerity::reserve_thread_stacks();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let config = match load_config(&cli) {
+        Ok(config) => config,
+        Err(e) => return fail(&e),
+    };
     let default_level = if matches!(cli.command, Command::Worker(_) | Command::Beat(_)) {
         "info"
     } else {
         "warn"
     };
-    celerity::init_logging(default_level);
+    let log = config.log_settings(cli.log.log_format, cli.log.loglevel);
+    celerity::logging::init(&log, default_level);
+    apply_config(&config, &matches, &mut cli);
     // One thread unless asked: a worker process runs its jobs as async tasks on one core (more with
     // --threads); the demo shares its runtime between the producer and an in-process worker.
     let mut builder = match &cli.command {
@@ -77,6 +95,9 @@ fn main() -> ExitCode {
             Command::Control(args) => run_control(args, &cli.conn).await.map_err(Into::into),
             Command::Worker(cmd) => run_worker_command(cmd, &cli.conn).await,
             Command::Beat(args) => run_beat_command(args, &cli.conn).await.map_err(Into::into),
+            Command::Config(ConfigArgs {
+                what: ConfigWhat::Check { file },
+            }) => celerity::cli::config::run_check(file, &matches, &cli.conn, &cli.log),
             Command::Demo(args) => {
                 let r = run_demo(args, &cli.conn).await?;
                 println!(
@@ -95,6 +116,24 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(e) => fail(e.as_ref()),
+    }
+}
+
+/// The config file that `--config` / `CELERITY_CONFIG` names, if any (`config check` reads its own).
+fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
+    match (&cli.command, &cli.file.config) {
+        (Command::Config(_), _) | (_, None) => Ok(Config::default()),
+        (_, Some(path)) => Config::load(path),
+    }
+}
+
+/// Fills the options that neither a flag nor the environment gave from the config file.
+fn apply_config(config: &Config, matches: &ArgMatches, cli: &mut Cli) {
+    config.apply_connection(matches, &mut cli.conn);
+    match (&mut cli.command, matches.subcommand()) {
+        (Command::Worker(cmd), Some((_, m))) => config.apply_worker_command(m, cmd),
+        (Command::Beat(args), Some((_, m))) => config.apply_beat(m, args),
+        _ => {}
     }
 }
 

@@ -306,6 +306,18 @@ async fn wait_and_result_print_values_and_failures() {
         "{}",
         text(&out.stderr)
     );
+    // Reading a result needs only the backend, as with `celery result`: no --broker.
+    let out = celerity(&["--backend", &url, "result", "f-1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("task f-1 failed: ValueError: bad value"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_one_line_error(
+        &celerity(&["result", "f-1"]),
+        "memory:// exists only inside one process",
+    );
     let out = celerity(&["--broker", &url, "result", "f-1", "--json"]);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["status"], json!("FAILURE"));

@@ -35,6 +35,16 @@ impl<T> std::fmt::Debug for AsyncResult<T> {
 }
 
 impl<T> AsyncResult<T> {
+    /// A handle on the result of job `task_id` stored in `backend`, with no broker: reading a
+    /// result needs only the backend (as `celery result` does).
+    pub fn from_backend(task_id: &str, backend: Arc<dyn ResultBackend>) -> AsyncResult<T> {
+        AsyncResult {
+            id: task_id.to_owned(),
+            backend: Some(backend),
+            _output: PhantomData,
+        }
+    }
+
     /// The task id.
     pub fn id(&self) -> &str {
         &self.id

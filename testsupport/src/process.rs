@@ -9,12 +9,13 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// `celerity` at `exe` (a test passes `env!("CARGO_BIN_EXE_celerity")`), with no broker or backend
-/// from the environment and no standard input.
+/// `celerity` at `exe` (a test passes `env!("CARGO_BIN_EXE_celerity")`), with no broker, backend or
+/// config file from the environment and no standard input.
 pub fn celerity_command(exe: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(exe);
     cmd.env_remove("CELERITY_BROKER_URL")
         .env_remove("CELERITY_RESULT_BACKEND")
+        .env_remove("CELERITY_CONFIG")
         .stdin(Stdio::null());
     cmd
 }

@@ -22,12 +22,7 @@ use crate::signals;
 #[derive(Debug, Clone, Args)]
 pub struct BeatArgs {
     /// Schedule file (TOML) to run
-    #[arg(
-        short = 's',
-        long,
-        env = "CELERITY_BEAT_SCHEDULE",
-        required_unless_present = "check"
-    )]
+    #[arg(short = 's', long, env = "CELERITY_BEAT_SCHEDULE")]
     pub schedule: Option<PathBuf>,
     /// Check a schedule file and print each entry's next five fire times, then exit
     #[arg(long, value_name = "FILE")]
@@ -50,10 +45,13 @@ pub struct BeatArgs {
 impl BeatArgs {
     /// The beat settings these flags describe.
     pub fn config(&self) -> Result<BeatConfig, BeatError> {
-        let schedule = self
-            .schedule
-            .clone()
-            .ok_or_else(|| BeatError::Schedule("give --schedule FILE".into()))?;
+        let schedule = self.schedule.clone().ok_or_else(|| {
+            BeatError::Schedule(
+                "give --schedule FILE (or CELERITY_BEAT_SCHEDULE, or `schedule` under [beat] \
+                     in the --config file)"
+                    .into(),
+            )
+        })?;
         let lease = Duration::try_from_secs_f64(self.lease)
             .ok()
             .filter(|d| *d >= Duration::from_millis(300))

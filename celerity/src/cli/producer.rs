@@ -5,6 +5,7 @@
 //! binary to print as one line.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -14,9 +15,12 @@ use serde_json::{Map, Value};
 
 use celerity_broker::protocol::time::parse_iso;
 use celerity_broker::url::{BrokerUrl, Scheme};
-use celerity_broker::TaskMeta;
+use celerity_broker::{connect_backend, ResultBackend, TaskMeta};
 use celerity_client::result::outcome;
-use celerity_client::{Client, ClientError, Expires, SendOptions, DEFAULT_QUEUE, MAX_DELAY};
+use celerity_client::{
+    default_backend_url, AsyncResult, Client, ClientError, Expires, SendOptions, DEFAULT_QUEUE,
+    MAX_DELAY,
+};
 
 use super::connection::ConnectionArgs;
 
@@ -137,11 +141,14 @@ pub struct QueuesArgs {
 
 /// Runs one producer verb.
 pub async fn run(command: &ProducerCommand, conn: &ConnectionArgs) -> Result<ExitCode> {
+    if let ProducerCommand::Result(a) = command {
+        return result(conn, a).await;
+    }
     refuse_memory(&conn.broker)?;
     let client = Client::connect(&conn.broker, conn.backend.as_deref()).await?;
     let code = match command {
         ProducerCommand::Call(a) => call(&client.clone().with_sent_events(a.sent_event), a).await,
-        ProducerCommand::Result(a) => result(&client, a).await,
+        ProducerCommand::Result(a) => result(conn, a).await,
         ProducerCommand::Purge(a) => {
             for q in &a.queues {
                 let n = client.broker().purge(q).await?;
@@ -326,8 +333,32 @@ async fn call_many(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn result(client: &Client, a: &ResultArgs) -> Result<ExitCode> {
-    let handle = client.result::<Value>(&a.id);
+/// The result backend `result` reads: `--backend`, else the one the broker implies. Only the
+/// backend is connected (as `celery result` does): no broker is needed to read a result.
+async fn result_backend(conn: &ConnectionArgs) -> Result<Arc<dyn ResultBackend>> {
+    let url = match &conn.backend {
+        Some(url) => url.clone(),
+        None => default_backend_url(&conn.broker).ok_or(ClientError::NoBackend)?,
+    };
+    if BrokerUrl::parse(&url)?.scheme == Scheme::Memory {
+        return Err(ClientError::InvalidArgument(
+            "memory:// exists only inside one process; give --backend redis://… \
+             (or set CELERITY_RESULT_BACKEND; a redis:// --broker also serves)"
+                .into(),
+        ));
+    }
+    Ok(connect_backend(&url).await?)
+}
+
+async fn result(conn: &ConnectionArgs, a: &ResultArgs) -> Result<ExitCode> {
+    let backend = result_backend(conn).await?;
+    let outcome = show_result(AsyncResult::from_backend(&a.id, backend.clone()), a).await;
+    // Closing is best effort: the outcome is already printed.
+    let _ = backend.close().await;
+    outcome
+}
+
+async fn show_result(handle: AsyncResult<Value>, a: &ResultArgs) -> Result<ExitCode> {
     let meta = if a.wait {
         let timeout = a.timeout.map(|t| seconds("--timeout", t)).transpose()?;
         handle.wait_meta(timeout).await?

@@ -20,12 +20,14 @@ use celerity_client::DEFAULT_QUEUE;
 use celerity_worker::events::EventsConfig;
 use celerity_worker::metrics::{self, Joined, MetricsSource, PoolMetrics, WorkerMetrics};
 use celerity_worker::{
-    node, run, supervisor, Registry, Reporter, Shutdown, Summary, WorkerConfig, WorkerError,
+    node, run, supervisor, RateLimit, Registry, Reporter, Shutdown, Summary, WorkerConfig,
+    WorkerError,
 };
 
 use super::beat::run_beat_config;
 use super::beat_metrics::BeatMetrics;
 use super::connection::{ConnectionArgs, BACKEND_ENV, BROKER_ENV};
+use crate::logging::LogFormat;
 use crate::signals;
 
 type Result<T, E = WorkerError> = std::result::Result<T, E>;
@@ -64,8 +66,9 @@ pub struct WorkerArgs {
         value_parser = clap::value_parser!(u16).range(1..)
     )]
     pub threads: u16,
-    /// Worker processes under a supervisor (0: run in this process, unsupervised)
-    #[arg(short = 'P', long, default_value_t = 1)]
+    /// Worker processes under a supervisor (0: run in this process, unsupervised). Default: one per
+    /// CPU, as Celery's default concurrency
+    #[arg(short = 'P', long, default_value_t = default_processes())]
     pub processes: usize,
     /// Replace a worker process after it took this many jobs
     #[arg(long)]
@@ -90,6 +93,13 @@ pub struct WorkerArgs {
     pub metrics_addr: Option<String>,
 }
 
+/// The default `-P`: the CPUs this process may use (`available_parallelism`, which honours
+/// affinity masks and cgroup CPU quotas), as Celery's default concurrency is the CPU count; 1 if
+/// that cannot be known.
+pub fn default_processes() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
 impl WorkerArgs {
     /// The worker settings these flags describe.
     pub fn config(&self) -> Result<WorkerConfig> {
@@ -100,15 +110,8 @@ impl WorkerArgs {
             .rate_limit
             .iter()
             .map(|spec| {
-                let (task, rate) = spec.split_once('=').ok_or_else(|| {
-                    WorkerError::Config(format!(
-                        "--rate-limit {spec}: expected TASK=RATE, e.g. demo.add=100/s"
-                    ))
-                })?;
-                let limit = rate
-                    .parse()
-                    .map_err(|e| WorkerError::Config(format!("--rate-limit {spec}: {e}")))?;
-                Ok((task.trim().to_owned(), limit))
+                parse_rate_limit(spec)
+                    .map_err(|e| WorkerError::Config(format!("--rate-limit {spec}: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
         let dead_letter_queue = self.dead_letter_queue.trim();
@@ -146,6 +149,15 @@ impl WorkerArgs {
             ..WorkerConfig::default()
         })
     }
+}
+
+/// Reads a `TASK=RATE` rate limit, e.g. `demo.add=100/s`.
+pub fn parse_rate_limit(spec: &str) -> std::result::Result<(String, RateLimit), String> {
+    let (task, rate) = spec
+        .split_once('=')
+        .ok_or_else(|| "expected TASK=RATE, e.g. demo.add=100/s".to_owned())?;
+    let limit = rate.parse::<RateLimit>()?;
+    Ok((task.trim().to_owned(), limit))
 }
 
 /// Runs a worker until SIGINT/SIGTERM (first: warm shutdown; second: cold): a supervisor with
@@ -317,7 +329,20 @@ pub async fn run_worker_command(
         }
     }
     let summary = outcome?;
-    if let Some(s) = &summary {
+    if let Some(s) = summary
+        .as_ref()
+        .filter(|_| crate::logging::format() == LogFormat::Json)
+    {
+        tracing::info!(
+            pid = std::process::id(),
+            succeeded = s.succeeded,
+            failed = s.failed,
+            retried = s.retried,
+            revoked = s.revoked,
+            dead_lettered = s.rejected,
+            "worker stopped"
+        );
+    } else if let Some(s) = &summary {
         eprintln!(
             "worker {} stopped: {} succeeded, {} failed, {} retried, {} revoked, {} dead-lettered",
             std::process::id(),

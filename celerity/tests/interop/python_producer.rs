@@ -25,6 +25,11 @@ async fn python_producer_our_worker(kind: Kind) {
         {"via": "send_task", "name": "demo.fail", "args": ["kaputt ☠ äöü"]},
         {"via": "send_task", "name": "demo.add", "args": ["a", 1]},
         {"via": "send_task", "name": "demo.flaky", "args": ["py-flaky", 2]},
+        // Arguments by name and mixed, as Python's signatures `add(x, y)`, `mul(x, y)` allow; an
+        // unknown keyword is a TypeError, as in Python.
+        {"via": "apply_async", "name": "demo.add", "kwargs": {"x": 4, "y": 5}},
+        {"via": "delay", "name": "demo.mul", "args": [6], "kwargs": {"y": 7}},
+        {"via": "send_task", "name": "demo.add", "args": [1, 2], "kwargs": {"z": 3}},
     ]);
     let mut calls = calls;
     if kind == Kind::Redis {
@@ -96,14 +101,24 @@ async fn python_producer_our_worker(kind: Kind) {
     );
     // A Python-sent retrying job retries on our worker (twice) and Python reads the final value.
     assert_eq!(value(11), json!({"key": "py-flaky", "runs": 3}));
+    assert_eq!(value(12), json!(9));
+    assert_eq!(value(13), json!(42));
+    assert_eq!(
+        (&got[14]["state"], &got[14]["exc_class"]),
+        (&json!("FAILURE"), &json!("TypeError")),
+        "{}",
+        got[14]
+    );
+    let message = got[14]["exc_message"].as_str().unwrap_or_default();
+    assert!(message.contains("unknown field `z`"), "{message}");
 
     let pickled = kind == Kind::Redis;
     if pickled {
         assert_eq!(
             (
-                &got[12]["state"],
-                &got[12]["exc_class"],
-                &got[12]["exc_module"]
+                &got[15]["state"],
+                &got[15]["exc_class"],
+                &got[15]["exc_module"]
             ),
             (
                 &json!("FAILURE"),
@@ -111,9 +126,9 @@ async fn python_producer_our_worker(kind: Kind) {
                 &json!("kombu.exceptions")
             ),
             "{}",
-            got[12]
+            got[15]
         );
-        let message = got[12]["exc_message"].as_str().unwrap();
+        let message = got[15]["exc_message"].as_str().unwrap();
         assert!(message.contains("pickle is never executed"), "{message}");
         let broker = connect_broker(&env.broker_url()).await.unwrap();
         assert_eq!(
@@ -135,7 +150,7 @@ async fn python_producer_our_worker(kind: Kind) {
             summary.revoked,
             summary.rejected
         ),
-        (9, 2, 2, u64::from(revoked), u64::from(pickled)),
+        (11, 3, 2, u64::from(revoked), u64::from(pickled)),
         "{summary:?}"
     );
 }

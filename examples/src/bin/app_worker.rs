@@ -7,24 +7,35 @@
 //! celerity --broker redis://127.0.0.1:6379/0 call app.greet --kwargs '{"name": "Ada"}' --wait
 //! ```
 //!
-//! Python Celery reaches the same tasks by name: `app.send_task("app.add", (2, 3)).get()`.
+//! Python Celery reaches the same tasks by name, with arguments by position, by name or both:
+//! `app.send_task("app.add", (2, 3))`, `app.send_task("app.add", kwargs={"x": 2, "y": 3})`,
+//! `app.send_task("app.add", (2,), {"y": 3})`. An unknown keyword fails the job with a `TypeError`.
 
 use std::process::ExitCode;
 
 use celerity::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A typed task: its name, argument and output types, and its code.
 struct Add;
 
+/// `add(x, y)`: named parameters, so Python's `add.delay(2, 3)`, `add.delay(x=2, y=3)` and
+/// `add.delay(2, y=3)` all bind; `deny_unknown_fields` makes `add.delay(2, 3, z=1)` a `TypeError`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddArgs {
+    x: i64,
+    y: i64,
+}
+
 impl Task for Add {
     const NAME: &'static str = "app.add";
-    type Args = (i64, i64);
+    type Args = AddArgs;
     type Output = i64;
 }
 
 impl Run for Add {
-    async fn run(&self, _ctx: TaskContext, (x, y): (i64, i64)) -> Result<i64, TaskError> {
+    async fn run(&self, _ctx: TaskContext, AddArgs { x, y }: AddArgs) -> Result<i64, TaskError> {
         x.checked_add(y)
             .ok_or_else(|| TaskError::new("OverflowError", "sum does not fit in 64 bits"))
     }
@@ -32,6 +43,7 @@ impl Run for Add {
 
 /// Arguments by name: `greet(name="Ada")` from Python, or positionally `greet("Ada")`.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Greet {
     name: String,
 }
