@@ -30,12 +30,14 @@ mod fanout;
 pub(crate) mod group_commit;
 mod keys;
 mod rate_limit;
+mod redial;
 mod restore;
 mod scripts;
 mod shared;
 mod waiter;
 
 pub use rate_limit::RedisRateLimiter;
+pub use redial::Redial;
 pub use shared::connect_manager;
 
 use std::sync::{Arc, Mutex};

@@ -8,6 +8,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::redial::Redial;
 use tokio_util::sync::CancellationToken;
 
 use super::keys::Keys;
@@ -21,7 +23,7 @@ pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the broker, its consumers and their ack handles share.
 pub(crate) struct Shared {
     /// Auto-reconnecting multiplexed connection for every non-blocking command.
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: Redial,
     /// For the dedicated connections of blocking waits.
     pub(crate) client: redis::Client,
     pub(crate) keys: Keys,
@@ -45,7 +47,7 @@ pub(crate) fn client_url(url: &BrokerUrl) -> String {
 
 /// Opens a reconnecting connection to the Redis that `url` names, bounded in time, as the broker
 /// opens its own: for the other state kept on that Redis (shared rate limits, beat's lease).
-pub async fn connect_manager(url: &BrokerUrl) -> Result<ConnectionManager> {
+pub async fn connect_manager(url: &BrokerUrl) -> Result<Redial> {
     let connect_error = |reason: String| BrokerError::Connect {
         url: url.redacted(),
         reason,
@@ -61,14 +63,17 @@ pub async fn connect_manager(url: &BrokerUrl) -> Result<ConnectionManager> {
 pub(crate) async fn first_connection(
     client: redis::Client,
     tls: bool,
-) -> std::result::Result<ConnectionManager, String> {
+) -> std::result::Result<Redial, String> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_secs(5));
     let limit = CONNECT_TIMEOUT + Duration::from_secs(1);
-    let attempt = tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config));
+    let attempt = tokio::time::timeout(
+        limit,
+        ConnectionManager::new_with_config(client.clone(), config.clone()),
+    );
     let outcome = if tls {
         match tokio::spawn(attempt).await {
             Ok(r) => r,
@@ -83,6 +88,6 @@ pub(crate) async fn first_connection(
     match outcome {
         Err(_) => Err(format!("no answer within {limit:?}")),
         Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(conn)) => Ok(conn),
+        Ok(Ok(conn)) => Ok(Redial::new(client, config, conn)),
     }
 }

@@ -23,7 +23,9 @@
 //! CELERITY_LONG_FAULTS=1 cargo test -p celerity --test faults -- --nocapture --test-threads 1
 //! ```
 
+mod beat;
 mod kill;
+mod netcut;
 mod restart;
 
 use std::collections::HashMap;
@@ -90,6 +92,19 @@ impl Pool {
         concurrency: usize,
         log: &Path,
     ) -> Pool {
+        Pool::start_with(broker, backend, queue, processes, concurrency, log, &[])
+    }
+
+    /// As [`Pool::start`], with `extra` worker flags (e.g. `-n NAME@%h`).
+    fn start_with(
+        broker: &str,
+        backend: &str,
+        queue: &str,
+        processes: usize,
+        concurrency: usize,
+        log: &Path,
+        extra: &[&str],
+    ) -> Pool {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -106,6 +121,7 @@ impl Pool {
             queue,
         ])
         .args(["-P", &processes.to_string(), "-c", &concurrency.to_string()])
+        .args(extra)
         .env("CELERITY_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
