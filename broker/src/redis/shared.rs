@@ -4,6 +4,7 @@
 //! parts import it rather than `redis/mod.rs`.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -20,6 +21,8 @@ use crate::url::BrokerUrl;
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a command may take (generous: a big pipeline or sweep is one command to wait on).
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause before a command is sent once more after it met a dropped connection.
+const DROPPED_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// What the broker, its consumers and their ack handles share.
 pub(crate) struct Shared {
     /// Auto-reconnecting multiplexed connection for every non-blocking command.
@@ -89,5 +92,25 @@ pub(crate) async fn first_connection(
         Err(_) => Err(format!("no answer within {limit:?}")),
         Ok(Err(e)) => Err(e.to_string()),
         Ok(Ok(conn)) => Ok(Redial::new(client, config, conn)),
+    }
+}
+
+/// Sends a command (`send` builds and sends it) once more if it failed on a connection found dropped
+/// (reset, closed, broken pipe, refused): after a broker restart or a network reset the first
+/// command over the shared connection meets the dead one, and the manager has dialed again by the
+/// second. A command that timed out is not sent again. The command must be safe to repeat in the
+/// rare case that the server ran it and only the reply was lost.
+pub(crate) async fn once_more_if_dropped<T, F, Fut>(what: &str, mut send: F) -> redis::RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = redis::RedisResult<T>>,
+{
+    match send().await {
+        Err(e) if e.is_connection_dropped() => {
+            tracing::warn!(error = %e, "redis: {what} met a dropped connection; sending it once more");
+            tokio::time::sleep(DROPPED_RETRY_DELAY).await;
+            send().await
+        }
+        out => out,
     }
 }
