@@ -100,7 +100,10 @@ pub(crate) async fn first_connection(
 /// command over the shared connection meets the dead one, and the manager has dialed again by the
 /// second. A command that timed out is not sent again. The command must be safe to repeat in the
 /// rare case that the server ran it and only the reply was lost.
-pub(crate) async fn once_more_if_dropped<T, F, Fut>(what: &str, mut send: F) -> redis::RedisResult<T>
+pub(crate) async fn once_more_if_dropped<T, F, Fut>(
+    what: &str,
+    mut send: F,
+) -> redis::RedisResult<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = redis::RedisResult<T>>,

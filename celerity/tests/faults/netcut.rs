@@ -66,6 +66,8 @@ struct Plan {
     black_hole: Duration,
     reset: Duration,
     stranded: Duration,
+    /// How long the producer may take for all its sends (a producer left deaf never finishes).
+    send_for: Duration,
 }
 
 /// Where the clients connect (through the proxies) and where the test checks (directly).
@@ -241,8 +243,13 @@ async fn campaign(transport: Transport, plan: &Plan) -> Row {
             (client.clone(), progress.clone(), sent.clone(), q.clone());
         let to_listener = to_listener.clone();
         let jobs = plan.jobs;
+        let until = Instant::now() + plan.send_for;
         tokio::spawn(async move {
             for i in 0..jobs {
+                if Instant::now() > until {
+                    // Still failing long after the last cut: stop (the test fails), don't hang.
+                    break;
+                }
                 // 40–60 ms a job: slower than the sends, so a backlog is in flight at the cuts.
                 let ms = 40 + (i % 21) as u64;
                 let pause = match send_one(&client, &q, ms, &sent).await {
@@ -306,9 +313,19 @@ async fn campaign(transport: Transport, plan: &Plan) -> Row {
         cuts += 1;
     }
     producer.await.unwrap();
+    let produced = progress.load(Ordering::SeqCst);
     assert!(
-        progress.load(Ordering::SeqCst) == plan.jobs,
-        "the producer stopped early"
+        produced == plan.jobs,
+        "the producer could send only {produced} of {} jobs within {:?}: {:?}",
+        plan.jobs,
+        plan.send_for,
+        sent.lock()
+            .unwrap()
+            .errors
+            .iter()
+            .rev()
+            .take(3)
+            .collect::<Vec<_>>()
     );
 
     // Not deaf: every pool process answers a ping, and a batch sent now completes.
@@ -400,6 +417,7 @@ async fn a_redis_cut_off_from_its_worker_loses_nothing() {
         black_hole: Duration::from_secs(12),
         reset: Duration::from_secs(4),
         stranded: Duration::from_secs(4),
+        send_for: Duration::from_secs(150),
     };
     campaign(Transport::Redis, &plan).await;
 }
@@ -411,6 +429,7 @@ async fn a_rabbitmq_cut_off_from_its_worker_loses_nothing() {
         black_hole: Duration::from_secs(12),
         reset: Duration::from_secs(4),
         stranded: Duration::from_secs(4),
+        send_for: Duration::from_secs(150),
     };
     campaign(Transport::Amqp, &plan).await;
 }
