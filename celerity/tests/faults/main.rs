@@ -7,6 +7,11 @@
 //! - `restart`: the broker (a private `redis-server` or RabbitMQ node) restarted twice while a
 //!   producer sends in a loop and the pool drains; every send that returned `Ok` has its result,
 //!   every other send returned an error that says what failed.
+//! - `netcut`: the pool, a producer and a result listener reach the broker and the backend only
+//!   through proxies the test cuts (black hole, reset, a black hole that strands the open
+//!   connections); 0 lost, no send hangs, nobody left deaf.
+//! - `beat`: two `celerity beat` processes while their broker (private `redis-server` or RabbitMQ
+//!   node) is crashed and restarted; no tick twice, ticks missing only while it was down.
 //!
 //! How runs are counted: the pool logs at `info`, into one file shared by the supervisor and its
 //! children (their stderr is the supervisor's, inherited, opened for append, so each log line is one
