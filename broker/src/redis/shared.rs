@@ -1,6 +1,7 @@
 //! What the Redis broker, its consumers, ack handles and subscribers share ([`Shared`]), and how
 //! connections to a Redis broker are opened ([`connect_manager`], bounded in time, `redis+socket://`
-//! spelled as the redis crate wants it). A leaf under the rest of the transport, so the transport's
+//! spelled as the redis crate wants it), and sending a command once more when it met a dropped
+//! connection ([`once_more_if_dropped`]). A leaf under the rest of the transport, so the transport's
 //! parts import it rather than `redis/mod.rs`.
 
 use std::collections::HashSet;
@@ -9,11 +10,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-
-use super::redial::Redial;
 use tokio_util::sync::CancellationToken;
 
 use super::keys::Keys;
+use super::redial::Redial;
 use crate::error::{BrokerError, Result};
 use crate::url::BrokerUrl;
 
@@ -48,8 +48,8 @@ pub(crate) fn client_url(url: &BrokerUrl) -> String {
     }
 }
 
-/// Opens a reconnecting connection to the Redis that `url` names, bounded in time, as the broker
-/// opens its own: for the other state kept on that Redis (shared rate limits, beat's lease).
+/// Opens a reconnecting connection ([`Redial`]) to the Redis that `url` names, bounded in time, as
+/// the broker opens its own: for the other state kept on that Redis (shared rate limits, beat's lease).
 pub async fn connect_manager(url: &BrokerUrl) -> Result<Redial> {
     let connect_error = |reason: String| BrokerError::Connect {
         url: url.redacted(),
