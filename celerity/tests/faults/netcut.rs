@@ -153,7 +153,7 @@ impl Sent {
     }
 }
 
-/// Sends `ms`-long `demo.sleep_ms` jobs through `client` and records what each send did.
+/// Sends one `ms`-long `demo.sleep_ms` job through `client` and records what the send did.
 async fn send_one(client: &Client, q: &str, ms: u64, sent: &Mutex<Sent>) -> Option<String> {
     let options = SendOptions::new().queue(q);
     let began = Instant::now();
@@ -298,7 +298,7 @@ async fn campaign(transport: Transport, plan: &Plan) -> Row {
         (2, Fault::Reset, plan.reset),
         (3, Fault::Stranded, plan.stranded),
     ] {
-        while progress.load(Ordering::SeqCst) < plan.jobs * quarter / 4 {
+        while progress.load(Ordering::SeqCst) < plan.jobs * quarter / 4 && !producer.is_finished() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         backlog_at_cuts.push(direct_broker.queue_len(&q).await.unwrap_or(0));
