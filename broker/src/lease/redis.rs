@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::redis::Redial;
 use redis::{AsyncCommands, Script};
 
 use super::{Lease, Recorded};
@@ -31,7 +31,7 @@ static RECORD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 /// A connection to the Redis holding a lease and its last-run hash.
 #[derive(Clone)]
 pub struct RedisLease {
-    conn: ConnectionManager,
+    conn: Redial,
     /// `<global_keyprefix><stem>`.
     stem: String,
 }

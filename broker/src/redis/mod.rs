@@ -31,12 +31,14 @@ mod fanout;
 pub(crate) mod group_commit;
 mod keys;
 mod rate_limit;
+mod redial;
 mod restore;
 mod scripts;
 mod shared;
 mod waiter;
 
 pub use rate_limit::RedisRateLimiter;
+pub use redial::Redial;
 pub use shared::connect_manager;
 
 use std::sync::{Arc, Mutex};
@@ -52,7 +54,7 @@ use crate::transport::{Broker, Consumer, Subscription};
 use crate::url::BrokerUrl;
 use crate::wait_lock::WaitLock;
 use keys::Keys;
-use shared::{client_url, first_connection, Shared};
+use shared::{client_url, first_connection, once_more_if_dropped, Shared};
 
 /// Messages per round trip in `publish_batch`.
 const PUBLISH_CHUNK: usize = 1000;
@@ -168,9 +170,8 @@ impl Broker for RedisBroker {
         }
         let keys = &self.shared.keys;
         let member = keys::binding_member(queue, "", queue);
-        let mut conn = self.shared.conn.clone();
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .cmd("SADD")
             .arg(keys.binding(queue))
             .arg(&member)
@@ -178,9 +179,13 @@ impl Broker for RedisBroker {
             .cmd("SADD")
             .arg(keys.binding_permanent(queue))
             .arg(&member)
-            .ignore()
-            .exec_async(&mut conn)
-            .await?;
+            .ignore();
+        once_more_if_dropped("declaring a queue", || {
+            let mut conn = self.shared.conn.clone();
+            let pipe = &pipe;
+            async move { pipe.exec_async(&mut conn).await }
+        })
+        .await?;
         self.shared
             .declared
             .lock()
@@ -197,12 +202,16 @@ impl Broker for RedisBroker {
             .keys
             .queue(queue, i64::from(message.properties.priority));
         let envelope = envelope::encode(message, "", queue);
-        let mut conn = self.shared.conn.clone();
-        let _: i64 = redis::cmd("LPUSH")
-            .arg(key)
-            .arg(envelope)
-            .query_async(&mut conn)
-            .await?;
+        let mut lpush = redis::cmd("LPUSH");
+        lpush.arg(key).arg(envelope);
+        // Sent once more after a dropped connection (a message stored twice is possible, rarely;
+        // one dropped silently is not), as the AMQP publisher does.
+        let _: i64 = once_more_if_dropped("a publish", || {
+            let mut conn = self.shared.conn.clone();
+            let lpush = &lpush;
+            async move { lpush.query_async(&mut conn).await }
+        })
+        .await?;
         Ok(())
     }
 

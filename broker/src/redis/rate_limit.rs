@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use super::redial::Redial;
 use redis::Script;
 
 use super::restore::unix_now;
@@ -17,7 +17,7 @@ static TAKE: std::sync::LazyLock<Script> =
 /// Cluster-wide token buckets on one Redis.
 #[derive(Clone)]
 pub struct RedisRateLimiter {
-    conn: ConnectionManager,
+    conn: Redial,
     prefix: String,
 }
 

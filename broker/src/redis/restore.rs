@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::redial::Redial;
 use futures_util::future::join_all;
-use redis::aio::ConnectionManager;
 
 use super::envelope;
 use super::keys::SEP;
@@ -89,7 +89,7 @@ pub(crate) async fn sweep(shared: &Shared) -> Result<usize> {
     result
 }
 
-async fn sweep_locked(shared: &Shared, conn: &mut ConnectionManager) -> Result<usize> {
+async fn sweep_locked(shared: &Shared, conn: &mut Redial) -> Result<usize> {
     let ceil = unix_now() - shared.visibility_timeout;
     let mut restored = 0;
     for _ in 0..SWEEP_ROUNDS {

@@ -1,9 +1,11 @@
 //! What the Redis broker, its consumers, ack handles and subscribers share ([`Shared`]), and how
 //! connections to a Redis broker are opened ([`connect_manager`], bounded in time, `redis+socket://`
-//! spelled as the redis crate wants it). A leaf under the rest of the transport, so the transport's
+//! spelled as the redis crate wants it), and sending a command once more when it met a dropped
+//! connection ([`once_more_if_dropped`]). A leaf under the rest of the transport, so the transport's
 //! parts import it rather than `redis/mod.rs`.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -11,6 +13,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::Keys;
+use super::redial::Redial;
 use crate::error::{BrokerError, Result};
 use crate::limits::Limits;
 use crate::url::BrokerUrl;
@@ -19,10 +22,12 @@ use crate::url::BrokerUrl;
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a command may take (generous: a big pipeline or sweep is one command to wait on).
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause before a command is sent once more after it met a dropped connection.
+const DROPPED_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// What the broker, its consumers and their ack handles share.
 pub(crate) struct Shared {
     /// Auto-reconnecting multiplexed connection for every non-blocking command.
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: Redial,
     /// For the dedicated connections of blocking waits.
     pub(crate) client: redis::Client,
     pub(crate) keys: Keys,
@@ -46,9 +51,9 @@ pub(crate) fn client_url(url: &BrokerUrl) -> String {
     }
 }
 
-/// Opens a reconnecting connection to the Redis that `url` names, bounded in time, as the broker
-/// opens its own: for the other state kept on that Redis (shared rate limits, beat's lease).
-pub async fn connect_manager(url: &BrokerUrl) -> Result<ConnectionManager> {
+/// Opens a reconnecting connection ([`Redial`]) to the Redis that `url` names, bounded in time, as
+/// the broker opens its own: for the other state kept on that Redis (shared rate limits, beat's lease).
+pub async fn connect_manager(url: &BrokerUrl) -> Result<Redial> {
     let connect_error = |reason: String| BrokerError::Connect {
         url: url.redacted(),
         reason,
@@ -64,14 +69,17 @@ pub async fn connect_manager(url: &BrokerUrl) -> Result<ConnectionManager> {
 pub(crate) async fn first_connection(
     client: redis::Client,
     tls: bool,
-) -> std::result::Result<ConnectionManager, String> {
+) -> std::result::Result<Redial, String> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_secs(5));
     let limit = CONNECT_TIMEOUT + Duration::from_secs(1);
-    let attempt = tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config));
+    let attempt = tokio::time::timeout(
+        limit,
+        ConnectionManager::new_with_config(client.clone(), config.clone()),
+    );
     let outcome = if tls {
         match tokio::spawn(attempt).await {
             Ok(r) => r,
@@ -86,6 +94,29 @@ pub(crate) async fn first_connection(
     match outcome {
         Err(_) => Err(format!("no answer within {limit:?}")),
         Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(conn)) => Ok(conn),
+        Ok(Ok(conn)) => Ok(Redial::new(client, config, conn)),
+    }
+}
+
+/// Sends a command (`send` builds and sends it) once more if it failed on a connection found dropped
+/// (reset, closed, broken pipe, refused): after a broker restart or a network reset the first
+/// command over the shared connection meets the dead one, and the manager has dialed again by the
+/// second. A command that timed out is not sent again. The command must be safe to repeat in the
+/// rare case that the server ran it and only the reply was lost.
+pub(crate) async fn once_more_if_dropped<T, F, Fut>(
+    what: &str,
+    mut send: F,
+) -> redis::RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = redis::RedisResult<T>>,
+{
+    match send().await {
+        Err(e) if e.is_connection_dropped() => {
+            tracing::warn!(error = %e, "redis: {what} met a dropped connection; sending it once more");
+            tokio::time::sleep(DROPPED_RETRY_DELAY).await;
+            send().await
+        }
+        out => out,
     }
 }

@@ -7,6 +7,11 @@
 //! - `restart`: the broker (a private `redis-server` or RabbitMQ node) restarted twice while a
 //!   producer sends in a loop and the pool drains; every send that returned `Ok` has its result,
 //!   every other send returned an error that says what failed.
+//! - `netcut`: the pool, a producer and a result listener reach the broker and the backend only
+//!   through proxies the test cuts (black hole, reset, a black hole that strands the open
+//!   connections); 0 lost, no send hangs, nobody left deaf.
+//! - `beat`: two `celerity beat` processes while their broker (private `redis-server` or RabbitMQ
+//!   node) is crashed and restarted; no tick twice, ticks missing only while it was down.
 //!
 //! How runs are counted: the pool logs at `info`, into one file shared by the supervisor and its
 //! children (their stderr is the supervisor's, inherited, opened for append, so each log line is one
@@ -23,7 +28,9 @@
 //! CELERITY_LONG_FAULTS=1 cargo test -p celerity --test faults -- --nocapture --test-threads 1
 //! ```
 
+mod beat;
 mod kill;
+mod netcut;
 mod restart;
 
 use std::collections::HashMap;
@@ -90,6 +97,19 @@ impl Pool {
         concurrency: usize,
         log: &Path,
     ) -> Pool {
+        Pool::start_with(broker, backend, queue, processes, concurrency, log, &[])
+    }
+
+    /// As [`Pool::start`], with `extra` worker flags (e.g. `-n NAME@%h`).
+    fn start_with(
+        broker: &str,
+        backend: &str,
+        queue: &str,
+        processes: usize,
+        concurrency: usize,
+        log: &Path,
+        extra: &[&str],
+    ) -> Pool {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -106,6 +126,7 @@ impl Pool {
             queue,
         ])
         .args(["-P", &processes.to_string(), "-c", &concurrency.to_string()])
+        .args(extra)
         .env("CELERITY_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())

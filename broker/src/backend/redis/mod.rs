@@ -27,6 +27,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::redis::Redial;
 use redis::{AsyncConnectionConfig, ErrorKind, Script, ServerErrorKind};
 use tokio::time::Instant;
 
@@ -53,7 +55,7 @@ const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A connection to a Redis result backend.
 pub struct RedisBackend {
-    conn: ConnectionManager,
+    conn: Redial,
     store_script: Script,
     /// `<global_keyprefix>celery-task-meta-`.
     task_prefix: String,
@@ -121,11 +123,11 @@ impl RedisBackend {
             .set_max_delay(Duration::from_secs(2));
         let conn = match tokio::time::timeout(
             CONNECT_TIMEOUT,
-            ConnectionManager::new_with_config(client.clone(), config),
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
         )
         .await
         {
-            Ok(Ok(conn)) => conn,
+            Ok(Ok(conn)) => Redial::new(client.clone(), config, conn),
             Ok(Err(e)) => return Err(connect_error(e.to_string())),
             Err(_) => {
                 return Err(connect_error(format!(

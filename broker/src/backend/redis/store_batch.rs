@@ -4,7 +4,7 @@
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
+use crate::redis::Redial;
 use redis::Script;
 
 use crate::error::Result;
@@ -21,7 +21,7 @@ pub(super) struct StoreBatcher(GroupCommit<(String, Vec<u8>)>);
 
 impl StoreBatcher {
     /// Starts the batching task (needs a Tokio runtime).
-    pub(super) fn start(conn: ConnectionManager, expires: u64) -> StoreBatcher {
+    pub(super) fn start(conn: Redial, expires: u64) -> StoreBatcher {
         StoreBatcher(GroupCommit::start(
             MAX_BATCH,
             "result writer",
