@@ -116,7 +116,7 @@ async fn sweep_locked(shared: &Shared, conn: &mut Redial) -> Result<usize> {
 /// its lease in between keeps its delivery.
 async fn read_lapsed(
     shared: &Shared,
-    conn: &mut ConnectionManager,
+    conn: &mut Redial,
     ceil: f64,
 ) -> Result<Vec<(String, Vec<String>)>> {
     let lapsed: Vec<(String, String)> = redis::cmd("ZRANGE")
