@@ -2,9 +2,10 @@
 """Writes the seed inputs of the fuzz targets into fuzz/corpus/<target>/seed-*.
 
 Real messages come from the Celery wire vectors (broker/tests/vectors: bytes Celery 5.7 put on
-Redis and RabbitMQ); hostile ones are written here. Each file is named after the sha1 of its bytes,
-as libFuzzer names what it finds, so re-running adds nothing twice. Run from the repository root:
-`python3 fuzz/seeds.py`. The input layouts are those of broker/src/fuzzing.rs.
+Redis and RabbitMQ); hostile ones are written here. Each file is named seed-<sha1 of its bytes>;
+`cargo fuzz cmin` renames what it keeps to the bare sha1, so run cmin again after re-seeding (README,
+"Fuzzing"). Run from the repository root: `python3 fuzz/seeds.py`. The input layouts are those of
+broker/src/fuzzing.rs.
 """
 
 import base64
