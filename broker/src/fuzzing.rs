@@ -1,7 +1,9 @@
 //! Entry points for the cargo-fuzz targets under `fuzz/` and for the test that replays their corpus
 //! (`broker/tests/fuzz_corpus.rs`). Each takes raw bytes as they come off the network and runs them
 //! through the decoders the transports and the worker use, then through what is done next with a
-//! decoded message (reprs, signatures, re-encoding). None may panic, whatever the bytes.
+//! decoded message (reprs, signatures, re-encoding). None may panic, whatever the bytes; and what a
+//! decoded message re-encodes to (a retry, a parked ETA, a restore) must decode again: asserted, so
+//! a message that would be refused after its first trip shows up as a crash.
 //!
 //! Only built with the `fuzzing` feature, and not an API: the names and input layouts may change.
 
@@ -45,7 +47,11 @@ pub fn redis_envelope(data: &[u8]) {
         after_decode(&d.message);
         // What a restore or a re-publish writes must read back.
         let again = crate::redis::envelope::encode(&d.message, "", "q");
-        let _ = crate::redis::envelope::decode(&again);
+        let back = crate::redis::envelope::decode(&again);
+        assert!(
+            back.is_ok(),
+            "re-encoded envelope does not decode: {back:?}"
+        );
     }
     if let Ok(r) = crate::redis::envelope::restored(data) {
         let _ = crate::redis::envelope::decode(&r.payload);
@@ -80,7 +86,7 @@ pub fn control_request(data: &[u8]) {
 }
 
 /// What the worker does with a message it received: decode it as a task and, if it is one, read its
-/// reprs and workflow steps and encode it again (a retry or a parked ETA).
+/// reprs and workflow steps and encode it again (a retry or a parked ETA), which must decode.
 fn after_decode(message: &Message) {
     let Ok(task) = TaskMessage::decode(message) else {
         return;
@@ -91,7 +97,8 @@ fn after_decode(message: &Message) {
         let _ = Signature::list_from_value(steps);
     }
     let _ = Signature::from_value(&embed.chord);
-    let _ = TaskMessage::decode(&task.encode());
+    let again = TaskMessage::decode(&task.encode());
+    assert!(again.is_ok(), "re-encoded task does not decode: {again:?}");
 }
 
 fn json_object(raw: &[u8]) -> Map<String, Value> {
