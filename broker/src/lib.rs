@@ -25,6 +25,7 @@
 //!   single-active-consumer lock queue), used by beat.
 //! - [`wait_lock`]: lets the processes of one worker pool take turns at waiting for work.
 //! - [`error`]: [`BrokerError`], the one error type of this crate.
+//! - `fuzzing` (feature `fuzzing`, hidden): the entry points of the fuzz targets under `fuzz/`.
 //!
 //! Imports go one way: leaves (`error`, `pyjson`, `url`, `limits`, `tls`, `topic`, `backoff`, `wait_lock`,
 //! `message`, `protocol`) under `transport` and `backend`, under the transports, under `connect`.
@@ -47,6 +48,9 @@ pub mod wait_lock;
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "testkit")]

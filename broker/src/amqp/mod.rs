@@ -19,7 +19,7 @@ mod consumer;
 mod delay;
 mod fanout;
 mod link;
-mod props;
+pub(crate) mod props;
 mod publisher;
 mod table;
 mod topology;

@@ -506,12 +506,12 @@ impl TaskMessage {
                 )))
             }
         };
-        let embed = Embed {
-            callbacks: o.remove("callbacks").unwrap_or(Value::Null),
-            errbacks: o.remove("errbacks").unwrap_or(Value::Null),
-            chord: o.remove("chord").unwrap_or(Value::Null),
-            ..Embed::default()
-        };
+        // The workflow steps are checked as v2's embed is (each must read as a signature now).
+        let steps: Map<String, Value> = ["callbacks", "errbacks", "chord"]
+            .into_iter()
+            .filter_map(|k| o.remove(k).map(|v| (k.to_owned(), v)))
+            .collect();
+        let embed = Embed::from_value(Value::Object(steps))?;
         let mut headers = headers;
         headers.extra.retain(|k, _| {
             !matches!(
@@ -748,6 +748,31 @@ mod tests {
         assert_eq!(t.args, vec![json!(1), json!(2)]);
         assert_eq!(t.headers.root_id.as_deref(), Some("i1"));
         assert!(!t.headers.extra.contains_key("args"));
+    }
+
+    /// Found by fuzzing (a decoded message re-encoded did not decode): protocol v1 workflow steps
+    /// are checked as v2's are, so a broken one is refused when read, not after the job ran.
+    #[test]
+    fn a_v1_workflow_step_that_is_not_a_signature_is_refused() {
+        for (steps, field) in [
+            (r#""errbacks": "10-0:00""#, "errbacks"),
+            (r#""callbacks": [1]"#, "callbacks"),
+            (r#""chord": {"args": []}"#, "chord"),
+        ] {
+            let m = Message {
+                body: format!(r#"{{"task": "demo.add", "id": "x", {steps}}}"#).into_bytes(),
+                ..Message::default()
+            };
+            let e = TaskMessage::decode(&m).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        let good = Message {
+            body: br#"{"task": "demo.add", "id": "x", "errbacks": [{"task": "demo.fail"}], "chord": null}"#
+                .to_vec(),
+            ..Message::default()
+        };
+        let t = TaskMessage::decode(&good).unwrap();
+        assert_eq!(TaskMessage::decode(&t.encode()).unwrap().embed, t.embed);
     }
 
     #[test]

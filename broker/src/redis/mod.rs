@@ -26,7 +26,7 @@
 mod ack;
 mod consumer;
 mod direct;
-mod envelope;
+pub(crate) mod envelope;
 mod fanout;
 pub(crate) mod group_commit;
 mod keys;
