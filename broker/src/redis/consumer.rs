@@ -119,6 +119,8 @@ async fn my_turn(lock: Option<Arc<WaitLock>>, cancel: CancellationToken) -> bool
 struct Fetched {
     /// False when the script dead-lettered it.
     recorded: bool,
+    /// Dead-lettered because another unacked message has its delivery tag.
+    duplicate: bool,
     /// Position in the queue order the fetch used.
     pos: usize,
     tag: String,
@@ -433,6 +435,16 @@ impl RedisConsumer {
                 served.push(qi);
             }
             let queue = &self.queues[qi];
+            if f.duplicate {
+                tracing::error!(
+                    queue = %queue,
+                    tag = %f.tag,
+                    dead_letter = %self.shared.keys.dead(queue),
+                    preview = %preview(&f.raw),
+                    "a message reuses the delivery tag of another unacked message (its producer does not make unique tags); moved to the dead-letter list"
+                );
+                continue;
+            }
             if !f.recorded {
                 tracing::error!(
                     queue = %queue,
@@ -732,6 +744,7 @@ fn parse_fetch(reply: Value, nqueues: usize) -> Result<(String, Vec<Fetched>)> {
         };
         out.push(Fetched {
             recorded: kind == 1,
+            duplicate: kind == 2,
             pos,
             tag,
             raw,

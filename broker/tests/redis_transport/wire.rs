@@ -150,6 +150,43 @@ async fn malformed_envelopes_are_dead_lettered() {
     c.close().await.unwrap();
 }
 
+/// Two messages with the same delivery tag (a producer that does not make unique tags): the second
+/// must not overwrite the first's `unacked` record (one settle would then drop both). Before: both
+/// were handed out under one record, and acking them left one message nowhere.
+#[tokio::test]
+async fn a_reused_delivery_tag_does_not_overwrite_an_unacked_message() {
+    let s = Space::new().await;
+    let b = s.broker("").await;
+    let mut raw = s.raw.clone();
+    let envelope = |n: usize| {
+        let body = base64_json(&format!("[[{n}], {{}}, {{}}]"));
+        format!(
+            r#"{{"body": "{body}", "content-encoding": "utf-8", "content-type": "application/json", "headers": {{"lang": "py", "task": "tests.add", "id": "dup-{n}"}}, "properties": {{"body_encoding": "base64", "delivery_info": {{"exchange": "", "routing_key": "dup"}}, "delivery_tag": "same-tag"}}}}"#
+        )
+    };
+    let _: () = raw.lpush(s.key("dup"), envelope(1)).await.unwrap();
+    let _: () = raw.lpush(s.key("dup"), envelope(2)).await.unwrap();
+    let mut c = b.consume(&queue("dup"), 4).await.unwrap();
+    let d = next(&mut c).await;
+    assert_eq!(task_id(&d), "dup-1");
+    let deadline = Instant::now() + PATIENCE;
+    while s.llen("dup.celerity.dead").await < 1 {
+        assert!(Instant::now() < deadline, "the second one went nowhere");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let dead = s.lrange("dup.celerity.dead").await;
+    assert_eq!(dead, vec![envelope(2).into_bytes()]);
+    assert_eq!(s.unacked().await, (1, 1));
+    d.ack().await.unwrap();
+    assert_eq!(s.unacked().await, (0, 0));
+    c.close().await.unwrap();
+}
+
+fn base64_json(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
 #[tokio::test]
 async fn the_dead_letter_list_keeps_the_newest_max_dead_letters() {
     let s = Space::new().await;

@@ -206,8 +206,9 @@ impl Run {
                 _ => false,
             };
             if !ok {
+                let seen = self.where_is(&case.tag).await;
                 bad.push(format!(
-                    "{} {} {:?}: ended {end:?}",
+                    "{} {} {:?}: ended {end:?}{seen}",
                     case.kind, case.tag, case.id
                 ));
             }
@@ -273,7 +274,33 @@ impl Run {
                     found.insert(tag, reason);
                 }
             }
-            _ => {
+            Raw::Redis { conn, prefix } => {
+                // Read as it lies in Redis rather than consumed: a copy whose envelope our own
+                // consumer cannot decode (a `body_encoding` of rot13 is kept as it came) would be
+                // moved to yet another list by a consumer, and missed here.
+                let items: Vec<Vec<u8>> = ::redis::cmd("LRANGE")
+                    .arg(format!("{prefix}{}", self.dead))
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn.clone())
+                    .await
+                    .unwrap();
+                for item in items {
+                    let envelope: Value = serde_json::from_slice(&item).unwrap_or_default();
+                    let text = |k: &str| {
+                        envelope["headers"]
+                            .get(k)
+                            .and_then(Value::as_str)
+                            .map(str::to_owned)
+                    };
+                    if let (Some(tag), Some(reason)) =
+                        (text("x-hostile"), text("x-celerity-dead-reason"))
+                    {
+                        found.insert(tag, reason);
+                    }
+                }
+            }
+            Raw::None => {
                 let mut consumer = self
                     .broker
                     .consume(std::slice::from_ref(&self.dead), 64)
@@ -332,6 +359,48 @@ impl Run {
             }
         }
         found
+    }
+
+    /// Where a case's tag still lies on Redis (for the failure message of a case that ended
+    /// nowhere it should): the keys of the run's prefix whose contents hold it.
+    async fn where_is(&self, tag: &str) -> String {
+        let Raw::Redis { conn, prefix } = &self.raw else {
+            return String::new();
+        };
+        let mut conn = conn.clone();
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        let mut found = Vec::new();
+        for key in keys {
+            let kind: String = ::redis::cmd("TYPE")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            let mut cmd = match kind.as_str() {
+                "list" => ::redis::cmd("LRANGE"),
+                "hash" => ::redis::cmd("HGETALL"),
+                "zset" => ::redis::cmd("ZRANGE"),
+                "set" => ::redis::cmd("SMEMBERS"),
+                _ => ::redis::cmd("GET"),
+            };
+            cmd.arg(&key);
+            if kind == "list" || kind == "zset" {
+                cmd.arg(0).arg(-1);
+            }
+            let values: Vec<Vec<u8>> = cmd.query_async(&mut conn).await.unwrap_or_default();
+            let needle = tag.as_bytes();
+            if values
+                .iter()
+                .any(|v| v.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(key);
+            }
+        }
+        format!(" (on Redis in: {found:?})")
     }
 
     /// Messages still waiting in the queue or, on Redis, taken and not settled yet.

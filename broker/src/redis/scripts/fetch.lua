@@ -15,13 +15,14 @@
 -- Lists are popped priority-major (every queue's step 0 before any queue's step 3, ...), RPOP from
 -- the right as producers LPUSH on the left. The envelope is never re-encoded: cjson only reads the
 -- delivery tag, exchange and routing key, and the record is built by string concatenation.
--- An envelope that is not a JSON object with a string `properties.delivery_tag` goes to its queue's
+-- An envelope that is not a JSON object with a string `properties.delivery_tag`, or whose tag is
+-- already unacked (another message's: a producer that reuses tags), goes to its queue's
 -- dead-letter list instead (LPUSH, then LTRIM to ARGV[3]) and is reported, so nothing is lost
 -- silently (only the oldest dead letters, past the bound).
 --
 -- Returns a flat array: the score used, then four items per popped message:
---   kind (1 = recorded as unacked, 0 = dead-lettered), queue position (1-based), delivery tag
---   ("" when dead-lettered), envelope.
+--   kind (1 = recorded as unacked, 0 = dead-lettered as unreadable, 2 = dead-lettered as a duplicate
+--   tag), queue position (1-based), delivery tag ("" when unreadable), envelope.
 local nqueues = #ARGV - 3
 local want = tonumber(ARGV[2])
 local keep = tonumber(ARGV[3])
@@ -51,7 +52,10 @@ for step = 1, 4 do
             rk = info['routing_key']
           end
         end
-        if type(tag) == 'string' and tag ~= '' then
+        -- A tag already in `unacked` belongs to another message: recording this one would overwrite
+        -- that record, and the first settle of either would drop both.
+        local dup = type(tag) == 'string' and tag ~= '' and redis.call('HEXISTS', KEYS[1], tag) == 1
+        if type(tag) == 'string' and tag ~= '' and not dup then
           if type(ex) ~= 'string' then ex = '' end
           if type(rk) ~= 'string' then rk = ARGV[3 + q] end
           local record = '[' .. item .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']'
@@ -63,9 +67,15 @@ for step = 1, 4 do
         else
           redis.call('LPUSH', KEYS[base + 5], item)
           redis.call('LTRIM', KEYS[base + 5], 0, keep - 1)
-          out[#out + 1] = 0
-          out[#out + 1] = q
-          out[#out + 1] = ''
+          if dup then
+            out[#out + 1] = 2
+            out[#out + 1] = q
+            out[#out + 1] = tag
+          else
+            out[#out + 1] = 0
+            out[#out + 1] = q
+            out[#out + 1] = ''
+          end
         end
         out[#out + 1] = item
       end
