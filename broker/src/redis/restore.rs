@@ -23,7 +23,8 @@ use super::shared::Shared;
 use crate::error::Result;
 use crate::topic::topic_matches;
 
-/// kombu's `unacked_mutex_expire`: the sweep lock is dropped by Redis after this long.
+/// kombu's `unacked_mutex_expire` (300 s): the sweep lock is dropped by Redis after this long, or
+/// after the visibility timeout if that is shorter (see [`mutex_expire_ms`]).
 const MUTEX_EXPIRE_MS: u64 = 300_000;
 /// Tags restored per round of a sweep.
 const SWEEP_BATCH: usize = 500;
@@ -67,19 +68,10 @@ enum Op {
 pub(crate) async fn sweep(shared: &Shared) -> Result<usize> {
     let mut conn = shared.conn.clone();
     let mutex = shared.keys.unacked_mutex();
-    let token = uuid::Uuid::new_v4().simple().to_string();
-    let locked: Option<String> = redis::cmd("SET")
-        .arg(&mutex)
-        .arg(&token)
-        .arg("NX")
-        .arg("PX")
-        .arg(MUTEX_EXPIRE_MS)
-        .query_async(&mut conn)
-        .await?;
-    if locked.is_none() {
+    let Some(token) = take_mutex(shared, &mut conn).await? else {
         tracing::debug!("restore sweep skipped: another process holds the unacked_mutex");
         return Ok(0);
-    }
+    };
     let result = sweep_locked(shared, &mut conn).await;
     let released: redis::RedisResult<i64> =
         UNLOCK.key(&mutex).arg(&token).invoke_async(&mut conn).await;
@@ -87,6 +79,33 @@ pub(crate) async fn sweep(shared: &Shared) -> Result<usize> {
         tracing::warn!(error = %e, "could not release the unacked_mutex (it expires by itself)");
     }
     result
+}
+
+/// How long the sweep lock lives if its holder dies mid-sweep: kombu's 300 s, or the visibility
+/// timeout if shorter. A process killed while sweeping must not stop every restore for five minutes
+/// when leases lapse in seconds; a sweep that outlives its lock is still safe (every move is a
+/// compare-and-swap), it may only overlap another.
+fn mutex_expire_ms(visibility_timeout: f64) -> u64 {
+    let visibility_ms = (visibility_timeout * 1000.0).ceil();
+    if visibility_ms.is_finite() && visibility_ms >= 1.0 && visibility_ms < MUTEX_EXPIRE_MS as f64 {
+        visibility_ms as u64
+    } else {
+        MUTEX_EXPIRE_MS
+    }
+}
+
+/// Takes the `unacked_mutex` (kombu's sweep lock): its token, or `None` if another process holds it.
+async fn take_mutex(shared: &Shared, conn: &mut Redial) -> Result<Option<String>> {
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let locked: Option<String> = redis::cmd("SET")
+        .arg(shared.keys.unacked_mutex())
+        .arg(&token)
+        .arg("NX")
+        .arg("PX")
+        .arg(mutex_expire_ms(shared.visibility_timeout))
+        .query_async(conn)
+        .await?;
+    Ok(locked.map(|_| token))
 }
 
 async fn sweep_locked(shared: &Shared, conn: &mut Redial) -> Result<usize> {
@@ -428,6 +447,40 @@ mod tests {
         m.headers.insert("id".into(), "sweep-race-1".into());
         m.body = b"[[1, 2], {}, {}]".to_vec();
         m
+    }
+
+    /// A process killed mid-sweep leaves the sweep lock behind: with a 1 s visibility timeout the
+    /// next sweep must not wait kombu's 300 s for it (before: every restore stopped for five minutes;
+    /// the kill fault test lost jobs past its patience).
+    #[tokio::test]
+    async fn a_sweep_lock_left_by_a_dead_sweeper_lapses_with_the_visibility_timeout() {
+        let space = Space(format!("celtest:{}:", uuid::Uuid::new_v4().simple()));
+        let url = format!(
+            "redis://127.0.0.1:6379/0?global_keyprefix={}&visibility_timeout=1&restore_interval=3600",
+            space.0
+        );
+        let b = RedisBroker::connect(&BrokerUrl::parse(&url).unwrap())
+            .await
+            .unwrap();
+        b.publish("dead-sweeper", &message()).await.unwrap();
+        let mut c = b.consume(&["dead-sweeper".to_owned()], 1).await.unwrap();
+        let d = tokio::time::timeout(std::time::Duration::from_secs(10), c.next())
+            .await
+            .expect("no delivery in time")
+            .unwrap()
+            .expect("consumer closed");
+        // The holder of this delivery dies (its lease is not renewed); a sweeper dies holding the lock.
+        std::mem::forget(d);
+        let shared = &b.shared;
+        let mut conn = shared.conn.clone();
+        assert!(take_mutex(shared, &mut conn).await.unwrap().is_some());
+        tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+        assert_eq!(
+            sweep(shared).await.unwrap(),
+            1,
+            "the lapsed delivery was restored"
+        );
+        drop(c);
     }
 
     /// The sweep reads a lapsed delivery, its holder renews the lease, then the sweep moves what it
