@@ -484,7 +484,15 @@ impl TaskMessage {
             ));
         }
         // v1 keeps the same field names (and `timelimit` is (hard, soft) there too), so the header
-        // reader applies to the body dict.
+        // reader applies to the body dict. A `compression` there is refused as v2's header is: the
+        // body in hand is plain JSON, and a retry (sent as v2) would carry it as a header and be
+        // refused only then.
+        if let Some(c) = o.get("compression").filter(|v| !v.is_null()) {
+            return Err(BrokerError::malformed(format_args!(
+                "compressed bodies ({}) are not supported; send uncompressed JSON",
+                c.as_str().unwrap_or("?")
+            )));
+        }
         let headers = TaskHeaders::from_map(&o)?;
         let args = match o.remove("args") {
             Some(Value::Array(a)) => a,
@@ -773,6 +781,18 @@ mod tests {
         };
         let t = TaskMessage::decode(&good).unwrap();
         assert_eq!(TaskMessage::decode(&t.encode()).unwrap().embed, t.embed);
+    }
+
+    /// Found by fuzzing (its round-trip check): a v1 body dict with `compression` decoded, but the
+    /// same task encoded again (as a retry is, in v2) carried it as a header and was refused.
+    #[test]
+    fn a_v1_body_with_compression_is_refused_when_read() {
+        let m = Message {
+            body: br#"{"task": "demo.add", "id": "x", "compression": "x"}"#.to_vec(),
+            ..Message::default()
+        };
+        let e = TaskMessage::decode(&m).unwrap_err().to_string();
+        assert!(e.contains("compressed"), "{e}");
     }
 
     #[test]
