@@ -449,11 +449,16 @@ mod tests {
         m
     }
 
-    /// A process killed mid-sweep leaves the sweep lock behind: with a 1 s visibility timeout the
-    /// next sweep must not wait kombu's 300 s for it (before: every restore stopped for five minutes;
-    /// the kill fault test lost jobs past its patience).
-    #[tokio::test]
-    async fn a_sweep_lock_left_by_a_dead_sweeper_lapses_with_the_visibility_timeout() {
+    /// A broker on a key space of its own (visibility timeout 1 s, no periodic sweep) that published
+    /// one message on `queue`, its consumer, and the delivery it took.
+    async fn one_delivery(
+        queue: &str,
+    ) -> (
+        Space,
+        RedisBroker,
+        Box<dyn crate::Consumer>,
+        crate::Delivery,
+    ) {
         let space = Space(format!("celtest:{}:", uuid::Uuid::new_v4().simple()));
         let url = format!(
             "redis://127.0.0.1:6379/0?global_keyprefix={}&visibility_timeout=1&restore_interval=3600",
@@ -462,13 +467,22 @@ mod tests {
         let b = RedisBroker::connect(&BrokerUrl::parse(&url).unwrap())
             .await
             .unwrap();
-        b.publish("dead-sweeper", &message()).await.unwrap();
-        let mut c = b.consume(&["dead-sweeper".to_owned()], 1).await.unwrap();
+        b.publish(queue, &message()).await.unwrap();
+        let mut c = b.consume(&[queue.to_owned()], 1).await.unwrap();
         let d = tokio::time::timeout(std::time::Duration::from_secs(10), c.next())
             .await
             .expect("no delivery in time")
             .unwrap()
             .expect("consumer closed");
+        (space, b, c, d)
+    }
+
+    /// A process killed mid-sweep leaves the sweep lock behind: with a 1 s visibility timeout the
+    /// next sweep must not wait kombu's 300 s for it (before: every restore stopped for five minutes;
+    /// the kill fault test lost jobs past its patience).
+    #[tokio::test]
+    async fn a_sweep_lock_left_by_a_dead_sweeper_lapses_with_the_visibility_timeout() {
+        let (_space, b, c, d) = one_delivery("dead-sweeper").await;
         // The holder of this delivery dies (its lease is not renewed); a sweeper dies holding the lock.
         std::mem::forget(d);
         let shared = &b.shared;
@@ -488,21 +502,7 @@ mod tests {
     /// a job still running was handed out again).
     #[tokio::test]
     async fn a_lease_renewed_after_the_sweep_read_it_is_not_restored() {
-        let space = Space(format!("celtest:{}:", uuid::Uuid::new_v4().simple()));
-        let url = format!(
-            "redis://127.0.0.1:6379/0?global_keyprefix={}&visibility_timeout=1&restore_interval=3600",
-            space.0
-        );
-        let b = RedisBroker::connect(&BrokerUrl::parse(&url).unwrap())
-            .await
-            .unwrap();
-        b.publish("sweep", &message()).await.unwrap();
-        let mut c = b.consume(&["sweep".to_owned()], 1).await.unwrap();
-        let d = tokio::time::timeout(std::time::Duration::from_secs(10), c.next())
-            .await
-            .expect("no delivery in time")
-            .unwrap()
-            .expect("consumer closed");
+        let (_space, b, mut c, d) = one_delivery("sweep").await;
         tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
 
         let shared = &b.shared;
