@@ -56,6 +56,8 @@ struct Env {
     visibility_timeout: Option<u32>,
     /// Removes the queue and keys on drop (false in a child process working for a test).
     owner: bool,
+    /// The Python side's result backend when not this test's Redis (`rpc://`).
+    py_backend: Option<&'static str>,
 }
 
 impl Env {
@@ -68,6 +70,7 @@ impl Env {
             uid,
             visibility_timeout: None,
             owner: true,
+            py_backend: None,
         }
     }
 
@@ -108,7 +111,7 @@ impl Env {
                     Kind::Amqp => PY_AMQP,
                 },
             )
-            .env("INTEROP_BACKEND", REDIS)
+            .env("INTEROP_BACKEND", self.py_backend.unwrap_or(REDIS))
             .env("INTEROP_PREFIX", &self.prefix)
             .env("INTEROP_QUEUE", &self.queue)
             .stdin(Stdio::null())
@@ -459,3 +462,4 @@ mod mixed_fleet;
 mod python_producer;
 mod python_worker;
 mod retries;
+mod rpc_backend;
