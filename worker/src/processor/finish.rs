@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::Value;
 
-use celerity_broker::backend::ExceptionInfo;
+use celerity_broker::backend::{ExceptionInfo, ReplyTo};
 use celerity_broker::limits::TooLarge;
 use celerity_broker::protocol::TaskMessage;
 use celerity_broker::{Delivery, Message, State, TaskMeta};
