@@ -64,7 +64,12 @@ pub async fn run(
         let mut rates = Vec::new();
         for r in 0..runs {
             let t = one_run(programs, system, &queue, n).await?;
-            eprintln!("{system:?} {LABEL} add run {}: {:.0}/s ({:.2} s)", r + 1, n as f64 / t, t);
+            eprintln!(
+                "{system:?} {LABEL} add run {}: {:.0}/s ({:.2} s)",
+                r + 1,
+                n as f64 / t,
+                t
+            );
             rates.push(n as f64 / t);
         }
         Ok::<_, BenchError>(rates)
@@ -98,7 +103,10 @@ pub fn record(rows: &mut Vec<Row>, jobs: usize, system: System, samples: Vec<f64
 }
 
 fn start_worker(programs: &Programs, system: System, queue: &str) -> Result<Worker> {
-    let node = format!("bench-rpc-{}@%h", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let node = format!(
+        "bench-rpc-{}@%h",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let mut cmd = match system {
         System::Celery => {
             let mut cmd = Command::new(&programs.python);
@@ -192,7 +200,10 @@ async fn celery_run(programs: &Programs, queue: &str, n: usize) -> Result<f64> {
         .await
         .map_err(|_| BenchError::Timeout("celery_rpc_bench.py".into()))??;
     if !out.status.success() {
-        return Err(BenchError::Setup(format!("celery_rpc_bench.py: {}", out.status)));
+        return Err(BenchError::Setup(format!(
+            "celery_rpc_bench.py: {}",
+            out.status
+        )));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let v: Value = serde_json::from_str(text.lines().last().unwrap_or(""))?;

@@ -8,10 +8,10 @@ use chrono::Utc;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use celerity_broker::message::Message;
 use celerity_broker::protocol::control::{ControlRequest, PIDBOX_EXCHANGE};
 use celerity_broker::protocol::{event, TaskMessage};
 use celerity_broker::url::{BrokerUrl, Scheme};
-use celerity_broker::message::Message;
 use celerity_broker::{connect_backend_for, connect_broker, Broker, BrokerError, ResultBackend};
 
 use crate::error::{ClientError, Result};

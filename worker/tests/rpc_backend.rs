@@ -13,7 +13,9 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use celerity_broker::backend::ReplyTo;
-use celerity_broker::{connect_backend_for, connect_broker, BrokerError, ResultBackend, State, TaskMeta};
+use celerity_broker::{
+    connect_backend_for, connect_broker, BrokerError, ResultBackend, State, TaskMeta,
+};
 use celerity_client::canvas::{chord, Group, Signature};
 use celerity_client::{Client, ClientError, SendOptions};
 use celerity_testsupport::{demo_registry, unique, Cleanup, InProcessWorker, AMQP};
@@ -62,7 +64,12 @@ async fn our_client_reads_what_our_worker_sends_on_rpc() {
     let batch: Vec<_> = (0..300)
         .map(|i| {
             options
-                .build("demo.add", vec![json!(i), json!(1)], Map::new(), chrono::Utc::now())
+                .build(
+                    "demo.add",
+                    vec![json!(i), json!(1)],
+                    Map::new(),
+                    chrono::Utc::now(),
+                )
                 .unwrap()
         })
         .collect();
@@ -76,30 +83,60 @@ async fn our_client_reads_what_our_worker_sends_on_rpc() {
 
     // call(): value; a failure carries the exception document; retries end in the value.
     let v = client
-        .call_task("demo.add", vec![json!(2), json!(3)], Map::new(), &options, WAIT)
+        .call_task(
+            "demo.add",
+            vec![json!(2), json!(3)],
+            Map::new(),
+            &options,
+            WAIT,
+        )
         .await
         .unwrap();
     assert_eq!(v, json!(5));
     let e = client
-        .call_task("demo.fail", vec![], json!({"message": "boom"}).as_object().unwrap().clone(), &options, WAIT)
+        .call_task(
+            "demo.fail",
+            vec![],
+            json!({"message": "boom"}).as_object().unwrap().clone(),
+            &options,
+            WAIT,
+        )
         .await
         .unwrap_err();
     match e {
-        ClientError::TaskFailed { exception, traceback, .. } => {
-            assert_eq!((exception.exc_type.as_str(), exception.message()), ("ValueError", "boom".to_owned()));
+        ClientError::TaskFailed {
+            exception,
+            traceback,
+            ..
+        } => {
+            assert_eq!(
+                (exception.exc_type.as_str(), exception.message()),
+                ("ValueError", "boom".to_owned())
+            );
             assert!(traceback.is_some());
         }
         other => panic!("expected the task's failure, got {other}"),
     }
     let flaky = client
-        .call_task("demo.flaky", vec![json!("k"), json!(2)], Map::new(), &options, WAIT)
+        .call_task(
+            "demo.flaky",
+            vec![json!("k"), json!(2)],
+            Map::new(),
+            &options,
+            WAIT,
+        )
         .await
         .unwrap();
     assert_eq!(flaky, json!({"key": "k", "runs": 3}));
 
     // STARTED is sent for a task that tracks it, then SUCCESS.
     let slow = client
-        .send_task("rpc.tracked_sleep", vec![], json!({"ms": 1500}).as_object().unwrap().clone(), &options)
+        .send_task(
+            "rpc.tracked_sleep",
+            vec![],
+            json!({"ms": 1500}).as_object().unwrap().clone(),
+            &options,
+        )
         .await
         .unwrap();
     let mut saw_started = false;
@@ -130,16 +167,24 @@ async fn a_chord_is_refused_before_anything_is_sent() {
     let broker = connect_broker(AMQP).await.unwrap();
     broker.declare_queue(&queue).await.unwrap();
     let client = Client::new(broker.clone(), Some(rpc("rpc://").await));
-    let add = |a: i64| {
-        Signature::new("demo.add", vec![json!(a), json!(1)], Map::new()).queue(&queue)
-    };
-    let c = chord(Group::new(vec![add(1), add(2)]), Signature::new("demo.xsum", vec![], Map::new()).queue(&queue));
+    let add =
+        |a: i64| Signature::new("demo.add", vec![json!(a), json!(1)], Map::new()).queue(&queue);
+    let c = chord(
+        Group::new(vec![add(1), add(2)]),
+        Signature::new("demo.xsum", vec![], Map::new()).queue(&queue),
+    );
     let Err(e) = client.apply_chord(&c).await else {
         panic!("a chord was sent on rpc://")
     };
-    assert!(matches!(e, ClientError::ChordsUnsupported { backend: "rpc" }), "{e}");
+    assert!(
+        matches!(e, ClientError::ChordsUnsupported { backend: "rpc" }),
+        "{e}"
+    );
     let text = e.to_string();
-    assert!(text.contains("redis://") && text.contains("postgresql"), "{text}");
+    assert!(
+        text.contains("redis://") && text.contains("postgresql"),
+        "{text}"
+    );
     // A group chained to a task is a chord too.
     let chained = celerity_client::canvas::Chain::new(vec![
         Signature::from(Group::new(vec![add(1), add(2)])),
@@ -148,7 +193,11 @@ async fn a_chord_is_refused_before_anything_is_sent() {
     .unwrap();
     let e = client.apply_chain(&chained).await.unwrap_err();
     assert!(matches!(e, ClientError::ChordsUnsupported { .. }), "{e}");
-    assert_eq!(broker.queue_len(&queue).await.unwrap(), 0, "nothing may be sent");
+    assert_eq!(
+        broker.queue_len(&queue).await.unwrap(),
+        0,
+        "nothing may be sent"
+    );
     client.close().await.unwrap();
 }
 
@@ -189,18 +238,36 @@ async fn foreign_results_past_the_limit_and_wrong_correlation_ids_are_clear_erro
 
     let mine = client.wait("mine", WAIT).await.unwrap();
     assert_eq!(mine.result, json!("ok"));
-    assert_eq!(client.get("someone-else").await.unwrap().status, State::Pending);
+    assert_eq!(
+        client.get("someone-else").await.unwrap().status,
+        State::Pending
+    );
     // Everything before "mine" has arrived (one queue, one order).
     let e = client.get("foreign-0").await.unwrap_err();
-    assert!(matches!(e, BrokerError::BacklogLimitExceeded { limit: 1000, .. }), "{e}");
+    assert!(
+        matches!(e, BrokerError::BacklogLimitExceeded { limit: 1000, .. }),
+        "{e}"
+    );
     assert!(e.to_string().contains("foreign-0") && e.to_string().contains("backlog_limit"));
-    let e = client.wait("foreign-0", Some(Duration::from_millis(100))).await.unwrap_err();
+    let e = client
+        .wait("foreign-0", Some(Duration::from_millis(100)))
+        .await
+        .unwrap_err();
     assert!(matches!(e, BrokerError::BacklogLimitExceeded { .. }), "{e}");
-    assert_eq!(client.get("foreign-1000").await.unwrap().result, json!(1000));
-    assert_eq!(client.wait("foreign-1", WAIT).await.unwrap().result, json!(1));
+    assert_eq!(
+        client.get("foreign-1000").await.unwrap().result,
+        json!(1000)
+    );
+    assert_eq!(
+        client.wait("foreign-1", WAIT).await.unwrap().result,
+        json!(1)
+    );
 
     // A result with no reply_to (a job sent without one) is dropped, not an error.
-    sender.store(&TaskMeta::success("no-reply", json!(1))).await.unwrap();
+    sender
+        .store(&TaskMeta::success("no-reply", json!(1)))
+        .await
+        .unwrap();
     // A reply queue that does not exist (its client is gone): dropped with a warning, not retried.
     sender
         .store(&reply(&unique("rpc-gone"), "x", "x", json!(1)))

@@ -121,7 +121,12 @@ async fn our_client_on_rpc_reads_what_a_python_worker_sent() {
         .await
         .unwrap();
     let flaky = client
-        .send_task("demo.flaky", vec![json!("rs-rpc"), json!(2)], Map::new(), &q)
+        .send_task(
+            "demo.flaky",
+            vec![json!("rs-rpc"), json!(2)],
+            Map::new(),
+            &q,
+        )
         .await
         .unwrap();
     // Results that arrive before anyone waits are kept; read them last-sent first.
@@ -138,7 +143,13 @@ async fn our_client_on_rpc_reads_what_a_python_worker_sent() {
     }
     assert_eq!(add.get(Some(PATIENCE)).await.unwrap(), json!(5));
     let called = client
-        .call_task("demo.mul", vec![json!(6), json!(7)], Map::new(), &q, Some(PATIENCE))
+        .call_task(
+            "demo.mul",
+            vec![json!(6), json!(7)],
+            Map::new(),
+            &q,
+            Some(PATIENCE),
+        )
         .await
         .unwrap();
     assert_eq!(called, json!(42));

@@ -179,7 +179,8 @@ impl Inbox {
                      `backlog_limit` keeps (Celery's BacklogLimitExceeded); dropping the oldest"
                 );
             }
-            st.dropped.put(old, (), limit.saturating_mul(DROPPED_MEMORY_FACTOR));
+            st.dropped
+                .put(old, (), limit.saturating_mul(DROPPED_MEMORY_FACTOR));
         }
         Delivered::Other
     }
@@ -296,13 +297,22 @@ mod tests {
     async fn others_past_the_limit_are_dropped_with_a_clear_error() {
         let inbox = Inbox::new(3);
         for i in 0..5 {
-            assert_eq!(inbox.deliver(&format!("o{i}"), ok("x", i)), Delivered::Other);
+            assert_eq!(
+                inbox.deliver(&format!("o{i}"), ok("x", i)),
+                Delivered::Other
+            );
         }
         assert_eq!(inbox.dropped_count(), 2);
         for id in ["o0", "o1"] {
             let e = inbox.get(id).unwrap_err();
-            assert!(matches!(e, BrokerError::BacklogLimitExceeded { limit: 3, .. }), "{e}");
-            assert!(inbox.wait(id, Some(Duration::from_millis(10))).await.is_err());
+            assert!(
+                matches!(e, BrokerError::BacklogLimitExceeded { limit: 3, .. }),
+                "{e}"
+            );
+            assert!(inbox
+                .wait(id, Some(Duration::from_millis(10)))
+                .await
+                .is_err());
         }
         // The newest are kept and can be waited for (an id waited on becomes ours).
         assert_eq!(inbox.wait("o4", None).await.unwrap().result, json!(4));

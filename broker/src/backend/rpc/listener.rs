@@ -189,7 +189,12 @@ impl Listener {
                 item = session.consumer.next() => item,
             };
             match item {
-                Some(Ok(d)) => file(&self.inbox, self.queue.name.as_str(), &d.properties, &d.data),
+                Some(Ok(d)) => file(
+                    &self.inbox,
+                    self.queue.name.as_str(),
+                    &d.properties,
+                    &d.data,
+                ),
                 Some(Err(e)) => return (session, Some(format!("consumer failed: {e}"))),
                 None => {
                     return (
@@ -216,7 +221,9 @@ pub(crate) enum BadReply {
     ContentType(String),
     #[error("{0}")]
     Document(BrokerError),
-    #[error("correlation_id `{correlation_id}` names another task than the body's task_id `{task_id}`")]
+    #[error(
+        "correlation_id `{correlation_id}` names another task than the body's task_id `{task_id}`"
+    )]
     Mismatch {
         correlation_id: String,
         task_id: String,
@@ -285,9 +292,15 @@ mod tests {
     fn replies_are_matched_by_correlation_id_and_checked() {
         let body = br#"{"status": "SUCCESS", "result": 3, "traceback": null, "children": [], "date_done": null, "task_id": "t1"}"#;
         let (id, m) = parse(&props("application/json", Some("t1")), body).unwrap();
-        assert_eq!((id.as_str(), m.result.clone()), ("t1", serde_json::json!(3)));
+        assert_eq!(
+            (id.as_str(), m.result.clone()),
+            ("t1", serde_json::json!(3))
+        );
         // Old Celery: no property, the body names the task.
-        assert_eq!(parse(&props("application/json", None), body).unwrap().0, "t1");
+        assert_eq!(
+            parse(&props("application/json", None), body).unwrap().0,
+            "t1"
+        );
         // A wrong correlation id is refused, not filed under either id.
         let e = parse(&props("application/json", Some("t2")), body).unwrap_err();
         assert!(matches!(e, BadReply::Mismatch { .. }), "{e}");

@@ -92,7 +92,7 @@ impl RpcConfig {
             None => Some(DEFAULT_RESULT_EXPIRES),
             Some(v) => match v.parse::<f64>() {
                 Ok(s) if s == 0.0 => None,
-                Ok(s) if s.is_finite() && s >= 0.001 && s <= f64::from(i32::MAX) => {
+                Ok(s) if (0.001..=f64::from(i32::MAX)).contains(&s) => {
                     Some(Duration::from_secs_f64(s))
                 }
                 _ => {
@@ -178,7 +178,12 @@ fn reply_queue_name() -> String {
     if !PROCESS_OID_TAKEN.swap(true, Ordering::SeqCst) {
         return crate::protocol::node::process_oid().to_owned();
     }
-    let seed = format!("{:x}-{:x}-0-{:x}", Uuid::new_v4().as_u128() >> 80, std::process::id(), Uuid::new_v4().as_u128());
+    let seed = format!(
+        "{:x}-{:x}-0-{:x}",
+        Uuid::new_v4().as_u128() >> 80,
+        std::process::id(),
+        Uuid::new_v4().as_u128()
+    );
     Uuid::new_v3(&Uuid::NAMESPACE_OID, seed.as_bytes()).to_string()
 }
 
@@ -382,11 +387,19 @@ mod tests {
     fn bad_rpc_urls_are_clear_errors_without_the_password() {
         for (url, broker, says) in [
             ("rpc://", None, "no broker URL"),
-            ("rpc://", Some("redis://:Zq9x@127.0.0.1:6379/0"), "not amqp://"),
+            (
+                "rpc://",
+                Some("redis://:Zq9x@127.0.0.1:6379/0"),
+                "not amqp://",
+            ),
             ("rpc://?heartbeat=5", Some(BROKER), "bare rpc://"),
             ("rpc://?backlog_limit=0", Some(BROKER), "backlog_limit"),
             ("rpc://u:Zq9x@h/?result_expires=-1", None, "result_expires"),
-            ("rpc://u:Zq9x@h/?result_persistent=maybe", None, "result_persistent"),
+            (
+                "rpc://u:Zq9x@h/?result_persistent=maybe",
+                None,
+                "result_persistent",
+            ),
         ] {
             let e = RpcConfig::from_urls(url, broker).unwrap_err().to_string();
             assert!(e.contains(says), "{url}: {e}");
