@@ -91,7 +91,7 @@ impl RpcConfig {
         let expires = match own_value("result_expires") {
             None => Some(DEFAULT_RESULT_EXPIRES),
             Some(v) => match v.parse::<f64>() {
-                Ok(s) if s == 0.0 => None,
+                Ok(0.0) => None,
                 Ok(s) if (0.001..=f64::from(i32::MAX)).contains(&s) => {
                     Some(Duration::from_secs_f64(s))
                 }
