@@ -13,8 +13,10 @@
 //!   killed worker's job in hand runs twice (counted and printed).
 //! - Celery's own CLI (`celery call` / `celery result`) against our worker, ours against Python's.
 //!
+//! - The `rpc://` result backend both ways (`rpc_backend`).
+//!
 //! One module per behaviour: `python_producer`, `python_worker`, `retries`, `mixed_fleet`,
-//! `celery_cli`; this file holds the harness they share (and `child_worker_process`, which the
+//! `celery_cli`, `rpc_backend`; this file holds the harness they share (and `child_worker_process`, which the
 //! mixed-fleet tests run by that exact name).
 //!
 //! The Python side is `tests/python/interop_app.py` (the demo task names, same behaviour) and
