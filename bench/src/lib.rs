@@ -1,6 +1,6 @@
 //! The benchmark and soak harness's shared parts: which setup runs (`setup`), starting and
 //! watching worker processes (`procs`), looking at the broker and results from outside (`probe`),
-//! the job shapes (`shapes`), the raw broker rows (`rawredis`, `rawamqp`), the table (`report`) and
+//! the job shapes (`shapes`), the add row on the `rpc://` backend (`rpcrow`), the raw broker rows (`rawredis`, `rawamqp`), the table (`report`) and
 //! the long-run `soak` command's load and sampling (`soak`). The `bench` binary is `main.rs`; the
 //! `soak` binary is `bin/soak.rs`.
 
@@ -10,6 +10,7 @@ pub mod procs;
 pub mod rawamqp;
 pub mod rawredis;
 pub mod report;
+pub mod rpcrow;
 pub mod setup;
 pub mod shapes;
 pub mod soak;

@@ -17,7 +17,7 @@ use celerity_bench::probe::{self, Probe, Results};
 use celerity_bench::procs::{self, Programs, Worker};
 use celerity_bench::report::{self, Row};
 use celerity_bench::setup::{self, BrokerKind, Pool, Setup, System};
-use celerity_bench::{rawamqp, rawredis, shapes};
+use celerity_bench::{rawamqp, rawredis, rpcrow, shapes};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Only {
@@ -38,6 +38,8 @@ enum Shape {
     Io,
     /// Celerity only, Redis: add with results, metrics off and on (`--metrics-addr`), interleaved
     MetricsAb,
+    /// add with results on RabbitMQ with the rpc:// result backend (see `rpcrow`)
+    Rpc,
 }
 
 /// Celerity vs Python Celery, same machine, brokers and job shapes.
@@ -85,7 +87,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = vec!["redis".to_string(), "amqp".to_string()])]
     brokers: Vec<String>,
     /// Shapes to run (default all)
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io, Shape::Rpc])]
     shapes: Vec<Shape>,
     /// Skip the raw broker rows (redis-benchmark, and a bare lapin client on RabbitMQ)
     #[arg(long)]
@@ -193,6 +195,14 @@ async fn run(args: &Args) -> Result<String> {
         }
         if brokers.contains(&BrokerKind::Redis) && plan.has(Shape::Io) {
             io_rows(&programs, system, &plan, &mut rows).await?;
+        }
+        if brokers.contains(&BrokerKind::Amqp) && plan.has(Shape::Rpc) {
+            let n = match system {
+                System::Celery => plan.celery_jobs,
+                System::Celerity => plan.jobs,
+            };
+            let (samples, used) = rpcrow::run(&programs, system, n, plan.runs).await?;
+            rpcrow::record(&mut rows, plan.jobs, system, samples, used);
         }
     }
     let mut ab = String::new();

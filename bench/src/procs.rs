@@ -135,6 +135,14 @@ impl Worker {
         Ok(Worker { child, pid })
     }
 
+    /// A worker started elsewhere (e.g. with another result backend, see `rpcrow`).
+    pub fn from_child(child: Child) -> Result<Worker> {
+        let pid = child
+            .id()
+            .ok_or_else(|| BenchError::Setup("worker exited at once".into()))?;
+        Ok(Worker { child, pid })
+    }
+
     /// Fails if the worker has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         match self.child.try_wait()? {

@@ -2,8 +2,9 @@
 //! transport and backend, so none of them has to know the others (or import this back).
 //!
 //! [`connect_broker`] opens `memory://`, `redis://`/`rediss://` or `amqp://`/`amqps://` (a scheme whose
-//! crate feature is off is [`BrokerError::NotCompiled`]); [`connect_backend`] opens `memory://` or
-//! `redis://`. Parsing the URL itself is [`crate::url`]'s.
+//! crate feature is off is [`BrokerError::NotCompiled`]); [`connect_backend`] opens `memory://`,
+//! `redis://` or `rpc://host…`, and [`connect_backend_for`] also a bare `rpc://`, which uses the
+//! broker's RabbitMQ. Parsing the URL itself is [`crate::url`]'s.
 
 use std::sync::Arc;
 
@@ -28,8 +29,27 @@ pub async fn connect_broker(raw: &str) -> Result<Arc<dyn Broker>> {
     }
 }
 
-/// Connects to the result backend a URL names (`memory://` or `redis://`).
+/// Connects to the result backend a URL names (`memory://`, `redis://`, or `rpc://` naming a
+/// RabbitMQ host). A bare `rpc://` needs the broker's URL: use [`connect_backend_for`].
 pub async fn connect_backend(raw: &str) -> Result<Arc<dyn ResultBackend>> {
+    connect_backend_for(raw, None).await
+}
+
+/// Connects to the result backend a URL names, for an application whose broker is `broker`: a
+/// bare `rpc://` then sends results over that RabbitMQ (as Celery's rpc backend uses the broker).
+pub async fn connect_backend_for(
+    raw: &str,
+    broker: Option<&str>,
+) -> Result<Arc<dyn ResultBackend>> {
+    #[cfg(feature = "amqp")]
+    if crate::backend::rpc::is_rpc_url(raw) {
+        let config = crate::backend::rpc::RpcConfig::from_urls(raw, broker)?;
+        return Ok(Arc::new(
+            crate::backend::rpc::RpcBackend::connect(&config).await?,
+        ));
+    }
+    #[cfg(not(feature = "amqp"))]
+    let _ = broker;
     let url = BrokerUrl::parse(raw)?;
     match url.scheme {
         Scheme::Memory => Ok(Arc::new(crate::backend::memory::MemoryBackend::from_url(
@@ -43,7 +63,7 @@ pub async fn connect_backend(raw: &str) -> Result<Arc<dyn ResultBackend>> {
         Scheme::Redis => Err(BrokerError::NotCompiled("redis")),
         Scheme::Amqp => Err(BrokerError::InvalidUrl {
             url: url.redacted(),
-            reason: "AMQP is not a result backend here; use redis:// or memory://".into(),
+            reason: "AMQP is not a result backend; use rpc:// (results as messages, as Celery), redis:// or memory://".into(),
         }),
     }
 }

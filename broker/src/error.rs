@@ -53,6 +53,13 @@ pub enum BrokerError {
         size: usize,
         limit: usize,
     },
+    /// The result backend cannot do this (e.g. `rpc://` and chords, as in Celery).
+    #[error("the {backend} result backend {what}")]
+    Unsupported { backend: &'static str, what: String },
+    /// More results for task ids nobody waits on arrived on an `rpc://` reply queue than it keeps
+    /// (Celery's `BacklogLimitExceeded`): this task's result was among the oldest, dropped.
+    #[error("the result of task {task_id} was dropped: more than {limit} results for tasks this client is not waiting on arrived on its reply queue (BacklogLimitExceeded; raise `backlog_limit` in the rpc:// URL or read results sooner)")]
+    BacklogLimitExceeded { task_id: String, limit: usize },
     /// The broker answered with an error.
     #[error("{transport} error: {message}")]
     Transport {

@@ -57,7 +57,7 @@ pub mod redis;
 pub mod testkit;
 
 pub use backend::{ResultBackend, State, TaskMeta};
-pub use connect::{connect_backend, connect_broker};
+pub use connect::{connect_backend, connect_backend_for, connect_broker};
 pub use error::{BrokerError, Result};
 pub use limits::Limits;
 pub use message::{Message, Properties};

@@ -385,6 +385,7 @@ impl Client {
     /// Sends one signature (with its callbacks and errbacks).
     pub async fn apply<O>(&self, signature: &Signature<O>) -> Result<AsyncResult<O>> {
         let mut s = signature.sig.clone();
+        self.refuse_chords(&s)?;
         freeze(&mut s);
         let (m, queue) = signature_message(&s, &Call::default())?;
         self.send_message(&m, &queue).await?;
@@ -414,7 +415,15 @@ impl Client {
 
     /// Applies a frozen (possibly nested) signature: chord sizes first, messages batched per queue.
     async fn run_plan(&self, s: &Sig) -> Result<()> {
+        self.refuse_chords(s)?;
         let planned = plan::plan(s, &Call::default())?;
+        if planned
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::ChordSize { .. }))
+        {
+            self.refuse_chords_always()?;
+        }
         let mut batch = Vec::new();
         for action in planned.actions {
             match action {
@@ -433,6 +442,9 @@ impl Client {
     /// Steps may be groups, chains or chords (see [`Client::apply_workflow`]); a chain whose last
     /// step is a group has a group as its result: send it with [`Client::apply_workflow`].
     pub async fn apply_chain<O>(&self, chain: &Chain<O>) -> Result<AsyncResult<O>> {
+        for step in &chain.steps {
+            self.refuse_chords(step)?;
+        }
         if chain.steps.iter().any(plan::is_composite) {
             let mut s = plan::chain_signature(&chain.steps, Map::new());
             let id = plan::freeze_deep(&mut s)?;
@@ -488,6 +500,7 @@ impl Client {
     /// sent by the worker that stores the last header result.
     pub async fn apply_chord<O>(&self, chord: &Chord<O>) -> Result<ChordResult<O>> {
         let backend = self.backend().ok_or(ClientError::NoBackend)?;
+        self.refuse_chords_always()?;
         if plan::is_composite(&chord.body.sig)
             || chord.header.members.iter().any(plan::is_composite)
         {
@@ -549,6 +562,25 @@ impl Client {
             header: self.group_result(&gid, ids),
             body: self.result(&body_id),
         })
+    }
+
+    /// Refuses a workflow holding a chord, before anything is sent, when the result backend cannot
+    /// join one (`rpc://`).
+    fn refuse_chords(&self, s: &Sig) -> Result<()> {
+        if plan::has_chord(&s.to_value()) {
+            self.refuse_chords_always()?;
+        }
+        Ok(())
+    }
+
+    /// Fails if the result backend cannot join a chord.
+    fn refuse_chords_always(&self) -> Result<()> {
+        match self.backend() {
+            Some(b) if !b.joins_chords() => Err(ClientError::ChordsUnsupported {
+                backend: b.backend(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Publishes messages, one batch per queue, keeping their order within a queue.

@@ -51,6 +51,23 @@ const PLACEMENT: &[&str] = &[
     "link_error",
 ];
 
+/// True if a signature (as JSON) holds a chord anywhere: a `chord` signature or `celery.chord`
+/// task, or a member carrying a `chord` option.
+pub fn has_chord(v: &Value) -> bool {
+    match v {
+        Value::Object(o) => {
+            o.get("subtask_type").and_then(Value::as_str) == Some("chord")
+                || o.get("task").and_then(Value::as_str) == Some("celery.chord")
+                || o.get("options")
+                    .and_then(|opts| opts.get("chord"))
+                    .is_some_and(|c| !c.is_null())
+                || o.values().any(has_chord)
+        }
+        Value::Array(a) => a.iter().any(has_chord),
+        _ => false,
+    }
+}
+
 /// One thing to do to apply a workflow, in order.
 #[derive(Debug)]
 pub enum Action {

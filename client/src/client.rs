@@ -8,10 +8,11 @@ use chrono::Utc;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use celerity_broker::message::Message;
 use celerity_broker::protocol::control::{ControlRequest, PIDBOX_EXCHANGE};
 use celerity_broker::protocol::{event, TaskMessage};
 use celerity_broker::url::{BrokerUrl, Scheme};
-use celerity_broker::{connect_backend, connect_broker, Broker, BrokerError, ResultBackend};
+use celerity_broker::{connect_backend_for, connect_broker, Broker, BrokerError, ResultBackend};
 
 use crate::error::{ClientError, Result};
 use crate::options::SendOptions;
@@ -59,6 +60,7 @@ impl Client {
 
     /// Connects to `broker_url` and, if given, `backend_url`. With no backend URL, a `redis://` or
     /// `memory://` broker doubles as the result backend (the same server), an AMQP broker has none.
+    /// A bare `rpc://` backend sends results over the broker's RabbitMQ.
     pub async fn connect(broker_url: &str, backend_url: Option<&str>) -> Result<Self> {
         let broker = connect_broker(broker_url).await?;
         let backend_url = match backend_url {
@@ -66,7 +68,7 @@ impl Client {
             None => default_backend_url(broker_url),
         };
         let backend = match backend_url {
-            Some(u) => Some(connect_backend(&u).await?),
+            Some(u) => Some(connect_backend_for(&u, Some(broker_url)).await?),
             None => None,
         };
         Ok(Client::new(broker, backend))
@@ -145,7 +147,7 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<T> {
         let backend = self.backend.as_ref().ok_or(ClientError::NoBackend)?;
-        let encoded = message.encode();
+        let encoded = self.encode(std::slice::from_ref(message)).await?.remove(0);
         let publish = async {
             self.broker.publish(queue, &encoded).await?;
             self.sent_events(std::slice::from_ref(message), queue).await;
@@ -161,9 +163,39 @@ impl Client {
         }
     }
 
+    /// Encodes messages for sending. A backend that takes results as replies (`rpc://`) is told
+    /// first (its reply queue exists and listens before any job naming it leaves), and the
+    /// messages name its queue as `reply_to`, with `correlation_id` = the task id unless set.
+    async fn encode(&self, messages: &[TaskMessage]) -> Result<Vec<Message>> {
+        let reply_to = match &self.backend {
+            Some(b) => {
+                let ids: Vec<&str> = messages.iter().map(TaskMessage::id).collect();
+                b.prepare_send(&ids).await?
+            }
+            None => None,
+        };
+        Ok(messages
+            .iter()
+            .map(|m| {
+                let mut encoded = m.encode();
+                if let Some(q) = &reply_to {
+                    encoded.properties.reply_to = Some(q.clone());
+                    encoded
+                        .properties
+                        .correlation_id
+                        .get_or_insert_with(|| m.id().to_owned());
+                }
+                encoded
+            })
+            .collect())
+    }
+
     /// Publishes an already built task message to `queue`.
     pub async fn send_message(&self, message: &TaskMessage, queue: &str) -> Result<()> {
-        self.broker.publish(queue, &message.encode()).await?;
+        let encoded = self.encode(std::slice::from_ref(message)).await?;
+        for m in &encoded {
+            self.broker.publish(queue, m).await?;
+        }
         self.sent_events(std::slice::from_ref(message), queue).await;
         Ok(())
     }
@@ -172,7 +204,7 @@ impl Client {
     /// Returns once the broker holds all of them.
     pub async fn send_batch(&self, messages: &[TaskMessage], queue: &str) -> Result<()> {
         for chunk in messages.chunks(BATCH_CHUNK) {
-            let encoded: Vec<_> = chunk.iter().map(TaskMessage::encode).collect();
+            let encoded = self.encode(chunk).await?;
             self.broker.publish_batch(queue, &encoded).await?;
             self.sent_events(chunk, queue).await;
         }

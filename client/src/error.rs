@@ -34,6 +34,10 @@ pub enum ClientError {
     /// An option or argument is not valid.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A chord (or a group chained to a task, which Celery turns into a chord) was sent through a
+    /// result backend that cannot join one (`rpc://`, as in Celery). Nothing was sent.
+    #[error("the {backend}:// result backend cannot join a chord (nor a group chained to a task, which is a chord), as in Celery: nothing was sent; use a redis:// or db+postgresql:// result backend for chords")]
+    ChordsUnsupported { backend: &'static str },
     /// Some members of a group failed or were revoked; each one is named.
     #[error("group {group_id}: {} of {total} member(s) failed: {}", failed.len(), MemberFailure::list(failed))]
     GroupFailed {

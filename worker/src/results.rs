@@ -15,7 +15,7 @@ use serde_json::Value;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-use celerity_broker::backend::ExceptionInfo;
+use celerity_broker::backend::{ExceptionInfo, ReplyTo};
 use celerity_broker::backoff::Backoff;
 use celerity_broker::protocol::TaskMessage;
 use celerity_broker::{ResultBackend, State, TaskMeta};
@@ -148,7 +148,9 @@ impl ResultStore {
     }
 }
 
-/// The meta Celery stores for a state of this message (with group_id/parent_id when set).
+/// The meta Celery stores for a state of this message (with group_id/parent_id when set), with
+/// the message's reply address (`reply_to`, `correlation_id` or else the task id) for a backend
+/// that answers the sender directly (`rpc://`).
 pub(crate) fn meta(
     message: &TaskMessage,
     status: State,
@@ -157,6 +159,7 @@ pub(crate) fn meta(
 ) -> TaskMeta {
     let mut m = TaskMeta::with_state(message.id(), status, result);
     m.traceback = traceback;
+    m.reply = reply_to(message);
     if let Some(g) = &message.headers.group {
         m.extra.insert("group_id".into(), Value::String(g.clone()));
     }
@@ -164,6 +167,25 @@ pub(crate) fn meta(
         m.extra.insert("parent_id".into(), Value::String(p.clone()));
     }
     m
+}
+
+/// Where the sender of `message` listens for its result, if it said.
+pub(crate) fn reply_to(message: &TaskMessage) -> Option<ReplyTo> {
+    let queue = message
+        .properties
+        .reply_to
+        .clone()
+        .filter(|q| !q.is_empty())?;
+    let correlation_id = message
+        .properties
+        .correlation_id
+        .clone()
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| message.id().to_owned());
+    Some(ReplyTo {
+        queue,
+        correlation_id,
+    })
 }
 
 /// The FAILURE meta of this message.

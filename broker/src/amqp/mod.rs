@@ -13,15 +13,15 @@
 //!   their own connection and exclusive queue, self-reconnecting.
 
 mod ack_group;
-mod config;
-mod connection;
+pub(crate) mod config;
+pub(crate) mod connection;
 mod consumer;
 mod delay;
 mod fanout;
-mod link;
+pub(crate) mod link;
 pub(crate) mod props;
 mod publisher;
-mod table;
+pub(crate) mod table;
 mod topology;
 
 use std::sync::Arc;

@@ -185,6 +185,17 @@ pub struct TaskMeta {
     /// Other keys, kept in order: `group_id`, `parent_id`, and the extended fields
     /// (`name`, `args`, `kwargs`, `worker`, `retries`, `queue`).
     pub extra: Map<String, Value>,
+    /// Where the job's sender listens for replies (its `reply_to` and `correlation_id`): used by
+    /// a backend that sends results as messages (`rpc://`), never part of the stored document.
+    pub reply: Option<ReplyTo>,
+}
+
+/// The reply address of a job: the queue its sender consumes (`reply_to`) and the id to answer
+/// with (`correlation_id`, the task id unless the sender chose another).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub queue: String,
+    pub correlation_id: String,
 }
 
 impl TaskMeta {
@@ -198,6 +209,7 @@ impl TaskMeta {
             children: Value::Array(Vec::new()),
             date_done: None,
             extra: Map::new(),
+            reply: None,
         }
     }
 
@@ -321,6 +333,7 @@ impl TaskMeta {
             children,
             date_done,
             extra: o,
+            reply: None,
         })
     }
 }

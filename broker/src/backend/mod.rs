@@ -11,6 +11,8 @@ mod memory_chord;
 pub mod meta;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "amqp")]
+pub mod rpc;
 
 use std::time::Duration;
 
@@ -20,7 +22,7 @@ use futures_util::future::BoxFuture;
 use crate::error::Result;
 
 pub use chord::{ChordEntry, ChordJoin, ChordPart};
-pub use meta::{ExceptionInfo, State, TaskMeta};
+pub use meta::{ExceptionInfo, ReplyTo, State, TaskMeta};
 
 /// Default time a stored result lives (Celery's `result_expires`: one day).
 pub const DEFAULT_RESULT_EXPIRES: Duration = Duration::from_secs(86_400);
@@ -28,8 +30,23 @@ pub const DEFAULT_RESULT_EXPIRES: Duration = Duration::from_secs(86_400);
 /// Where task results live.
 #[async_trait]
 pub trait ResultBackend: Send + Sync + 'static {
-    /// A short name for logs: `memory`, `redis`.
+    /// A short name for logs: `memory`, `redis`, `rpc`.
     fn backend(&self) -> &'static str;
+
+    /// Called before jobs are sent through a client using this backend (Celery's
+    /// `on_task_call`). A backend that receives results as reply messages (`rpc://`) makes sure
+    /// its reply queue exists and is consumed, remembers `task_ids` as its own, and returns the
+    /// queue the jobs must name as `reply_to`. Others return `None` (the default).
+    async fn prepare_send(&self, task_ids: &[&str]) -> Result<Option<String>> {
+        let _ = task_ids;
+        Ok(None)
+    }
+
+    /// False for a backend that cannot join a chord (`rpc://`, as in Celery): clients refuse to
+    /// send a chord through it.
+    fn joins_chords(&self) -> bool {
+        true
+    }
 
     /// Stores one state of a task and notifies waiters. A task whose stored state is already
     /// `SUCCESS` keeps it: later writes for that id are dropped (Celery's guard against duplicate

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use clap::Args;
 
 use celerity_broker::url::redact;
-use celerity_broker::{connect_backend, BrokerError, ResultBackend};
+use celerity_broker::{connect_backend_for, BrokerError, ResultBackend};
 use celerity_client::default_backend_url;
 
 /// The environment variable that gives the broker URL when `--broker` does not.
@@ -53,7 +53,7 @@ impl ConnectionArgs {
             .or_else(|| default_backend_url(&self.broker))
         {
             Some(url) if url == "none" => Ok(None),
-            Some(url) => Ok(Some(connect_backend(&url).await?)),
+            Some(url) => Ok(Some(connect_backend_for(&url, Some(&self.broker)).await?)),
             None => Ok(None),
         }
     }

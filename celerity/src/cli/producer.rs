@@ -340,6 +340,13 @@ async fn result_backend(conn: &ConnectionArgs) -> Result<Arc<dyn ResultBackend>>
         Some(url) => url.clone(),
         None => default_backend_url(&conn.broker).ok_or(ClientError::NoBackend)?,
     };
+    if celerity_broker::backend::rpc::is_rpc_url(&url) {
+        return Err(ClientError::InvalidArgument(
+            "an rpc:// result can be read only by the client that sent the task (it is a message \
+             to that client's reply queue, as in Celery): read it from there, or use a redis:// backend"
+                .into(),
+        ));
+    }
     if BrokerUrl::parse(&url)?.scheme == Scheme::Memory {
         return Err(ClientError::InvalidArgument(
             "memory:// exists only inside one process; give --backend redis://… \

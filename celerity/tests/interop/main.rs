@@ -13,8 +13,10 @@
 //!   killed worker's job in hand runs twice (counted and printed).
 //! - Celery's own CLI (`celery call` / `celery result`) against our worker, ours against Python's.
 //!
+//! - The `rpc://` result backend both ways (`rpc_backend`).
+//!
 //! One module per behaviour: `python_producer`, `python_worker`, `retries`, `mixed_fleet`,
-//! `celery_cli`; this file holds the harness they share (and `child_worker_process`, which the
+//! `celery_cli`, `rpc_backend`; this file holds the harness they share (and `child_worker_process`, which the
 //! mixed-fleet tests run by that exact name).
 //!
 //! The Python side is `tests/python/interop_app.py` (the demo task names, same behaviour) and
@@ -56,6 +58,8 @@ struct Env {
     visibility_timeout: Option<u32>,
     /// Removes the queue and keys on drop (false in a child process working for a test).
     owner: bool,
+    /// The Python side's result backend when not this test's Redis (`rpc://`).
+    py_backend: Option<&'static str>,
 }
 
 impl Env {
@@ -68,6 +72,7 @@ impl Env {
             uid,
             visibility_timeout: None,
             owner: true,
+            py_backend: None,
         }
     }
 
@@ -108,7 +113,7 @@ impl Env {
                     Kind::Amqp => PY_AMQP,
                 },
             )
-            .env("INTEROP_BACKEND", REDIS)
+            .env("INTEROP_BACKEND", self.py_backend.unwrap_or(REDIS))
             .env("INTEROP_PREFIX", &self.prefix)
             .env("INTEROP_QUEUE", &self.queue)
             .stdin(Stdio::null())
@@ -459,3 +464,4 @@ mod mixed_fleet;
 mod python_producer;
 mod python_worker;
 mod retries;
+mod rpc_backend;

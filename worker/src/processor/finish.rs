@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::Value;
 
-use celerity_broker::backend::ExceptionInfo;
+use celerity_broker::backend::{ExceptionInfo, ReplyTo};
 use celerity_broker::limits::TooLarge;
 use celerity_broker::protocol::TaskMessage;
 use celerity_broker::{Delivery, Message, State, TaskMeta};
@@ -272,10 +272,17 @@ impl Processor {
         tracing::error!(queue = delivery.queue, id = ?id, reason, "message cannot be run (undecodable or too large); moving it to {dead}");
         if let Some(id) = &id {
             let exc = ExceptionInfo::new("DecodeError", reason.clone(), "kombu.exceptions");
-            let stored = self
-                .results
-                .store_outcome(TaskMeta::failure(id.clone(), &exc, None))
-                .await;
+            let mut failed = TaskMeta::failure(id.clone(), &exc, None);
+            let props = &delivery.message.properties;
+            failed.reply = props
+                .reply_to
+                .clone()
+                .filter(|q| !q.is_empty())
+                .map(|queue| ReplyTo {
+                    queue,
+                    correlation_id: props.correlation_id.clone().unwrap_or_else(|| id.clone()),
+                });
+            let stored = self.results.store_outcome(failed).await;
             if stored.is_err() {
                 return self.settle(delivery, Settle::Requeue).await;
             }
