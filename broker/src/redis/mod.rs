@@ -34,6 +34,7 @@ mod rate_limit;
 mod redial;
 mod restore;
 mod scripts;
+pub(crate) mod sentinel;
 mod shared;
 mod waiter;
 
@@ -104,7 +105,7 @@ impl RedisBroker {
                 "restore_interval must be a number of seconds > 0".into(),
             ));
         }
-        let client = crate::tls::redis_client(url, &client_url(url))?;
+        let client = sentinel::Dialer::open(url, &client_url(url))?;
         let connect_error = |reason: String| BrokerError::Connect {
             url: url.redacted(),
             reason,

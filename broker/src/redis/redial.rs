@@ -8,11 +8,17 @@
 //! failing after the response timeout, and the process is deaf to Redis until it restarts.
 //! [`Redial`] wraps the manager: after a command times out on it, the next command goes to a fresh
 //! manager (which dials at once). Concurrent timeouts on the same manager replace it once.
+//!
+//! On a `sentinel://` URL the manager is replaced also when its server went away or turned replica
+//! ([`super::sentinel::needs_new_master`]): the replacement is dialed to the master the sentinels
+//! name then, so a failover is followed without a restart.
 
 use std::sync::{Arc, Mutex};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+
+use super::sentinel::{self, Dialer};
 
 /// A reconnecting connection that also dials again after a timeout; cheap to clone (clones share
 /// the current connection).
@@ -22,7 +28,7 @@ pub struct Redial {
 }
 
 struct Inner {
-    client: redis::Client,
+    dialer: Dialer,
     config: ConnectionManagerConfig,
     db: i64,
     /// The manager in use and how many times it was replaced.
@@ -30,16 +36,17 @@ struct Inner {
 }
 
 impl Redial {
-    /// Wraps `conn`, a manager opened on `client` with `config` (used again for its replacements).
-    pub fn new(
-        client: redis::Client,
+    /// Wraps `conn`, a manager opened on `dialer`'s server with `config` (used again for its
+    /// replacements).
+    pub(crate) fn new(
+        dialer: Dialer,
         config: ConnectionManagerConfig,
         conn: ConnectionManager,
     ) -> Self {
-        let db = client.get_connection_info().redis_settings().db();
+        let db = dialer.get_connection_info().redis_settings().db();
         Redial {
             inner: Arc::new(Inner {
-                client,
+                dialer,
                 config,
                 db,
                 current: Mutex::new((0, conn)),
@@ -53,31 +60,46 @@ impl Redial {
         (guard.0, guard.1.clone())
     }
 
-    /// After a command on generation `generation` failed with `error`: a timeout replaces it (unless
-    /// another caller already did).
-    fn after_error(&self, generation: u64, error: &redis::RedisError) {
-        if !error.is_timeout() {
+    /// The generation in use, unless it is no longer `generation`.
+    fn still(&self, generation: u64) -> bool {
+        let guard = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
+        guard.0 == generation
+    }
+
+    /// After a command on generation `generation` failed with `error`: a timeout (or, through the
+    /// sentinels, a lost or demoted master) replaces it, unless another caller already did.
+    async fn after_error(&self, generation: u64, error: &redis::RedisError) {
+        let replace = if self.inner.dialer.is_sentinel() {
+            sentinel::needs_new_master(error)
+        } else {
+            error.is_timeout()
+        };
+        if !replace || !self.still(generation) {
             return;
         }
+        let client = match self.inner.dialer.client().await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(%error, error_finding_master = %e, "redis: no master to dial yet");
+                return;
+            }
+        };
         let mut guard = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
         if guard.0 != generation {
             return;
         }
-        match ConnectionManager::new_lazy_with_config(
-            self.inner.client.clone(),
-            self.inner.config.clone(),
-        ) {
+        match ConnectionManager::new_lazy_with_config(client, self.inner.config.clone()) {
             Ok(fresh) => {
-                tracing::warn!(%error, "redis: a command timed out; dialing a new connection");
+                tracing::warn!(%error, "redis: dialing a new connection after an error");
                 *guard = (generation.wrapping_add(1), fresh);
             }
             Err(e) => tracing::warn!(error = %e, "redis: cannot make a new connection"),
         }
     }
 
-    fn checked<T>(&self, generation: u64, out: RedisResult<T>) -> RedisResult<T> {
+    async fn checked<T>(&self, generation: u64, out: RedisResult<T>) -> RedisResult<T> {
         if let Err(e) = &out {
-            self.after_error(generation, e);
+            self.after_error(generation, e).await;
         }
         out
     }
@@ -88,7 +110,7 @@ impl ConnectionLike for Redial {
         Box::pin(async move {
             let (generation, mut conn) = self.current();
             let out = conn.req_packed_command(cmd).await;
-            self.checked(generation, out)
+            self.checked(generation, out).await
         })
     }
 
@@ -101,7 +123,7 @@ impl ConnectionLike for Redial {
         Box::pin(async move {
             let (generation, mut conn) = self.current();
             let out = conn.req_packed_commands(pipeline, offset, count).await;
-            self.checked(generation, out)
+            self.checked(generation, out).await
         })
     }
 

@@ -1,0 +1,176 @@
+//! Redis Sentinel: which server a connection is dialed to ([`Dialer`]).
+//!
+//! A `redis://` URL names one server, and every dial goes there. A `sentinel://` URL names
+//! sentinels and a `master_name`: every dial — the first one, a dedicated blocking or pub/sub
+//! connection, a [`super::Redial`] replacing its connection — asks the sentinels, in the order the
+//! URL gives them, where the master is now, and the redis crate checks that the server named says
+//! `ROLE` master before it is used. After a failover the next dial finds the new master by itself;
+//! a connection still open to a node that turned replica meets `READONLY` errors, and
+//! [`needs_new_master`] tells the owner of that connection to drop it and dial again.
+
+use std::sync::Arc;
+
+use redis::aio::MultiplexedConnection;
+use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
+use redis::{
+    AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo,
+    RedisConnectionInfo, RedisError, RedisResult, ServerErrorKind,
+};
+use tokio::sync::Mutex;
+
+use super::shared::CONNECT_TIMEOUT;
+use crate::error::{BrokerError, Result};
+use crate::url::BrokerUrl;
+
+/// Where a connection is dialed: one fixed server, or the master the sentinels name at the time.
+/// Cheap to clone (clones share the sentinel connections).
+#[derive(Clone)]
+pub(crate) enum Dialer {
+    Fixed(redis::Client),
+    Sentinel(Arc<Resolver>),
+}
+
+/// Finds the current master through the sentinels.
+pub(crate) struct Resolver {
+    /// The redis crate's sentinel client (it keeps a connection to each sentinel).
+    sentinels: Mutex<Sentinel>,
+    master_name: String,
+    /// The master's database and credentials (the URL's), used on whichever node is master.
+    master: SentinelNodeConnectionInfo,
+    /// The URL's connection info: its database and credentials are the master's.
+    info: ConnectionInfo,
+}
+
+impl Dialer {
+    /// The dialer for `url`: sentinel resolution when it is a `sentinel://` URL, else the server
+    /// it names (`target`: the URL as the redis crate spells it, with the URL's TLS options).
+    pub(crate) fn open(url: &BrokerUrl, target: &str) -> Result<Self> {
+        if url.sentinels.is_empty() {
+            return crate::tls::redis_client(url, target).map(Dialer::Fixed);
+        }
+        Resolver::new(url).map(|r| Dialer::Sentinel(Arc::new(r)))
+    }
+
+    /// A client for the server to dial now: the fixed one, or the master the sentinels name (an
+    /// error if none names a master that answers as one, within the connect timeout).
+    pub(crate) async fn client(&self) -> RedisResult<redis::Client> {
+        match self {
+            Dialer::Fixed(client) => Ok(client.clone()),
+            Dialer::Sentinel(resolver) => resolver.master().await,
+        }
+    }
+
+    /// True for a `sentinel://` URL.
+    pub(crate) fn is_sentinel(&self) -> bool {
+        matches!(self, Dialer::Sentinel(_))
+    }
+
+    /// The URL's connection info (for a sentinel URL its address is a placeholder; its database
+    /// and credentials are the master's).
+    pub(crate) fn get_connection_info(&self) -> &ConnectionInfo {
+        match self {
+            Dialer::Fixed(client) => client.get_connection_info(),
+            Dialer::Sentinel(resolver) => &resolver.info,
+        }
+    }
+
+    /// A new multiplexed connection to the server to dial now.
+    pub(crate) async fn get_multiplexed_async_connection_with_config(
+        &self,
+        config: &AsyncConnectionConfig,
+    ) -> RedisResult<MultiplexedConnection> {
+        self.client()
+            .await?
+            .get_multiplexed_async_connection_with_config(config)
+            .await
+    }
+
+    /// A new pub/sub connection to the server to dial now.
+    pub(crate) async fn get_async_pubsub(&self) -> RedisResult<redis::aio::PubSub> {
+        self.client().await?.get_async_pubsub().await
+    }
+}
+
+impl Resolver {
+    fn new(url: &BrokerUrl) -> Result<Self> {
+        let invalid = |reason: String| BrokerError::InvalidUrl {
+            url: url.redacted(),
+            reason,
+        };
+        // A sentinel URL is never TLS: this refuses its TLS options (not supported yet).
+        crate::tls::TlsOptions::from_url(url)?;
+        let master_name = url
+            .option::<String>("master_name")?
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| invalid("`master_name` is required".into()))?;
+        let info = url
+            .base
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| invalid(e.to_string()))?;
+        let mut sentinel_auth = RedisConnectionInfo::default();
+        if let Some(user) = url.option::<String>("sentinel_username")? {
+            sentinel_auth = sentinel_auth.set_username(user);
+        }
+        if let Some(password) = url.option::<String>("sentinel_password")? {
+            sentinel_auth = sentinel_auth.set_password(password);
+        }
+        let mut nodes = Vec::with_capacity(url.sentinels.len());
+        for (host, port) in &url.sentinels {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let node = ConnectionAddr::Tcp(host.to_owned(), *port)
+                .into_connection_info()
+                .map_err(|e| invalid(e.to_string()))?
+                .set_redis_settings(sentinel_auth.clone());
+            nodes.push(node);
+        }
+        let sentinels = Sentinel::build(nodes).map_err(|e| invalid(e.to_string()))?;
+        let master =
+            SentinelNodeConnectionInfo::default().set_redis_connection_info(info.redis_settings().clone());
+        Ok(Resolver {
+            sentinels: Mutex::new(sentinels),
+            master_name,
+            master,
+            info,
+        })
+    }
+
+    /// Asks the sentinels (in order) for the master, bounded in time.
+    async fn master(&self) -> RedisResult<redis::Client> {
+        let lookup = async {
+            let mut sentinels = self.sentinels.lock().await;
+            sentinels
+                .async_master_for(&self.master_name, Some(&self.master))
+                .await
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, lookup).await {
+            Ok(found) => {
+                if let Ok(client) = &found {
+                    tracing::debug!(
+                        master = %client.get_connection_info().addr(),
+                        name = %self.master_name,
+                        "redis sentinel: master found"
+                    );
+                }
+                found
+            }
+            Err(_) => Err(RedisError::from((
+                ErrorKind::Io,
+                "no sentinel named a master in time",
+                format!("{CONNECT_TIMEOUT:?}"),
+            ))),
+        }
+    }
+}
+
+/// True if `error`, met on a connection dialed through the sentinels, means that connection no
+/// longer leads to the master: the node turned replica (`READONLY`), went away, or went silent.
+/// Its owner drops it and dials again (which asks the sentinels again).
+pub(crate) fn needs_new_master(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+        || error.code() == Some("READONLY")
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || error.is_io_error()
+}
