@@ -11,14 +11,21 @@
 //!
 //! On a `sentinel://` URL the manager is replaced also when its server went away or turned replica
 //! ([`super::sentinel::needs_new_master`]): the replacement is dialed to the master the sentinels
-//! name then, so a failover is followed without a restart.
+//! name then, so a failover is followed without a restart. A master that was replaced while it
+//! stayed up (a forced failover, a partition) accepts writes until the sentinels demote it, and
+//! those writes are lost with its demotion: so a watch also asks the sentinels every
+//! [`MASTER_CHECK`] where the master is, and moves the connection when they name another server.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::sentinel::{self, Dialer};
+
+/// How often a connection dialed through the sentinels checks it still leads to the master they name.
+pub(crate) const MASTER_CHECK: Duration = Duration::from_secs(1);
 
 /// A reconnecting connection that also dials again after a timeout; cheap to clone (clones share
 /// the current connection).
@@ -33,25 +40,36 @@ struct Inner {
     db: i64,
     /// The manager in use and how many times it was replaced.
     current: Mutex<(u64, ConnectionManager)>,
+    /// The address the manager in use was dialed to (`host:port`).
+    dialed: Mutex<String>,
 }
 
 impl Redial {
-    /// Wraps `conn`, a manager opened on `dialer`'s server with `config` (used again for its
-    /// replacements).
+    /// Wraps `conn`, a manager opened on `client` (`dialer`'s server now) with `config` (used
+    /// again for its replacements). Through the sentinels, a watch follows the master (see the
+    /// module doc) for as long as a clone of this lives.
     pub(crate) fn new(
         dialer: Dialer,
+        client: &redis::Client,
         config: ConnectionManagerConfig,
         conn: ConnectionManager,
     ) -> Self {
         let db = dialer.get_connection_info().redis_settings().db();
-        Redial {
+        let redial = Redial {
             inner: Arc::new(Inner {
                 dialer,
                 config,
                 db,
                 current: Mutex::new((0, conn)),
+                dialed: Mutex::new(client.get_connection_info().addr().to_string()),
             }),
+        };
+        if redial.inner.dialer.is_sentinel() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(watch_master(Arc::downgrade(&redial.inner)));
+            }
         }
+        redial
     }
 
     /// The manager in use, and its generation.
@@ -84,16 +102,48 @@ impl Redial {
                 return;
             }
         };
+        if self.replace(generation, client) {
+            tracing::warn!(%error, "redis: dialed a new connection after an error");
+        }
+    }
+
+    /// Puts a manager on `client` in place of generation `generation`, unless another caller
+    /// already replaced it; true if it did.
+    fn replace(&self, generation: u64, client: redis::Client) -> bool {
+        let addr = client.get_connection_info().addr().to_string();
         let mut guard = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
         if guard.0 != generation {
-            return;
+            return false;
         }
         match ConnectionManager::new_lazy_with_config(client, self.inner.config.clone()) {
             Ok(fresh) => {
-                tracing::warn!(%error, "redis: dialing a new connection after an error");
                 *guard = (generation.wrapping_add(1), fresh);
+                *self.inner.dialed.lock().unwrap_or_else(|e| e.into_inner()) = addr;
+                true
             }
-            Err(e) => tracing::warn!(error = %e, "redis: cannot make a new connection"),
+            Err(e) => {
+                tracing::warn!(error = %e, "redis: cannot make a new connection");
+                false
+            }
+        }
+    }
+
+    /// Moves the connection to the master the sentinels name, if they name another server than
+    /// the one it leads to.
+    async fn follow_master(&self) {
+        let (generation, _) = self.current();
+        let Ok(client) = self.inner.dialer.client().await else {
+            return; // no master named now: the errors of the commands will say so
+        };
+        let named = client.get_connection_info().addr().to_string();
+        let dialed = self
+            .inner
+            .dialed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if named != dialed && self.replace(generation, client) {
+            tracing::warn!(from = %dialed, to = %named, "redis sentinel: the master moved; following it");
         }
     }
 
@@ -102,6 +152,17 @@ impl Redial {
             self.after_error(generation, e).await;
         }
         out
+    }
+}
+
+/// Every [`MASTER_CHECK`], while the connection lives: [`Redial::follow_master`].
+async fn watch_master(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(MASTER_CHECK).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        Redial { inner }.follow_master().await;
     }
 }
 

@@ -8,7 +8,8 @@
 //! a connection still open to a node that turned replica meets `READONLY` errors, and
 //! [`needs_new_master`] tells the owner of that connection to drop it and dial again.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Instant;
 
 use redis::aio::MultiplexedConnection;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
@@ -39,6 +40,8 @@ pub(crate) struct Resolver {
     master: SentinelNodeConnectionInfo,
     /// The URL's connection info: its database and credentials are the master's.
     info: ConnectionInfo,
+    /// When the last lookup ended, and what it found (a client, or what failed).
+    last: StdMutex<Option<(Instant, std::result::Result<redis::Client, String>)>>,
 }
 
 impl Dialer {
@@ -132,16 +135,32 @@ impl Resolver {
             master_name,
             master,
             info,
+            last: StdMutex::new(None),
         })
     }
 
-    /// Asks the sentinels (in order) for the master, bounded in time.
+    /// Asks the sentinels (in order) for the master, bounded in time. Lookups are one at a time,
+    /// and a caller that waited while another lookup ran takes that lookup's answer: when a master
+    /// dies, every command in flight fails at once and asks, and a queue of lookups each run in
+    /// turn could outlast the callers' patience for as long as new failures kept joining it.
     async fn master(&self) -> RedisResult<redis::Client> {
+        let asked = Instant::now();
         let lookup = async {
             let mut sentinels = self.sentinels.lock().await;
-            sentinels
+            if let Some((at, found)) = &*self.last.lock().unwrap_or_else(|e| e.into_inner()) {
+                if *at >= asked {
+                    return found.clone().map_err(|reason| lookup_error(&reason));
+                }
+            }
+            let found = sentinels
                 .async_master_for(&self.master_name, Some(&self.master))
-                .await
+                .await;
+            let shared = match &found {
+                Ok(client) => Ok(client.clone()),
+                Err(e) => Err(e.to_string()),
+            };
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), shared));
+            found
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, lookup).await {
             Ok(found) => {
@@ -154,13 +173,20 @@ impl Resolver {
                 }
                 found
             }
-            Err(_) => Err(RedisError::from((
-                ErrorKind::Io,
-                "no sentinel named a master in time",
-                format!("{CONNECT_TIMEOUT:?}"),
+            Err(_) => Err(lookup_error(&format!(
+                "no sentinel named a master within {CONNECT_TIMEOUT:?}"
             ))),
         }
     }
+}
+
+/// The error of a master lookup that failed (`reason`: what failed).
+fn lookup_error(reason: &str) -> RedisError {
+    RedisError::from((
+        ErrorKind::Io,
+        "redis sentinel: no master",
+        reason.to_owned(),
+    ))
 }
 
 /// True if `error`, met on a connection dialed through the sentinels, means that connection no
@@ -173,4 +199,67 @@ pub(crate) fn needs_new_master(error: &RedisError) -> bool {
         || error.is_connection_refusal()
         || error.is_timeout()
         || error.is_io_error()
+}
+
+/// The URL options of [`ReplicaWait`].
+pub(crate) const WAIT_OPTIONS: &[&str] = &["wait_replicas", "wait_replicas_timeout"];
+/// How long a publish waits for its replicas when `wait_replicas_timeout` is not given (seconds).
+const DEFAULT_WAIT_TIMEOUT: f64 = 1.0;
+
+/// `wait_replicas=N` (ours, not kombu's): a publish returns `Ok` only once `N` replicas hold it
+/// (Redis `WAIT`, in the publish's own pipeline), else an error saying the message reached the
+/// master only. Redis replicates asynchronously: without it, a message published just before the
+/// master dies may be missing on the replica the sentinels promote, though its publish returned
+/// `Ok`. Costs one replication round trip per publish.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReplicaWait {
+    replicas: u32,
+    timeout_ms: u64,
+}
+
+impl ReplicaWait {
+    /// Reads `wait_replicas` and `wait_replicas_timeout` (seconds, default 1); `None` without them
+    /// or with `wait_replicas=0`.
+    pub(crate) fn from_url(url: &BrokerUrl) -> Result<Option<Self>> {
+        let timeout = url
+            .option::<f64>("wait_replicas_timeout")?
+            .unwrap_or(DEFAULT_WAIT_TIMEOUT);
+        if !(timeout.is_finite() && timeout > 0.0 && timeout < 1e6) {
+            return Err(BrokerError::InvalidUrl {
+                url: url.redacted(),
+                reason: "wait_replicas_timeout must be a number of seconds > 0".into(),
+            });
+        }
+        Ok(match url.option::<u32>("wait_replicas")? {
+            None | Some(0) => None,
+            Some(replicas) => Some(ReplicaWait {
+                replicas,
+                // In range: 0 < timeout < 1e6 seconds.
+                timeout_ms: (timeout * 1000.0).ceil() as u64,
+            }),
+        })
+    }
+
+    /// Appends the `WAIT` to a publish's pipeline (its reply is the pipeline's last).
+    pub(crate) fn add_to(&self, pipe: &mut redis::Pipeline) {
+        pipe.cmd("WAIT").arg(self.replicas).arg(self.timeout_ms);
+    }
+
+    /// Checks the `WAIT` reply: how many replicas acknowledged the publish.
+    pub(crate) fn check(&self, acknowledged: Option<i64>) -> Result<()> {
+        match acknowledged {
+            Some(n) if n >= i64::from(self.replicas) => Ok(()),
+            n => Err(BrokerError::Transport {
+                transport: "redis",
+                message: format!(
+                    "the message reached the master, but {} of the {} replicas asked for \
+                     (wait_replicas) confirmed it within {} ms: it may be lost if the master \
+                     fails now",
+                    n.unwrap_or(0),
+                    self.replicas,
+                    self.timeout_ms
+                ),
+            }),
+        }
+    }
 }

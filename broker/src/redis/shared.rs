@@ -97,7 +97,7 @@ pub(crate) async fn first_connection(
     match outcome {
         Err(_) => Err(format!("no answer within {limit:?}")),
         Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(conn)) => Ok(Redial::new(dialer, config, conn)),
+        Ok(Ok(conn)) => Ok(Redial::new(dialer, &client, config, conn)),
     }
 }
 

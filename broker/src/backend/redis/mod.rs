@@ -127,11 +127,11 @@ impl RedisBackend {
             .map_err(|e| connect_error(e.to_string()))?;
         let conn = match tokio::time::timeout(
             CONNECT_TIMEOUT,
-            ConnectionManager::new_with_config(master, config.clone()),
+            ConnectionManager::new_with_config(master.clone(), config.clone()),
         )
         .await
         {
-            Ok(Ok(conn)) => Redial::new(client.clone(), config, conn),
+            Ok(Ok(conn)) => Redial::new(client.clone(), &master, config, conn),
             Ok(Err(e)) => return Err(connect_error(e.to_string())),
             Err(_) => {
                 return Err(connect_error(format!(
