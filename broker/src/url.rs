@@ -142,9 +142,11 @@ fn check_no_at_after_host(base: &url::Url) -> std::result::Result<(), String> {
         .flatten()
         .any(|part| part.contains('@'))
     {
-        return Err("`@` after the host: write a `/`, `?`, `#` or `@` in a password or anywhere \
+        return Err(
+            "`@` after the host: write a `/`, `?`, `#` or `@` in a password or anywhere \
              else as %2F, %3F, %23 or %40"
-            .into());
+                .into(),
+        );
     }
     Ok(())
 }
@@ -302,11 +304,9 @@ fn redact_sentinels(raw: &str) -> String {
                 let rest = redact_query(rest);
                 match rest.rfind('@') {
                     Some(at) => format!("{SENTINEL_PREFIX}{MASK}@{}", &rest[at + 1..]),
-                    None => redact(&format!("redis://{rest}")).replacen(
-                        "redis://",
-                        SENTINEL_PREFIX,
-                        1,
-                    ),
+                    None => {
+                        redact(&format!("redis://{rest}")).replacen("redis://", SENTINEL_PREFIX, 1)
+                    }
                 }
             }
         })
@@ -427,10 +427,16 @@ pub(crate) mod tests {
             ]
         );
         assert_eq!(u.base.as_str(), "redis://:pw@h1:26379/0");
-        assert_eq!(u.option::<String>("master_name").unwrap().unwrap(), "mymaster");
+        assert_eq!(
+            u.option::<String>("master_name").unwrap().unwrap(),
+            "mymaster"
+        );
         assert_eq!(u.option::<u64>("visibility_timeout").unwrap(), Some(5));
         assert!(u.check_options(&["visibility_timeout"]).is_ok());
-        assert!(u.check_options(&[]).is_err(), "visibility_timeout is not a sentinel option");
+        assert!(
+            u.check_options(&[]).is_err(),
+            "visibility_timeout is not a sentinel option"
+        );
         assert_eq!(
             u.redacted(),
             "sentinel://****@h1:26379;sentinel://h2/0;sentinel://[::1]:26381/0?master_name=mymaster&visibility_timeout=5"
@@ -492,7 +498,9 @@ pub(crate) mod tests {
             urls.push(format!(
                 "sentinel://:{pw}@h1:26379;sentinel://h2:26380/1?master_name=m&sentinel_password={pw}"
             ));
-            urls.push(format!("sentinel://h1;sentinel://u:{pw}@h2/0?master_name=m"));
+            urls.push(format!(
+                "sentinel://h1;sentinel://u:{pw}@h2/0?master_name=m"
+            ));
             // The host forgotten: unless a password holding `@` names a host, or one starting with
             // digits a port, it does not parse.
             if !pw.contains('@') && !pw.starts_with(|c: char| c.is_ascii_digit()) {

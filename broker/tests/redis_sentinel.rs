@@ -63,20 +63,28 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_follows_a_killed_master_to_the_promoted_replica() {
-    let Some(mut set) = SentinelSet::start(REDIS_PORTS[0].clone(), SENTINEL_PORTS[0].clone()).await else {
+    let Some(mut set) = SentinelSet::start(REDIS_PORTS[0].clone(), SENTINEL_PORTS[0].clone()).await
+    else {
         eprintln!("skipped: redis-server is not installed");
         return;
     };
     let url = set.url("&wait_replicas=1");
     let broker = connect_broker(&url).await.expect("broker over sentinel");
-    let backend = connect_backend(&set.url("")).await.expect("backend over sentinel");
+    let backend = connect_backend(&set.url(""))
+        .await
+        .expect("backend over sentinel");
     let parsed = BrokerUrl::parse(&url).unwrap();
     let lease = RedisLease::connect(&parsed, "sentinel-test-beat")
         .await
         .expect("lease over sentinel");
-    let limiter = RedisRateLimiter::connect(&url).await.expect("rate limiter over sentinel");
+    let limiter = RedisRateLimiter::connect(&url)
+        .await
+        .expect("rate limiter over sentinel");
     for i in 0..100 {
-        broker.publish("q", &message(&format!("before-{i}"))).await.unwrap();
+        broker
+            .publish("q", &message(&format!("before-{i}")))
+            .await
+            .unwrap();
     }
     backend
         .store(&TaskMeta::success("before", json!(1)))
@@ -110,7 +118,11 @@ async fn everything_follows_a_killed_master_to_the_promoted_replica() {
     }
 
     let b = until_ok("the broker", || broker.queue_len("q")).await;
-    assert_eq!(broker.queue_len("q").await.unwrap(), 100, "replicated before the kill");
+    assert_eq!(
+        broker.queue_len("q").await.unwrap(),
+        100,
+        "replicated before the kill"
+    );
     let after = message("after");
     let p = until_ok("a publish", || broker.publish("q", &after)).await;
     let r = until_ok("the backend", || backend.get("before")).await;
@@ -120,7 +132,10 @@ async fn everything_follows_a_killed_master_to_the_promoted_replica() {
         lease.renew(&held, Duration::from_secs(30)).await.unwrap(),
         "the lease replicated to the new master is still ours"
     );
-    let t = until_ok("the rate limiter", || limiter.try_take("sentinel-test", 10.0, 1.0)).await;
+    let t = until_ok("the rate limiter", || {
+        limiter.try_take("sentinel-test", 10.0, 1.0)
+    })
+    .await;
     eprintln!(
         "after the failover to {promoted}: broker {b:?}, publish {p:?}, backend {r:?}, lease {l:?}, rate limiter {t:?}"
     );
@@ -136,7 +151,8 @@ async fn everything_follows_a_killed_master_to_the_promoted_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_a_replaced_master_that_stays_up_move_to_the_new_one() {
-    let Some(set) = SentinelSet::start(REDIS_PORTS[1].clone(), SENTINEL_PORTS[1].clone()).await else {
+    let Some(set) = SentinelSet::start(REDIS_PORTS[1].clone(), SENTINEL_PORTS[1].clone()).await
+    else {
         eprintln!("skipped: redis-server is not installed");
         return;
     };
@@ -148,7 +164,10 @@ async fn connections_to_a_replaced_master_that_stays_up_move_to_the_new_one() {
     let mut consumer = broker.consume(&["idle".to_owned()], 10).await.unwrap();
     let waiting = tokio::spawn(async move {
         let got = tokio::time::timeout(Duration::from_secs(30), consumer.next()).await;
-        let delivery = got.expect("the idle consumer heard nothing").unwrap().expect("a delivery");
+        let delivery = got
+            .expect("the idle consumer heard nothing")
+            .unwrap()
+            .expect("a delivery");
         let id = delivery.message.task_id().map(str::to_owned);
         delivery.ack().await.unwrap();
         id
@@ -167,7 +186,10 @@ async fn connections_to_a_replaced_master_that_stays_up_move_to_the_new_one() {
         .unwrap();
     broker.publish("idle", &message("wake")).await.unwrap();
     let on_new: i64 = query(promoted, redis::cmd("LLEN").arg("q")).await.unwrap();
-    assert_eq!(on_new, 2, "the publish after the failover is on the new master");
+    assert_eq!(
+        on_new, 2,
+        "the publish after the failover is on the new master"
+    );
     let stored: Option<String> = query(promoted, redis::cmd("GET").arg("celery-task-meta-after"))
         .await
         .unwrap();
@@ -180,11 +202,41 @@ async fn connections_to_a_replaced_master_that_stays_up_move_to_the_new_one() {
         if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"slave") {
             break;
         }
-        assert!(Instant::now() < until, "the sentinels did not demote the old master");
+        assert!(
+            Instant::now() < until,
+            "the sentinels did not demote the old master"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     broker.publish("q", &message("later")).await.unwrap();
     let on_new: i64 = query(promoted, redis::cmd("LLEN").arg("q")).await.unwrap();
     assert_eq!(on_new, 3);
+    let _ = broker.close().await;
+}
+
+/// Without replicas (the shared Redis has none), `wait_replicas=1` turns every publish into an
+/// error that says the message reached the master only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_refuses_a_publish_no_replica_confirmed() {
+    let q = celerity_testsupport::unique("sentinel-wait");
+    let prefix = format!("{q}:");
+    let _cleanup = celerity_testsupport::Cleanup::new().redis_prefix(&prefix);
+    let url = format!(
+        "{}?global_keyprefix={prefix}&wait_replicas=1&wait_replicas_timeout=0.1",
+        celerity_testsupport::REDIS
+    );
+    let broker = connect_broker(&url).await.unwrap();
+    let err = broker
+        .publish(&q, &message("w"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("0 of the 1 replicas"), "{err}");
+    let batch = broker
+        .publish_batch(&q, &[message("x")])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(batch.contains("0 of the 1 replicas"), "{batch}");
     let _ = broker.close().await;
 }

@@ -179,7 +179,8 @@ impl SentinelSet {
         for s in &self.sentinels {
             let mut cmd = redis::cmd("SENTINEL");
             cmd.arg("MASTER").arg(MASTER_NAME);
-            let Ok(master) = query::<std::collections::HashMap<String, String>>(s.port, &mut cmd).await
+            let Ok(master) =
+                query::<std::collections::HashMap<String, String>>(s.port, &mut cmd).await
             else {
                 return false;
             };

@@ -27,7 +27,7 @@ use crate::url::BrokerUrl;
 /// Cheap to clone (clones share the sentinel connections).
 #[derive(Clone)]
 pub(crate) enum Dialer {
-    Fixed(redis::Client),
+    Fixed(Box<redis::Client>),
     Sentinel(Arc<Resolver>),
 }
 
@@ -49,7 +49,7 @@ impl Dialer {
     /// it names (`target`: the URL as the redis crate spells it, with the URL's TLS options).
     pub(crate) fn open(url: &BrokerUrl, target: &str) -> Result<Self> {
         if url.sentinels.is_empty() {
-            return crate::tls::redis_client(url, target).map(Dialer::Fixed);
+            return crate::tls::redis_client(url, target).map(|c| Dialer::Fixed(Box::new(c)));
         }
         Resolver::new(url).map(|r| Dialer::Sentinel(Arc::new(r)))
     }
@@ -58,7 +58,7 @@ impl Dialer {
     /// error if none names a master that answers as one, within the connect timeout).
     pub(crate) async fn client(&self) -> RedisResult<redis::Client> {
         match self {
-            Dialer::Fixed(client) => Ok(client.clone()),
+            Dialer::Fixed(client) => Ok(client.as_ref().clone()),
             Dialer::Sentinel(resolver) => resolver.master().await,
         }
     }
@@ -128,8 +128,8 @@ impl Resolver {
             nodes.push(node);
         }
         let sentinels = Sentinel::build(nodes).map_err(|e| invalid(e.to_string()))?;
-        let master =
-            SentinelNodeConnectionInfo::default().set_redis_connection_info(info.redis_settings().clone());
+        let master = SentinelNodeConnectionInfo::default()
+            .set_redis_connection_info(info.redis_settings().clone());
         Ok(Resolver {
             sentinels: Mutex::new(sentinels),
             master_name,
@@ -261,5 +261,57 @@ impl ReplicaWait {
                 ),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_replicas_is_read_and_checked() {
+        let url = |q: &str| BrokerUrl::parse(&format!("redis://h/0?{q}")).unwrap();
+        assert!(ReplicaWait::from_url(&url("")).unwrap().is_none());
+        assert!(ReplicaWait::from_url(&url("wait_replicas=0"))
+            .unwrap()
+            .is_none());
+        assert!(ReplicaWait::from_url(&url("wait_replicas=x")).is_err());
+        assert!(ReplicaWait::from_url(&url("wait_replicas=1&wait_replicas_timeout=0")).is_err());
+        let wait = ReplicaWait::from_url(&url("wait_replicas=2&wait_replicas_timeout=0.25"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(wait.timeout_ms, 250);
+        assert!(wait.check(Some(2)).is_ok());
+        let short = wait.check(Some(1)).unwrap_err().to_string();
+        assert!(short.contains("1 of the 2 replicas"), "{short}");
+        assert!(wait.check(None).is_err());
+    }
+
+    #[test]
+    fn a_replica_or_a_lost_server_means_a_new_master() {
+        let readonly = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ReadOnly),
+            "READONLY",
+            "You can't write against a read only replica.".to_owned(),
+        ));
+        assert!(needs_new_master(&readonly));
+        let refused: RedisError =
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into();
+        assert!(needs_new_master(&refused));
+        let wrong_type = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "WRONGTYPE",
+        ));
+        assert!(!needs_new_master(&wrong_type));
+    }
+
+    #[test]
+    fn a_sentinel_url_needs_its_master_name_and_no_tls() {
+        let url = BrokerUrl::parse("sentinel://h1;sentinel://h2/0?master_name=m").unwrap();
+        let dialer = Dialer::open(&url, "unused").unwrap();
+        assert!(dialer.is_sentinel());
+        assert_eq!(dialer.get_connection_info().redis_settings().db(), 0);
+        let tls = BrokerUrl::parse("sentinel://h1/0?master_name=m&ssl_cert_reqs=none").unwrap();
+        assert!(Dialer::open(&tls, "unused").is_err());
     }
 }
