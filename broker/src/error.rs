@@ -17,7 +17,7 @@ pub enum BrokerError {
     #[error("invalid URL `{url}`: {reason}")]
     InvalidUrl { url: String, reason: String },
     /// The URL's scheme names no transport we have.
-    #[error("unsupported URL scheme `{0}`: expected memory://, redis://, rediss://, amqp:// or amqps://")]
+    #[error("unsupported URL scheme `{0}`: expected memory://, redis://, rediss://, sentinel://, amqp:// or amqps://")]
     UnsupportedScheme(String),
     /// The transport was compiled out of this build.
     #[error("the `{0}` transport is not compiled into this build (enable the crate feature)")]

@@ -10,6 +10,11 @@
 //! A URL may hold a password: every error and log line shows it through [`redact`]
 //! (`amqp://user:****@host//`), which hides the password also in a URL that does not parse.
 //!
+//! Redis Sentinel is kombu's form: `sentinel://h1:26379;sentinel://h2:26379/0?master_name=mymaster`,
+//! one `sentinel://` per sentinel joined by `;`, the master's password and database in any (the
+//! first that gives them), the options once (see [`SENTINEL_OPTIONS`]). It parses as a
+//! [`Scheme::Redis`] URL whose [`BrokerUrl::sentinels`] is not empty.
+//!
 //! A leaf: it parses and classifies only. Opening the transport or backend a URL names is
 //! [`crate::connect`]'s job, so the transports can read their options from here without a cycle.
 
@@ -36,6 +41,10 @@ pub struct BrokerUrl {
     /// The parsed URL with the query string removed.
     pub base: url::Url,
     options: Vec<(String, String)>,
+    /// The sentinels (host, port) of a `sentinel://` URL, in the order given; empty otherwise. Then
+    /// `base` is `redis://[user:password@]<first sentinel>/<db>`: the master's credentials and
+    /// database, at an address only a placeholder until the sentinels name the master.
+    pub sentinels: Vec<(String, u16)>,
 }
 
 impl std::fmt::Debug for BrokerUrl {
@@ -51,26 +60,15 @@ impl std::fmt::Debug for BrokerUrl {
 impl BrokerUrl {
     /// Parses and classifies a URL.
     pub fn parse(raw: &str) -> Result<Self> {
+        if raw.starts_with(SENTINEL_PREFIX) {
+            return parse_sentinel(raw);
+        }
         let invalid = |reason: String| BrokerError::InvalidUrl {
             url: redact(raw),
             reason,
         };
         let mut base = url::Url::parse(raw).map_err(|e| invalid(e.to_string()))?;
-        // `amqp://user:12/x@host` parses as host `user`, port 12, path `/x@host`: a password holding
-        // `/`, `?` or `#`, written unescaped. Connecting there would fail obscurely, and the password
-        // would show wherever the path or query is quoted.
-        let after_host = [Some(base.path()), base.query(), base.fragment()];
-        if after_host
-            .into_iter()
-            .flatten()
-            .any(|part| part.contains('@'))
-        {
-            return Err(invalid(
-                "`@` after the host: write a `/`, `?`, `#` or `@` in a password or anywhere \
-                 else as %2F, %3F, %23 or %40"
-                    .into(),
-            ));
-        }
+        check_no_at_after_host(&base).map_err(invalid)?;
         let (scheme, tls) = match base.scheme() {
             "memory" => (Scheme::Memory, false),
             "redis" | "redis+socket" | "unix" => (Scheme::Redis, false),
@@ -90,6 +88,7 @@ impl BrokerUrl {
             tls,
             base,
             options,
+            sentinels: Vec::new(),
         })
     }
 
@@ -115,12 +114,14 @@ impl BrokerUrl {
         }
     }
 
-    /// Fails if the query string holds an option not in `known`.
+    /// Fails if the query string holds an option not in `known` (nor, on a `sentinel://` URL, in
+    /// [`SENTINEL_OPTIONS`]).
     pub fn check_options(&self, known: &[&str]) -> Result<()> {
+        let sentinel = |k: &str| !self.sentinels.is_empty() && SENTINEL_OPTIONS.contains(&k);
         match self
             .options
             .iter()
-            .find(|(k, _)| !known.contains(&k.as_str()))
+            .find(|(k, _)| !known.contains(&k.as_str()) && !sentinel(k))
         {
             None => Ok(()),
             Some((k, _)) => Err(BrokerError::InvalidUrl {
@@ -128,6 +129,115 @@ impl BrokerUrl {
                 reason: format!("unknown option `{k}` (known: {})", known.join(", ")),
             }),
         }
+    }
+}
+
+/// `amqp://user:12/x@host` parses as host `user`, port 12, path `/x@host`: a password holding `/`,
+/// `?` or `#`, written unescaped. Connecting there would fail obscurely, and the password would show
+/// wherever the path or query is quoted.
+fn check_no_at_after_host(base: &url::Url) -> std::result::Result<(), String> {
+    let after_host = [Some(base.path()), base.query(), base.fragment()];
+    if after_host
+        .into_iter()
+        .flatten()
+        .any(|part| part.contains('@'))
+    {
+        return Err(
+            "`@` after the host: write a `/`, `?`, `#` or `@` in a password or anywhere \
+             else as %2F, %3F, %23 or %40"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// How a Redis Sentinel URL starts (kombu's and Celery's spelling).
+const SENTINEL_PREFIX: &str = "sentinel://";
+/// A sentinel's port when the URL gives none.
+const SENTINEL_DEFAULT_PORT: u16 = 26379;
+/// The options of a `sentinel://` URL, beside the Redis transport's own: `master_name` (required:
+/// the name the sentinels monitor the master under), and `sentinel_username` / `sentinel_password`
+/// for sentinels that require a password (kombu's `sentinel_kwargs={'password': …}`). The master's
+/// own password is the URL's (`sentinel://:password@host:26379`), as in kombu.
+pub const SENTINEL_OPTIONS: &[&str] = &["master_name", "sentinel_username", "sentinel_password"];
+
+/// Parses kombu's `sentinel://h1:26379;sentinel://h2:26379/0?master_name=…` (see the module doc).
+fn parse_sentinel(raw: &str) -> Result<BrokerUrl> {
+    let invalid = |reason: String| BrokerError::InvalidUrl {
+        url: redact(raw),
+        reason,
+    };
+    let mut sentinels = Vec::new();
+    let mut options = Vec::new();
+    let mut userinfo: Option<(String, Option<String>)> = None;
+    let mut db: Option<String> = None;
+    for chunk in raw.split(';') {
+        if !chunk.starts_with(SENTINEL_PREFIX) {
+            return Err(invalid(
+                "each sentinel must be written `sentinel://host[:port]`, joined by `;` \
+                 (a `;` in a password must be written %3B)"
+                    .into(),
+            ));
+        }
+        let one = url::Url::parse(chunk).map_err(|e| invalid(e.to_string()))?;
+        check_no_at_after_host(&one).map_err(invalid)?;
+        let host = match one.host_str() {
+            Some(h) if !h.is_empty() => h.to_owned(),
+            _ => return Err(invalid("a sentinel without a host".into())),
+        };
+        sentinels.push((host, one.port().unwrap_or(SENTINEL_DEFAULT_PORT)));
+        options.extend(
+            one.query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned())),
+        );
+        let given = (one.username().to_owned(), one.password().map(str::to_owned));
+        if !given.0.is_empty() || given.1.is_some() {
+            match &userinfo {
+                None => userinfo = Some(given),
+                Some(first) if *first == given => {}
+                Some(_) => return Err(invalid("the sentinels give different passwords".into())),
+            }
+        }
+        let path = one.path().trim_matches('/');
+        if !path.is_empty() {
+            match &db {
+                None => db = Some(path.to_owned()),
+                Some(first) if first == path => {}
+                Some(_) => return Err(invalid("the sentinels give different databases".into())),
+            }
+        }
+    }
+    let Some((host, port)) = sentinels.first() else {
+        return Err(invalid("no sentinel".into()));
+    };
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+    let mut base = url::Url::parse(&format!("redis://{host}:{port}/{}", db.unwrap_or_default()))
+        .map_err(|e| invalid(e.to_string()))?;
+    if let Some((user, password)) = userinfo {
+        let refused = || invalid("the master's user or password cannot be set".into());
+        base.set_username(&user).map_err(|()| refused())?;
+        base.set_password(password.as_deref())
+            .map_err(|()| refused())?;
+    }
+    let url = BrokerUrl {
+        raw: raw.to_owned(),
+        scheme: Scheme::Redis,
+        tls: false,
+        base,
+        options,
+        sentinels,
+    };
+    match url.option::<String>("master_name")? {
+        Some(name) if !name.is_empty() => Ok(url),
+        _ => Err(invalid(
+            "a sentinel:// URL needs `master_name` (the name the sentinels monitor the master \
+             under), e.g. `?master_name=mymaster`"
+                .into(),
+        )),
     }
 }
 
@@ -140,8 +250,11 @@ const MASK: &str = "****";
 /// password with an unescaped `/`, `?`, `#` or `@`, a bad `%` escape) is hidden as well: everything
 /// between the first `:` and the last `@` of what follows the scheme is the password. A `host:port`
 /// whose port is not a number (`amqp://user:secret`, the host forgotten) is hidden too, and so are
-/// the values of `pass` and `password` query options.
+/// the values of `pass` and `…password` query options (`sentinel_password`).
 pub fn redact(raw: &str) -> String {
+    if raw.starts_with(SENTINEL_PREFIX) {
+        return redact_sentinels(raw);
+    }
     let is_scheme = |s: &str| {
         s.starts_with(|c: char| c.is_ascii_alphabetic())
             && s.chars()
@@ -177,7 +290,31 @@ pub fn redact(raw: &str) -> String {
     }
 }
 
-/// Hides the values of `pass` and `password` in the query string of `tail` (a URL's path and on).
+/// Redacts a `sentinel://…;sentinel://…` URL sentinel by sentinel. A password may hold `;` (and then
+/// `sentinel://`), so a part is not trusted to start a sentinel: the whole text between a part's
+/// `sentinel://` and its last `@` is hidden, user name included, and a part that does not start
+/// with `sentinel://` (the tail of a password cut at a `;`) is hidden whole.
+fn redact_sentinels(raw: &str) -> String {
+    let parts: Vec<String> = raw
+        .split(';')
+        .map(|part| match part.strip_prefix(SENTINEL_PREFIX) {
+            None => MASK.to_owned(),
+            Some(rest) => {
+                // The query first: a password option's value may hold an `@`.
+                let rest = redact_query(rest);
+                match rest.rfind('@') {
+                    Some(at) => format!("{SENTINEL_PREFIX}{MASK}@{}", &rest[at + 1..]),
+                    None => {
+                        redact(&format!("redis://{rest}")).replacen("redis://", SENTINEL_PREFIX, 1)
+                    }
+                }
+            }
+        })
+        .collect();
+    parts.join(";")
+}
+
+/// Hides the values of `pass` and any `…password` option in the query string of `tail` (a URL's path and on).
 fn redact_query(tail: &str) -> String {
     let Some((path, query)) = tail.split_once('?') else {
         return tail.to_owned();
@@ -186,7 +323,8 @@ fn redact_query(tail: &str) -> String {
         .split('&')
         .map(|pair| match pair.split_once('=') {
             Some((k, _))
-                if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") =>
+                if k.eq_ignore_ascii_case("pass")
+                    || k.to_ascii_lowercase().ends_with("password") =>
             {
                 format!("{k}={MASK}")
             }
@@ -272,6 +410,55 @@ pub(crate) mod tests {
         );
     }
 
+    #[test]
+    fn sentinel_urls_parse_as_kombu_writes_them() {
+        let u = BrokerUrl::parse(
+            "sentinel://:pw@h1:26379;sentinel://h2/0;sentinel://[::1]:26381/0?master_name=mymaster&visibility_timeout=5",
+        )
+        .unwrap();
+        assert_eq!(u.scheme, Scheme::Redis);
+        assert!(!u.tls);
+        assert_eq!(
+            u.sentinels,
+            vec![
+                ("h1".to_owned(), 26379),
+                ("h2".to_owned(), 26379),
+                ("[::1]".to_owned(), 26381)
+            ]
+        );
+        assert_eq!(u.base.as_str(), "redis://:pw@h1:26379/0");
+        assert_eq!(
+            u.option::<String>("master_name").unwrap().unwrap(),
+            "mymaster"
+        );
+        assert_eq!(u.option::<u64>("visibility_timeout").unwrap(), Some(5));
+        assert!(u.check_options(&["visibility_timeout"]).is_ok());
+        assert!(
+            u.check_options(&[]).is_err(),
+            "visibility_timeout is not a sentinel option"
+        );
+        assert_eq!(
+            u.redacted(),
+            "sentinel://****@h1:26379;sentinel://h2/0;sentinel://[::1]:26381/0?master_name=mymaster&visibility_timeout=5"
+        );
+        // Sentinel options are refused on a plain redis:// URL.
+        let plain = BrokerUrl::parse("redis://h/0?master_name=m").unwrap();
+        assert!(plain.check_options(&["visibility_timeout"]).is_err());
+        for bad in [
+            "sentinel://h1:26379",
+            "sentinel://h1?master_name=",
+            "sentinel://h1;redis://h2?master_name=m",
+            "sentinel://h1/1;sentinel://h2/2?master_name=m",
+            "sentinel://:a@h1;sentinel://:b@h2?master_name=m",
+            "sentinel://?master_name=m",
+        ] {
+            assert!(
+                matches!(BrokerUrl::parse(bad), Err(BrokerError::InvalidUrl { .. })),
+                "{bad}"
+            );
+        }
+    }
+
     /// Passwords that break URL syntax or percent-decoding, each holding the marker `Zq9x`: where
     /// the URL is parsed, rejected or printed, the marker must never show.
     pub(crate) const HOSTILE_PASSWORDS: &[&str] = &[
@@ -308,10 +495,17 @@ pub(crate) mod tests {
             urls.push(format!("rediss://default:{pw}@h/1?visibility_timeout=5"));
             urls.push(format!("redis://user:{pw}@"));
             urls.push(format!("user:{pw}@localhost"));
+            urls.push(format!(
+                "sentinel://:{pw}@h1:26379;sentinel://h2:26380/1?master_name=m&sentinel_password={pw}"
+            ));
+            urls.push(format!(
+                "sentinel://h1;sentinel://u:{pw}@h2/0?master_name=m"
+            ));
             // The host forgotten: unless a password holding `@` names a host, or one starting with
             // digits a port, it does not parse.
             if !pw.contains('@') && !pw.starts_with(|c: char| c.is_ascii_digit()) {
                 urls.push(format!("amqp://user:{pw}"));
+                urls.push(format!("sentinel://:{pw};sentinel://h2?master_name=m"));
             }
         }
         urls

@@ -7,6 +7,7 @@
 //! - [`process`]: child processes killed and reaped on drop, the `celerity` binary's command line;
 //! - [`rabbit`]: a RabbitMQ node of the test's own, with settings the shared one must not get, that a
 //!   test can crash and restart;
+//! - [`sentinel`]: a Redis Sentinel set (master, two replicas, three sentinels) of the test's own;
 //! - [`tls`]: a throwaway test CA (`openssl`) and a TLS-only `redis-server` of the test's own;
 //! - `worker` (feature `worker`): our worker running in the test's own process.
 //!
@@ -19,6 +20,7 @@ pub mod names;
 pub mod netcut;
 pub mod process;
 pub mod rabbit;
+pub mod sentinel;
 pub mod tls;
 #[cfg(feature = "worker")]
 pub mod worker;
@@ -32,6 +34,7 @@ pub use names::{unique, Transport, AMQP, PY_AMQP, REDIS};
 pub use netcut::{Cut, CutProxy};
 pub use process::{celerity_command, text, ChildGuard};
 pub use rabbit::PrivateRabbit;
+pub use sentinel::SentinelSet;
 pub use tls::{TestPki, TlsRedis};
 #[cfg(feature = "worker")]
 pub use worker::{demo_registry, InProcessWorker};

@@ -136,7 +136,10 @@ pub(crate) async fn subscribe(
 }
 
 /// Opens a pub/sub connection and subscribes it to `pattern`, within [`CONNECT_TIMEOUT`].
-async fn open(client: &redis::Client, pattern: &str) -> std::result::Result<PubSub, String> {
+async fn open(
+    client: &super::sentinel::Dialer,
+    pattern: &str,
+) -> std::result::Result<PubSub, String> {
     let attempt = async {
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.psubscribe(pattern).await?;
@@ -170,7 +173,7 @@ impl Subscription for RedisSubscription {
 
 /// What the connection task of one subscription holds.
 struct Link {
-    client: redis::Client,
+    client: super::sentinel::Dialer,
     pattern: String,
     name: String,
     tx: mpsc::Sender<Message>,

@@ -21,6 +21,8 @@
 //! default 3600), `restore_interval` (seconds between sweeps, default 10), `max_message_size` and
 //! `max_dead_letters` ([`crate::limits`]), and on `rediss://` the TLS
 //! options of [`crate::tls`] (`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs`).
+//! `sentinel://` URLs (kombu's form) find the master through Redis Sentinel at every dial
+//! (`sentinel.rs`); `wait_replicas` makes a publish wait until replicas hold it.
 //! Needs Redis ≥ 6.2 (`BLMOVE`, `RPOP` with a count, `ZRANGE … BYSCORE`).
 
 mod ack;
@@ -34,6 +36,7 @@ mod rate_limit;
 mod redial;
 mod restore;
 mod scripts;
+pub(crate) mod sentinel;
 mod shared;
 mod waiter;
 
@@ -66,6 +69,8 @@ pub struct RedisBroker {
     shared: Arc<Shared>,
     /// The pool's wait lock, handed to every consumer opened after it was set.
     wait_lock: Mutex<Option<Arc<WaitLock>>>,
+    /// `wait_replicas`: publishes wait for replicas to hold them.
+    replica_wait: Option<sentinel::ReplicaWait>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -81,7 +86,16 @@ impl RedisBroker {
     /// Connects to the Redis server `url` names. Fails with [`BrokerError::Connect`] within a few
     /// seconds if it is unreachable, and with [`BrokerError::InvalidUrl`] on a bad or unknown option.
     pub async fn connect(url: &BrokerUrl) -> Result<Self> {
-        url.check_options(&[OPTIONS, crate::tls::OPTIONS, crate::limits::OPTIONS].concat())?;
+        url.check_options(
+            &[
+                OPTIONS,
+                crate::tls::OPTIONS,
+                crate::limits::OPTIONS,
+                sentinel::WAIT_OPTIONS,
+            ]
+            .concat(),
+        )?;
+        let replica_wait = sentinel::ReplicaWait::from_url(url)?;
         let limits = Limits::from_url(url)?;
         let invalid = |reason: String| BrokerError::InvalidUrl {
             url: url.redacted(),
@@ -104,7 +118,7 @@ impl RedisBroker {
                 "restore_interval must be a number of seconds > 0".into(),
             ));
         }
-        let client = crate::tls::redis_client(url, &client_url(url))?;
+        let client = sentinel::Dialer::open(url, &client_url(url))?;
         let connect_error = |reason: String| BrokerError::Connect {
             url: url.redacted(),
             reason,
@@ -129,6 +143,7 @@ impl RedisBroker {
                 limits,
             }),
             wait_lock: Mutex::default(),
+            replica_wait,
         })
     }
 
@@ -202,17 +217,23 @@ impl Broker for RedisBroker {
             .keys
             .queue(queue, i64::from(message.properties.priority));
         let envelope = envelope::encode(message, "", queue);
-        let mut lpush = redis::cmd("LPUSH");
-        lpush.arg(key).arg(envelope);
+        let mut lpush = redis::pipe();
+        lpush.cmd("LPUSH").arg(key).arg(envelope);
+        if let Some(wait) = &self.replica_wait {
+            wait.add_to(&mut lpush);
+        }
         // Sent once more after a dropped connection (a message stored twice is possible, rarely;
         // one dropped silently is not), as the AMQP publisher does.
-        let _: i64 = once_more_if_dropped("a publish", || {
+        let replies: Vec<i64> = once_more_if_dropped("a publish", || {
             let mut conn = self.shared.conn.clone();
             let lpush = &lpush;
             async move { lpush.query_async(&mut conn).await }
         })
         .await?;
-        Ok(())
+        match &self.replica_wait {
+            Some(wait) => wait.check(replies.get(1).copied()),
+            None => Ok(()),
+        }
     }
 
     async fn publish_batch(&self, queue: &str, messages: &[Message]) -> Result<()> {
@@ -233,7 +254,14 @@ impl Broker for RedisBroker {
                     .arg(envelope::encode(m, "", queue))
                     .ignore();
             }
-            pipe.exec_async(&mut conn).await?;
+            match &self.replica_wait {
+                Some(wait) => {
+                    wait.add_to(&mut pipe);
+                    let acked: Vec<i64> = pipe.query_async(&mut conn).await?;
+                    wait.check(acked.first().copied())?;
+                }
+                None => pipe.exec_async(&mut conn).await?,
+            }
         }
         Ok(())
     }

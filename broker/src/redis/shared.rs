@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::Keys;
 use super::redial::Redial;
+use super::sentinel::Dialer;
 use crate::error::{BrokerError, Result};
 use crate::limits::Limits;
 use crate::url::BrokerUrl;
@@ -28,8 +29,8 @@ const DROPPED_RETRY_DELAY: Duration = Duration::from_millis(100);
 pub(crate) struct Shared {
     /// Auto-reconnecting multiplexed connection for every non-blocking command.
     pub(crate) conn: Redial,
-    /// For the dedicated connections of blocking waits.
-    pub(crate) client: redis::Client,
+    /// For the dedicated connections of blocking waits (through the sentinels on `sentinel://`).
+    pub(crate) client: Dialer,
     pub(crate) keys: Keys,
     /// Seconds after which an unacked delivery is restored.
     pub(crate) visibility_timeout: f64,
@@ -58,7 +59,7 @@ pub async fn connect_manager(url: &BrokerUrl) -> Result<Redial> {
         url: url.redacted(),
         reason,
     };
-    let client = crate::tls::redis_client(url, &client_url(url))?;
+    let client = Dialer::open(url, &client_url(url))?;
     first_connection(client, url.tls)
         .await
         .map_err(connect_error)
@@ -67,7 +68,7 @@ pub async fn connect_manager(url: &BrokerUrl) -> Result<Redial> {
 /// Opens the shared connection, bounded in time. TLS setup runs in its own task: rustls panics when no
 /// crypto provider is compiled in, and that must be an error here, not a crash.
 pub(crate) async fn first_connection(
-    client: redis::Client,
+    dialer: Dialer,
     tls: bool,
 ) -> std::result::Result<Redial, String> {
     let config = ConnectionManagerConfig::new()
@@ -76,6 +77,8 @@ pub(crate) async fn first_connection(
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_secs(5));
     let limit = CONNECT_TIMEOUT + Duration::from_secs(1);
+    // On `sentinel://` the sentinels name the server first (bounded by their own timeout).
+    let client = dialer.client().await.map_err(|e| e.to_string())?;
     let attempt = tokio::time::timeout(
         limit,
         ConnectionManager::new_with_config(client.clone(), config.clone()),
@@ -94,7 +97,7 @@ pub(crate) async fn first_connection(
     match outcome {
         Err(_) => Err(format!("no answer within {limit:?}")),
         Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(conn)) => Ok(Redial::new(client, config, conn)),
+        Ok(Ok(conn)) => Ok(Redial::new(dialer, &client, config, conn)),
     }
 }
 

@@ -26,6 +26,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 
+use super::sentinel::Dialer;
 use super::shared::CONNECT_TIMEOUT;
 use crate::backoff::Backoff;
 
@@ -47,7 +48,7 @@ type Finished = (usize, Option<MultiplexedConnection>, Outcome);
 
 /// The blocking waits of one consumer (see the module doc). Dropping it cancels them.
 pub(crate) struct Waiters {
-    client: redis::Client,
+    client: Dialer,
     keys: Vec<String>,
     /// Idle connections, per key (taken while the key's wait is in flight).
     conns: Vec<Option<MultiplexedConnection>>,
@@ -61,7 +62,7 @@ pub(crate) struct Waiters {
 
 impl Waiters {
     /// Waiters on `keys` (nothing is sent until the first [`Waiters::wait`]).
-    pub(crate) fn new(client: &redis::Client, keys: Vec<String>) -> Self {
+    pub(crate) fn new(client: &Dialer, keys: Vec<String>) -> Self {
         let n = keys.len();
         Waiters {
             client: client.clone(),
@@ -155,7 +156,7 @@ impl Waiters {
 /// A connection for blocking commands, and its `CLIENT ID` (so another connection can `CLIENT
 /// UNBLOCK` it).
 pub(super) async fn connect_blocking(
-    client: &redis::Client,
+    client: &Dialer,
 ) -> redis::RedisResult<(MultiplexedConnection, i64)> {
     let mut conn = connect(client).await?;
     let id: i64 = redis::cmd("CLIENT")
@@ -165,7 +166,7 @@ pub(super) async fn connect_blocking(
     Ok((conn, id))
 }
 
-async fn connect(client: &redis::Client) -> redis::RedisResult<MultiplexedConnection> {
+async fn connect(client: &Dialer) -> redis::RedisResult<MultiplexedConnection> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(Duration::from_secs_f64(BLOCK_SECS) + CONNECT_TIMEOUT));

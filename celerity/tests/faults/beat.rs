@@ -98,7 +98,7 @@ fn start_beat(
 }
 
 /// The ticks a beat's log says it sent (`scheduled=` of each `beat: sent` line), as unix seconds.
-fn sent_ticks(log: &LogFile) -> Vec<i64> {
+pub(super) fn sent_ticks(log: &LogFile) -> Vec<i64> {
     let text = std::fs::read_to_string(&log.0).unwrap_or_default();
     text.lines()
         .map(strip_ansi)
@@ -120,7 +120,7 @@ fn sent_ticks(log: &LogFile) -> Vec<i64> {
 }
 
 /// SIGTERM, then waits (at most 10 s) for the beat to exit.
-fn stop(mut beat: ChildGuard) {
+pub(super) fn stop(mut beat: ChildGuard) {
     signal(beat.id() as i32, libc::SIGTERM);
     let until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < until {

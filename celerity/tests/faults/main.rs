@@ -32,6 +32,7 @@ mod beat;
 mod kill;
 mod netcut;
 mod restart;
+mod sentinel;
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;

@@ -23,6 +23,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::backoff::Backoff;
 use crate::error::{BrokerError, Result};
+use crate::redis::sentinel::Dialer;
 
 /// Time allowed to open the pub/sub connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,7 +43,7 @@ pub(super) struct Listener {
 }
 
 struct Inner {
-    client: redis::Client,
+    client: Dialer,
     /// The server, password hidden, for logs.
     server: String,
     state: Mutex<State>,
@@ -76,7 +77,7 @@ enum Command {
 
 impl Listener {
     /// A listener for `client`'s server; no connection is made until the first subscription.
-    pub(super) fn new(client: redis::Client, server: String) -> Self {
+    pub(super) fn new(client: Dialer, server: String) -> Self {
         Listener {
             inner: Arc::new(Inner {
                 client,
@@ -280,7 +281,7 @@ async fn pause(inner: &Inner, delay: Duration) -> bool {
     }
 }
 
-async fn connect(client: &redis::Client) -> Result<(PubSubSink, PubSubStream), String> {
+async fn connect(client: &Dialer) -> Result<(PubSubSink, PubSubStream), String> {
     match tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await {
         Ok(Ok(pubsub)) => Ok(pubsub.split()),
         Ok(Err(e)) => Err(e.to_string()),

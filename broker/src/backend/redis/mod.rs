@@ -90,7 +90,7 @@ impl RedisBackend {
                     ),
                 })?,
         };
-        let client = crate::tls::redis_client(url, &client_url(url))?;
+        let client = crate::redis::sentinel::Dialer::open(url, &client_url(url))?;
         let connect_error = |reason: String| BrokerError::Connect {
             url: url.redacted(),
             reason,
@@ -121,13 +121,17 @@ impl RedisBackend {
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_max_delay(Duration::from_secs(2));
+        let master = client
+            .client()
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
         let conn = match tokio::time::timeout(
             CONNECT_TIMEOUT,
-            ConnectionManager::new_with_config(client.clone(), config.clone()),
+            ConnectionManager::new_with_config(master.clone(), config.clone()),
         )
         .await
         {
-            Ok(Ok(conn)) => Redial::new(client.clone(), config, conn),
+            Ok(Ok(conn)) => Redial::new(client.clone(), &master, config, conn),
             Ok(Err(e)) => return Err(connect_error(e.to_string())),
             Err(_) => {
                 return Err(connect_error(format!(
