@@ -2,8 +2,8 @@
 //! transport and backend, so none of them has to know the others (or import this back).
 //!
 //! [`connect_broker`] opens `memory://`, `redis://`/`rediss://` or `amqp://`/`amqps://` (a scheme whose
-//! crate feature is off is [`BrokerError::NotCompiled`]); [`connect_backend`] opens `memory://` or
-//! `redis://`. Parsing the URL itself is [`crate::url`]'s.
+//! crate feature is off is [`BrokerError::NotCompiled`]); [`connect_backend`] opens `memory://`,
+//! `redis://` or `db+postgresql://` (also `postgresql://`, `postgres://`). Parsing the URL itself is [`crate::url`]'s.
 
 use std::sync::Arc;
 
@@ -25,10 +25,16 @@ pub async fn connect_broker(raw: &str) -> Result<Arc<dyn Broker>> {
         Scheme::Amqp => Ok(Arc::new(crate::amqp::AmqpBroker::connect(&url).await?)),
         #[cfg(not(feature = "amqp"))]
         Scheme::Amqp => Err(BrokerError::NotCompiled("amqp")),
+        Scheme::Postgres => Err(BrokerError::InvalidUrl {
+            url: url.redacted(),
+            reason: "PostgreSQL is a result backend here, not a broker: give it as the backend \
+                     (--backend) and use redis:// or amqp:// as the broker"
+                .into(),
+        }),
     }
 }
 
-/// Connects to the result backend a URL names (`memory://` or `redis://`).
+/// Connects to the result backend a URL names (`memory://`, `redis://` or `db+postgresql://`).
 pub async fn connect_backend(raw: &str) -> Result<Arc<dyn ResultBackend>> {
     let url = BrokerUrl::parse(raw)?;
     match url.scheme {
@@ -43,8 +49,15 @@ pub async fn connect_backend(raw: &str) -> Result<Arc<dyn ResultBackend>> {
         Scheme::Redis => Err(BrokerError::NotCompiled("redis")),
         Scheme::Amqp => Err(BrokerError::InvalidUrl {
             url: url.redacted(),
-            reason: "AMQP is not a result backend here; use redis:// or memory://".into(),
+            reason: "AMQP is not a result backend here; use redis://, db+postgresql:// or memory://"
+                .into(),
         }),
+        #[cfg(feature = "postgres")]
+        Scheme::Postgres => Ok(Arc::new(
+            crate::backend::postgres::PostgresBackend::connect(&url).await?,
+        )),
+        #[cfg(not(feature = "postgres"))]
+        Scheme::Postgres => Err(BrokerError::NotCompiled("postgres")),
     }
 }
 
