@@ -14,7 +14,7 @@
 //! - Celery's own CLI (`celery call` / `celery result`) against our worker, ours against Python's.
 //!
 //! One module per behaviour: `python_producer`, `python_worker`, `retries`, `mixed_fleet`,
-//! `celery_cli`; this file holds the harness they share (and `child_worker_process`, which the
+//! `celery_cli`, `postgres_backend` (the same with results in PostgreSQL); this file holds the harness they share (and `child_worker_process`, which the
 //! mixed-fleet tests run by that exact name).
 //!
 //! The Python side is `tests/python/interop_app.py` (the demo task names, same behaviour) and
@@ -56,6 +56,8 @@ struct Env {
     visibility_timeout: Option<u32>,
     /// Removes the queue and keys on drop (false in a child process working for a test).
     owner: bool,
+    /// Results in this PostgreSQL schema instead of Redis (`postgres_backend`); dropped with the env.
+    pg: Option<celerity_testsupport::PgSchema>,
 }
 
 impl Env {
@@ -68,6 +70,7 @@ impl Env {
             uid,
             visibility_timeout: None,
             owner: true,
+            pg: None,
         }
     }
 
@@ -85,9 +88,12 @@ impl Env {
         }
     }
 
-    /// Our result backend URL (Redis, this test's prefix).
+    /// Our result backend URL (Redis, this test's prefix; or its PostgreSQL schema).
     fn backend_url(&self) -> String {
-        format!("{REDIS}?global_keyprefix={}", self.prefix)
+        match &self.pg {
+            Some(schema) => schema.url(""),
+            None => format!("{REDIS}?global_keyprefix={}", self.prefix),
+        }
     }
 
     async fn client(&self) -> Client {
@@ -108,7 +114,17 @@ impl Env {
                     Kind::Amqp => PY_AMQP,
                 },
             )
-            .env("INTEROP_BACKEND", REDIS)
+            .env(
+                "INTEROP_BACKEND",
+                match self.pg {
+                    Some(_) => celerity_testsupport::PY_POSTGRES,
+                    None => REDIS,
+                },
+            )
+            .env(
+                "INTEROP_PG_SCHEMA",
+                self.pg.as_ref().map_or("", |s| s.name.as_str()),
+            )
             .env("INTEROP_PREFIX", &self.prefix)
             .env("INTEROP_QUEUE", &self.queue)
             .stdin(Stdio::null())
@@ -456,6 +472,7 @@ async fn child_worker_process() {
 
 mod celery_cli;
 mod mixed_fleet;
+mod postgres_backend;
 mod python_producer;
 mod python_worker;
 mod retries;
