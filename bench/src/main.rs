@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+mod postgres_rows;
+
 use celerity_bench::error::{BenchError, Result};
 use celerity_bench::probe::{self, Probe, Results};
 use celerity_bench::procs::{self, Programs, Worker};
@@ -38,6 +40,8 @@ enum Shape {
     Io,
     /// Celerity only, Redis: add with results, metrics off and on (`--metrics-addr`), interleaved
     MetricsAb,
+    /// add with results stored in PostgreSQL (Celery's database backend), Redis broker
+    AddPostgres,
 }
 
 /// Celerity vs Python Celery, same machine, brokers and job shapes.
@@ -85,7 +89,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = vec!["redis".to_string(), "amqp".to_string()])]
     brokers: Vec<String>,
     /// Shapes to run (default all)
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io, Shape::AddPostgres])]
     shapes: Vec<Shape>,
     /// Skip the raw broker rows (redis-benchmark, and a bare lapin client on RabbitMQ)
     #[arg(long)]
@@ -194,6 +198,13 @@ async fn run(args: &Args) -> Result<String> {
         if brokers.contains(&BrokerKind::Redis) && plan.has(Shape::Io) {
             io_rows(&programs, system, &plan, &mut rows).await?;
         }
+        if brokers.contains(&BrokerKind::Redis) && plan.has(Shape::AddPostgres) {
+            let n = match system {
+                System::Celery => plan.celery_jobs,
+                System::Celerity => plan.jobs,
+            };
+            postgres_rows::add_rows(&programs, system, plan.runs, n, &mut rows).await?;
+        }
     }
     let mut ab = String::new();
     if plan.has(Shape::MetricsAb) && brokers.contains(&BrokerKind::Redis) {
@@ -265,8 +276,22 @@ impl Session {
             broker,
             results,
             prefix: format!("bench-{}:", &id[..12]),
+            pg_schema: None,
         };
-        let queue = format!("bench.{}", &id[..12]);
+        Session::start_with(programs, system, setup, pool).await
+    }
+
+    /// [`Session::start`] for a prepared setup (the PostgreSQL rows).
+    async fn start_with(
+        programs: &Programs,
+        system: System,
+        setup: Setup,
+        pool: Pool,
+    ) -> Result<Session> {
+        let queue = format!(
+            "bench.{}",
+            setup.prefix.trim_start_matches("bench-").trim_end_matches(':')
+        );
         let mut probe = Probe::connect(&setup, &queue).await?;
         let mut worker = Worker::start(programs, system, &setup, &queue, pool)?;
         let warm = shapes::warm_up(&setup, &queue, &mut probe).await;
