@@ -290,7 +290,10 @@ impl Session {
     ) -> Result<Session> {
         let queue = format!(
             "bench.{}",
-            setup.prefix.trim_start_matches("bench-").trim_end_matches(':')
+            setup
+                .prefix
+                .trim_start_matches("bench-")
+                .trim_end_matches(':')
         );
         let mut probe = Probe::connect(&setup, &queue).await?;
         let mut worker = Worker::start(programs, system, &setup, &queue, pool)?;

@@ -32,7 +32,10 @@ pub(super) async fn add_rows(
     };
     // Our backend makes the tables (as Celery would) before either worker races to.
     let url = setup.backend_url().unwrap_or_default();
-    celerity_broker::connect_backend(&url).await?.close().await?;
+    celerity_broker::connect_backend(&url)
+        .await?
+        .close()
+        .await?;
     let s = Session::start_with(programs, system, setup, Pool::TwoProcesses).await?;
     let label = s.setup.label();
     let outcome = async {
@@ -83,7 +86,16 @@ impl Drop for Schema {
 
 fn psql(sql: &str) -> Result<()> {
     let out = Command::new("psql")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres"])
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+        ])
         .args(["-d", "postgres", "-c", sql])
         .output()
         .map_err(|e| BenchError::Setup(format!("psql: {e}")))?;

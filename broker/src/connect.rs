@@ -49,8 +49,9 @@ pub async fn connect_backend(raw: &str) -> Result<Arc<dyn ResultBackend>> {
         Scheme::Redis => Err(BrokerError::NotCompiled("redis")),
         Scheme::Amqp => Err(BrokerError::InvalidUrl {
             url: url.redacted(),
-            reason: "AMQP is not a result backend here; use redis://, db+postgresql:// or memory://"
-                .into(),
+            reason:
+                "AMQP is not a result backend here; use redis://, db+postgresql:// or memory://"
+                    .into(),
         }),
         #[cfg(feature = "postgres")]
         Scheme::Postgres => Ok(Arc::new(

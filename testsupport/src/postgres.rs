@@ -54,7 +54,9 @@ impl Drop for PgSchema {
     fn drop(&mut self) {
         let _ = run_psql(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name));
         for role in &self.roles {
-            let _ = run_psql(&format!("DROP OWNED BY \"{role}\"; DROP ROLE IF EXISTS \"{role}\""));
+            let _ = run_psql(&format!(
+                "DROP OWNED BY \"{role}\"; DROP ROLE IF EXISTS \"{role}\""
+            ));
         }
     }
 }
@@ -62,7 +64,16 @@ impl Drop for PgSchema {
 fn run_psql(sql: &str) -> Result<String, String> {
     let out = Command::new("psql")
         .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c", sql])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-c",
+            sql,
+        ])
         .output()
         .map_err(|e| format!("cannot run psql: {e}"))?;
     if out.status.success() {

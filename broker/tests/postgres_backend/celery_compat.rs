@@ -106,13 +106,23 @@ async fn celery_reads_what_we_store_in_tables_we_made() {
     m.extra.insert("queue".into(), json!("celery"));
     b.store(&m).await.unwrap();
     let exc = ExceptionInfo::new("ValueError", "bad value", "builtins");
-    b.store(&TaskMeta::failure(&failed, &exc, Some("Traceback (most recent call last):\n…".into())))
+    b.store(&TaskMeta::failure(
+        &failed,
+        &exc,
+        Some("Traceback (most recent call last):\n…".into()),
+    ))
+    .await
+    .unwrap();
+    b.store(&TaskMeta::with_state(
+        &started,
+        State::Started,
+        json!({"pid": 7}),
+    ))
+    .await
+    .unwrap();
+    b.save_group("grp", &[ok.clone(), failed.clone()])
         .await
         .unwrap();
-    b.store(&TaskMeta::with_state(&started, State::Started, json!({"pid": 7})))
-        .await
-        .unwrap();
-    b.save_group("grp", &[ok.clone(), failed.clone()]).await.unwrap();
     let out = python(
         &py,
         &schema,

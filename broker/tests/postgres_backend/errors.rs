@@ -10,7 +10,10 @@ async fn an_unreachable_server_fails_fast_without_the_password() {
     // Port 1 on loopback: nothing listens there.
     let url = "db+postgresql://postgres:Zq9xsecret@127.0.0.1:1/postgres?connect_timeout=3";
     let started = std::time::Instant::now();
-    let e = connect_backend(url).await.err().expect("connected to nothing");
+    let e = connect_backend(url)
+        .await
+        .err()
+        .expect("connected to nothing");
     let text = e.to_string();
     assert!(matches!(e, BrokerError::Connect { .. }), "{text}");
     assert!(!text.contains("Zq9x"), "{text}");
@@ -24,7 +27,10 @@ async fn a_postgres_url_is_not_a_broker() {
         .err()
         .expect("accepted as a broker")
         .to_string();
-    assert!(e.contains("result backend") && e.contains("not a broker"), "{e}");
+    assert!(
+        e.contains("result backend") && e.contains("not a broker"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -32,7 +38,10 @@ async fn a_role_without_privileges_gets_a_clear_error() {
     let (mut schema, b) = fresh("pg_perm", "").await;
     b.close().await.unwrap();
     let role = schema.role("noperm");
-    schema.psql(&format!("GRANT USAGE ON SCHEMA \"{}\" TO \"{role}\"", schema.name));
+    schema.psql(&format!(
+        "GRANT USAGE ON SCHEMA \"{}\" TO \"{role}\"",
+        schema.name
+    ));
     let url = format!(
         "db+postgresql://{role}@127.0.0.1:5432/postgres?schema={}",
         schema.name
@@ -54,12 +63,19 @@ async fn a_role_without_privileges_gets_a_clear_error() {
 
     // Without the tables and without CREATE on the schema: refused when connecting.
     let bare = PgSchema::new("pg_perm_bare");
-    schema.psql(&format!("GRANT USAGE ON SCHEMA \"{}\" TO \"{role}\"", bare.name));
+    schema.psql(&format!(
+        "GRANT USAGE ON SCHEMA \"{}\" TO \"{role}\"",
+        bare.name
+    ));
     let url = format!(
         "db+postgresql://{role}@127.0.0.1:5432/postgres?schema={}",
         bare.name
     );
-    let e = connect_backend(&url).await.err().expect("connected").to_string();
+    let e = connect_backend(&url)
+        .await
+        .err()
+        .expect("connected")
+        .to_string();
     assert!(e.contains("permission denied for schema"), "{e}");
 }
 
@@ -76,7 +92,10 @@ async fn an_unreadable_result_column_is_an_error_not_a_panic() {
         s = schema.name
     ));
     let e = b.get(&garbage).await.unwrap_err().to_string();
-    assert!(e.contains("result") && e.contains(&garbage) && e.contains("not JSON"), "{e}");
+    assert!(
+        e.contains("result") && e.contains(&garbage) && e.contains("not JSON"),
+        "{e}"
+    );
     let e = tokio::time::timeout(LONG, b.wait(&pickled, None))
         .await
         .unwrap()

@@ -39,10 +39,17 @@ async fn stores_reads_and_forgets_in_celery_columns() {
 
     let failed = id();
     let exc = ExceptionInfo::new("ValueError", "bad", "builtins");
-    b.store(&TaskMeta::failure(&failed, &exc, Some("Traceback …".into())))
+    b.store(&TaskMeta::failure(
+        &failed,
+        &exc,
+        Some("Traceback …".into()),
+    ))
+    .await
+    .unwrap();
+    let got = b
+        .get_many(&[failed.clone(), id(), tid.clone()])
         .await
         .unwrap();
-    let got = b.get_many(&[failed.clone(), id(), tid.clone()]).await.unwrap();
     assert_eq!(got[0].exception(), Some(exc));
     assert_eq!(got[0].traceback.as_deref(), Some("Traceback …"));
     assert_eq!(got[1].status, State::Pending);
@@ -105,7 +112,9 @@ async fn waiters_are_woken_by_notify_not_by_the_poll() {
     b.store(&TaskMeta::with_state(&tid, State::Started, json!(null)))
         .await
         .unwrap();
-    b.store(&TaskMeta::success(&tid, json!("done"))).await.unwrap();
+    b.store(&TaskMeta::success(&tid, json!("done")))
+        .await
+        .unwrap();
     let m = waiter.await.unwrap();
     assert_eq!(m.result, json!("done"));
 
@@ -153,7 +162,9 @@ async fn groups_and_cleanup_follow_celery() {
     let old = id();
     b.store(&TaskMeta::success(&old, json!(1))).await.unwrap();
     let fresh_id = id();
-    b.store(&TaskMeta::success(&fresh_id, json!(1))).await.unwrap();
+    b.store(&TaskMeta::success(&fresh_id, json!(1)))
+        .await
+        .unwrap();
     let started = id();
     b.store(&TaskMeta::with_state(&started, State::Started, json!(null)))
         .await

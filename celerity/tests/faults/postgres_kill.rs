@@ -26,7 +26,8 @@ async fn killed_workers_lose_no_result_stored_in_postgres() {
     let prefix = format!("{q}:");
     let cleanup = Cleanup::new().redis_prefix(&prefix);
     let schema = PgSchema::new("faults_kill");
-    let broker_url = format!("{REDIS}?global_keyprefix={prefix}&visibility_timeout=2&restore_interval=1");
+    let broker_url =
+        format!("{REDIS}?global_keyprefix={prefix}&visibility_timeout=2&restore_interval=1");
     let backend_url = schema.url("");
     let mut rng = Rng::new("kill with results in PostgreSQL");
     let log = LogFile::new(&q);
@@ -36,7 +37,14 @@ async fn killed_workers_lose_no_result_stored_in_postgres() {
     let broker = connect_broker(&broker_url).await.unwrap();
     let backend = connect_backend(&backend_url).await.unwrap();
     let client = Client::new(broker.clone(), Some(backend.clone()));
-    let pool = Pool::start(&broker_url, &backend_url, &q, PROCESSES, CONCURRENCY, &log.0);
+    let pool = Pool::start(
+        &broker_url,
+        &backend_url,
+        &q,
+        PROCESSES,
+        CONCURRENCY,
+        &log.0,
+    );
     assert_eq!(pool.wait_for_children(PROCESSES).len(), PROCESSES);
 
     // demo.sleep_ms(ms) returns ms: 10–30 ms a job, so the batch outlasts the kills.
@@ -46,7 +54,12 @@ async fn killed_workers_lose_no_result_stored_in_postgres() {
         .map(|i| {
             let ms = 10 + (i % 21) as u64;
             let m = options
-                .build("demo.sleep_ms", vec![json!(ms)], Map::new(), chrono::Utc::now())
+                .build(
+                    "demo.sleep_ms",
+                    vec![json!(ms)],
+                    Map::new(),
+                    chrono::Utc::now(),
+                )
                 .unwrap();
             expected.insert(m.id().to_owned(), json!(ms));
             m
@@ -96,7 +109,11 @@ async fn killed_workers_lose_no_result_stored_in_postgres() {
         missing.len(),
         &missing[..missing.len().min(5)]
     );
-    assert_eq!(rows, format!("{JOBS}|{JOBS}|{JOBS}"), "one SUCCESS row per job, no other");
+    assert_eq!(
+        rows,
+        format!("{JOBS}|{JOBS}|{JOBS}"),
+        "one SUCCESS row per job, no other"
+    );
     assert!(
         left_at_last_kill > 0,
         "the batch was drained before the last kill; make the jobs longer"

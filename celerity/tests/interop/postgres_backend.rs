@@ -80,7 +80,12 @@ async fn our_client_reads_what_a_python_worker_stored_in_postgres() {
     let q = SendOptions::new().queue(&env.queue);
     let no_kwargs = Map::new();
     let add = client
-        .send_task("demo.add", vec![json!(20), json!(22)], no_kwargs.clone(), &q)
+        .send_task(
+            "demo.add",
+            vec![json!(20), json!(22)],
+            no_kwargs.clone(),
+            &q,
+        )
         .await
         .unwrap();
     let fail = client

@@ -271,10 +271,13 @@ mod tests {
             json!({"a": [1, 2.5, null, true, "x"]})
         );
         // pickle.dumps(ValueError('boom'), protocol=2): a class reference, refused.
-        let exc = b"\x80\x02cexceptions\nValueError\nq\x00X\x04\x00\x00\x00boomq\x01\x85q\x02Rq\x03.";
+        let exc =
+            b"\x80\x02cexceptions\nValueError\nq\x00X\x04\x00\x00\x00boomq\x01\x85q\x02Rq\x03.";
         let e = decode_column("t", "result", exc).unwrap_err().to_string();
         assert!(e.contains("never loaded"), "{e}");
-        let e = decode_column("t", "result", b"\x00garbage").unwrap_err().to_string();
+        let e = decode_column("t", "result", b"\x00garbage")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not JSON"), "{e}");
     }
 }

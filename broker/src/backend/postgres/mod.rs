@@ -230,7 +230,11 @@ impl ResultBackend for PostgresBackend {
             self.tables.task
         );
         let stmt = client.prepare_cached(&sql).await.map_err(pg_error)?;
-        match client.query_opt(&stmt, &[&task_id]).await.map_err(pg_error)? {
+        match client
+            .query_opt(&stmt, &[&task_id])
+            .await
+            .map_err(pg_error)?
+        {
             None => Ok(TaskMeta::pending(task_id)),
             Some(row) => meta_from_row(task_id, &row),
         }

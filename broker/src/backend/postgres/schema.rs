@@ -61,9 +61,14 @@ impl Tables {
     ) -> std::result::Result<Tables, String> {
         let task_name = task_name.unwrap_or_else(|| TASK_TABLE.into());
         let group_name = group_name.unwrap_or_else(|| GROUP_TABLE.into());
-        for name in [Some(&task_name), Some(&group_name), task_schema.as_ref(), group_schema.as_ref()]
-            .into_iter()
-            .flatten()
+        for name in [
+            Some(&task_name),
+            Some(&group_name),
+            task_schema.as_ref(),
+            group_schema.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             // PostgreSQL truncates identifiers to 63 bytes; a truncated name would be another table.
             if name.is_empty() || name.len() > 63 || name.contains('\0') {
@@ -120,12 +125,7 @@ impl Tables {
             .query_one(
                 "SELECT to_regclass($1) IS NULL OR to_regclass($2) IS NULL \
                  OR to_regclass($3) IS NULL OR to_regclass($4) IS NULL",
-                &[
-                    &self.task,
-                    &self.group,
-                    &self.task_seq,
-                    &self.group_seq,
-                ],
+                &[&self.task, &self.group, &self.task_seq, &self.group_seq],
             )
             .await
             .map_err(pg_error)?;

@@ -150,9 +150,7 @@ impl Writer {
             message: "the result writer stopped".into(),
         };
         let (done, answer) = oneshot::channel();
-        self.tx
-            .send(Pending { row, done })
-            .map_err(|_| stopped())?;
+        self.tx.send(Pending { row, done }).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
