@@ -203,7 +203,8 @@ async fn run(args: &Args) -> Result<String> {
                 System::Celery => plan.celery_jobs,
                 System::Celerity => plan.jobs,
             };
-            postgres_rows::add_rows(&programs, system, plan.runs, n, &mut rows).await?;
+            let jobs = (n, plan.jobs);
+            postgres_rows::add_rows(&programs, system, plan.runs, jobs, &mut rows).await?;
         }
     }
     let mut ab = String::new();

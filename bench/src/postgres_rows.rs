@@ -14,12 +14,13 @@ use celerity_bench::shapes;
 
 use super::{row, samples, Row, Session};
 
-/// `add ×n` with results in PostgreSQL, `runs` times, for one system.
+/// `add ×n` with results in PostgreSQL, `runs` times, for one system (the row is labelled with
+/// `jobs`, the Celerity count, as the Redis add row is); for Celerity also the backend alone.
 pub(super) async fn add_rows(
     programs: &Programs,
     system: System,
     runs: usize,
-    n: usize,
+    (n, jobs): (usize, usize),
     rows: &mut Vec<Row>,
 ) -> Result<()> {
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -54,16 +55,65 @@ pub(super) async fn add_rows(
                 t.drain,
                 t.seconds
             );
-            let shape = format!("add ×{n}, results in PostgreSQL");
-            samples(row(rows, &shape, &label, "results stored/s"), system).push(t.drain);
+            let shape = format!("add ×{jobs}, results in PostgreSQL");
+            let r = row(rows, &shape, &label, "results stored/s");
+            samples(r, system).push(t.drain);
+            if n != jobs {
+                r.note = format!("Celery N = {n}");
+            }
         }
         results.close().await;
+        if system == System::Celerity {
+            for run in 0..runs {
+                let rate = store_alone(&url, jobs).await?;
+                eprintln!(
+                    "Celerity PostgreSQL backend alone run {}: {rate:.0} results/s",
+                    run + 1
+                );
+                let shape = format!("{jobs} store() from {WRITERS} tasks, backend alone");
+                samples(
+                    row(rows, &shape, "— / PostgreSQL", "results stored/s"),
+                    system,
+                )
+                .push(rate);
+            }
+        }
         Ok::<_, BenchError>(())
     }
     .await;
     s.end().await?;
     drop(schema);
     outcome
+}
+
+/// Concurrent writers of [`store_alone`] (a worker's jobs in flight).
+const WRITERS: usize = 256;
+
+/// Results per second that `WRITERS` tasks store through one backend (the group-commit path a
+/// worker's jobs take), `n` in all: the backend's own capacity, without broker or worker.
+async fn store_alone(url: &str, n: usize) -> Result<f64> {
+    use celerity_broker::TaskMeta;
+    let backend = celerity_broker::connect_backend(url).await?;
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let backend = backend.clone();
+        tasks.spawn(async move {
+            for i in (w..n).step_by(WRITERS) {
+                let id = uuid::Uuid::new_v4().to_string();
+                backend
+                    .store(&TaskMeta::success(id, serde_json::json!(2 * i)))
+                    .await?;
+            }
+            Ok::<_, celerity_broker::BrokerError>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(|e| BenchError::Setup(format!("a writer panicked: {e}")))??;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    backend.close().await?;
+    Ok(rate)
 }
 
 /// A schema of the run's own; dropped (with its tables) on drop.

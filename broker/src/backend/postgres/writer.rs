@@ -135,8 +135,22 @@ impl Writer {
                     let (rows, dones): (Vec<TaskRow>, Vec<_>) =
                         batch.into_iter().map(|p| (p.row, p.done)).unzip();
                     let outcome = write_rows(&pool, &sql, &channel, &rows).await;
-                    drop(slot);
-                    answer(rows, dones, outcome);
+                    match outcome {
+                        // A server error may be one row's: write them one by one, so that row
+                        // alone fails and the others are stored.
+                        Err(BrokerError::Transport { .. }) if rows.len() > 1 => {
+                            for (row, done) in rows.into_iter().zip(dones) {
+                                let one = std::slice::from_ref(&row);
+                                let outcome = write_rows(&pool, &sql, &channel, one).await;
+                                answer(vec![row], vec![done], outcome);
+                            }
+                            drop(slot);
+                        }
+                        outcome => {
+                            drop(slot);
+                            answer(rows, dones, outcome);
+                        }
+                    }
                 });
             }
         });
