@@ -74,8 +74,8 @@ async fn batches_keep_one_row_per_id_and_the_success_rule() {
     b.store_many(&metas).await.unwrap();
     // Concurrent store() calls go through the group-commit writer.
     let mut tasks = Vec::new();
-    for t in ids[200..].iter().cloned() {
-        let b = b.clone();
+    for t in &ids[200..] {
+        let (b, t) = (b.clone(), t.clone());
         tasks.push(tokio::spawn(async move {
             b.store(&TaskMeta::with_state(&t, State::Started, json!(null)))
                 .await
