@@ -9,7 +9,8 @@ Two uses:
   one JSON object on stdout.
 
 Settings are Celery's defaults; only the broker, result backend, key prefix and log level come from
-the environment the harness sets: BENCH_BROKER, BENCH_BACKEND ("" = no result backend) and
+the environment the harness sets: BENCH_BROKER, BENCH_BACKEND ("" = no result backend),
+BENCH_PG_SCHEMA (the schema of the result tables when BENCH_BACKEND is db+postgresql://) and
 BENCH_PREFIX (kombu's ``global_keyprefix`` on Redis, so a run's keys can be found and deleted).
 """
 
@@ -27,6 +28,10 @@ PREFIX = os.environ.get("BENCH_PREFIX", "")
 app = Celery("celery_bench", broker=BROKER, backend=BACKEND)
 if PREFIX and BROKER.startswith("redis"):
     app.conf.broker_transport_options = {"global_keyprefix": PREFIX}
+if BACKEND and BACKEND.startswith("db+"):
+    # Results in PostgreSQL (Celery's database backend): this run's tables in its own schema.
+    schema = os.environ["BENCH_PG_SCHEMA"]
+    app.conf.database_table_schemas = {"task": schema, "group": schema}
 if PREFIX and BACKEND and BACKEND.startswith("redis"):
     app.conf.result_backend_transport_options = {"global_keyprefix": PREFIX}
 

@@ -14,6 +14,6 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${CELERITY_VENV:-$repo/target/celery-venv}"
 # shellcheck source=scripts/venv-lib.sh
 source "$repo/scripts/venv-lib.sh"
-make_pinned_venv "$venv" "celerity-celery-venv v1" \
-  'import celery, kombu, amqp, redis; assert celery.__version__ == "5.7.0", celery.__version__; assert kombu.__version__ == "5.7.0", kombu.__version__' \
+make_pinned_venv "$venv" "celerity-celery-venv v2" \
+  'import celery, kombu, amqp, redis, sqlalchemy, psycopg2; assert celery.__version__ == "5.7.0", celery.__version__; assert kombu.__version__ == "5.7.0", kombu.__version__' \
   "${celery_requirements[@]}"

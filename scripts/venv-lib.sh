@@ -27,6 +27,11 @@ celery_requirements=(
   "tzlocal==5.4.5"
   "packaging==26.3"
   "typing_extensions==4.16.0"
+  # The database result backend (`db+postgresql://`), for the PostgreSQL interop tests. SQLAlchemy
+  # 2.0 (not 2.1): its `postgresql://` dialect is psycopg2, as most Celery set-ups have it.
+  "sqlalchemy==2.0.58"
+  "greenlet==3.5.6"
+  "psycopg2-binary==2.9.13"
 )
 
 make_pinned_venv() {

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+mod postgres_rows;
+
 use celerity_bench::error::{BenchError, Result};
 use celerity_bench::probe::{self, Probe, Results};
 use celerity_bench::procs::{self, Programs, Worker};
@@ -40,6 +42,8 @@ enum Shape {
     MetricsAb,
     /// add with results on RabbitMQ with the rpc:// result backend (see `rpcrow`)
     Rpc,
+    /// add with results stored in PostgreSQL (Celery's database backend), Redis broker
+    AddPostgres,
 }
 
 /// Celerity vs Python Celery, same machine, brokers and job shapes.
@@ -87,7 +91,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = vec!["redis".to_string(), "amqp".to_string()])]
     brokers: Vec<String>,
     /// Shapes to run (default all)
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io, Shape::Rpc])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io, Shape::Rpc, Shape::AddPostgres])]
     shapes: Vec<Shape>,
     /// Skip the raw broker rows (redis-benchmark, and a bare lapin client on RabbitMQ)
     #[arg(long)]
@@ -204,6 +208,14 @@ async fn run(args: &Args) -> Result<String> {
             let (samples, used) = rpcrow::run(&programs, system, n, plan.runs).await?;
             rpcrow::record(&mut rows, plan.jobs, system, samples, used);
         }
+        if brokers.contains(&BrokerKind::Redis) && plan.has(Shape::AddPostgres) {
+            let n = match system {
+                System::Celery => plan.celery_jobs,
+                System::Celerity => plan.jobs,
+            };
+            let jobs = (n, plan.jobs);
+            postgres_rows::add_rows(&programs, system, plan.runs, jobs, &mut rows).await?;
+        }
     }
     let mut ab = String::new();
     if plan.has(Shape::MetricsAb) && brokers.contains(&BrokerKind::Redis) {
@@ -275,8 +287,25 @@ impl Session {
             broker,
             results,
             prefix: format!("bench-{}:", &id[..12]),
+            pg_schema: None,
         };
-        let queue = format!("bench.{}", &id[..12]);
+        Session::start_with(programs, system, setup, pool).await
+    }
+
+    /// [`Session::start`] for a prepared setup (the PostgreSQL rows).
+    async fn start_with(
+        programs: &Programs,
+        system: System,
+        setup: Setup,
+        pool: Pool,
+    ) -> Result<Session> {
+        let queue = format!(
+            "bench.{}",
+            setup
+                .prefix
+                .trim_start_matches("bench-")
+                .trim_end_matches(':')
+        );
         let mut probe = Probe::connect(&setup, &queue).await?;
         let mut worker = Worker::start(programs, system, &setup, &queue, pool)?;
         let warm = shapes::warm_up(&setup, &queue, &mut probe).await;

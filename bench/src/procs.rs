@@ -27,16 +27,11 @@ pub struct Programs {
 impl Programs {
     /// The environment the Celery side (worker and producer) reads its settings from.
     pub fn celery_env(&self, cmd: &mut Command, setup: &Setup) {
+        let (backend, pg_schema) = setup.celery_backend();
         cmd.current_dir(&self.bench_dir)
             .env("BENCH_BROKER", setup.celery_broker_url())
-            .env(
-                "BENCH_BACKEND",
-                if setup.results {
-                    crate::setup::REDIS_URL
-                } else {
-                    ""
-                },
-            )
+            .env("BENCH_BACKEND", backend)
+            .env("BENCH_PG_SCHEMA", pg_schema)
             .env("BENCH_PREFIX", &setup.prefix)
             .env("PYTHONDONTWRITEBYTECODE", "1");
     }

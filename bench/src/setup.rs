@@ -3,6 +3,8 @@
 
 /// The local Redis (db 0; a run's keys carry its own prefix).
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+/// The local PostgreSQL (trust auth), for the rows with results in PostgreSQL.
+pub const POSTGRES_URL: &str = "db+postgresql://postgres@127.0.0.1:5432/postgres";
 /// The local RabbitMQ.
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -47,6 +49,8 @@ pub struct Setup {
     pub results: bool,
     /// Redis key prefix of this run (kombu's `global_keyprefix`), e.g. `bench-1a2b…:`.
     pub prefix: String,
+    /// Results in this PostgreSQL schema (Celery's database backend) instead of Redis.
+    pub pg_schema: Option<String>,
 }
 
 impl Setup {
@@ -54,7 +58,11 @@ impl Setup {
         format!(
             "{} / {}",
             self.broker.label(),
-            if self.results { "Redis" } else { "none" }
+            match (self.results, &self.pg_schema) {
+                (false, _) => "none",
+                (true, None) => "Redis",
+                (true, Some(_)) => "PostgreSQL",
+            }
         )
     }
 
@@ -76,7 +84,19 @@ impl Setup {
 
     /// Celerity's result backend URL, if results are stored.
     pub fn backend_url(&self) -> Option<String> {
-        self.results.then(|| self.prefixed_redis())
+        match &self.pg_schema {
+            Some(schema) if self.results => Some(format!("{POSTGRES_URL}?schema={schema}")),
+            _ => self.results.then(|| self.prefixed_redis()),
+        }
+    }
+
+    /// Celery's result backend URL (`""`: none) and the schema of its tables, if in PostgreSQL.
+    pub fn celery_backend(&self) -> (&'static str, &str) {
+        match (&self.pg_schema, self.results) {
+            (_, false) => ("", ""),
+            (None, true) => (REDIS_URL, ""),
+            (Some(schema), true) => (POSTGRES_URL, schema),
+        }
     }
 
     fn prefixed_redis(&self) -> String {

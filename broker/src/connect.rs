@@ -3,8 +3,9 @@
 //!
 //! [`connect_broker`] opens `memory://`, `redis://`/`rediss://` or `amqp://`/`amqps://` (a scheme whose
 //! crate feature is off is [`BrokerError::NotCompiled`]); [`connect_backend`] opens `memory://`,
-//! `redis://` or `rpc://host…`, and [`connect_backend_for`] also a bare `rpc://`, which uses the
-//! broker's RabbitMQ. Parsing the URL itself is [`crate::url`]'s.
+//! `redis://`, `db+postgresql://` (also `postgresql://`, `postgres://`) or `rpc://host…`, and
+//! [`connect_backend_for`] also a bare `rpc://`, which uses the broker's RabbitMQ. Parsing the URL
+//! itself is [`crate::url`]'s.
 
 use std::sync::Arc;
 
@@ -26,11 +27,18 @@ pub async fn connect_broker(raw: &str) -> Result<Arc<dyn Broker>> {
         Scheme::Amqp => Ok(Arc::new(crate::amqp::AmqpBroker::connect(&url).await?)),
         #[cfg(not(feature = "amqp"))]
         Scheme::Amqp => Err(BrokerError::NotCompiled("amqp")),
+        Scheme::Postgres => Err(BrokerError::InvalidUrl {
+            url: url.redacted(),
+            reason: "PostgreSQL is a result backend here, not a broker: give it as the backend \
+                     (--backend) and use redis:// or amqp:// as the broker"
+                .into(),
+        }),
     }
 }
 
-/// Connects to the result backend a URL names (`memory://`, `redis://`, or `rpc://` naming a
-/// RabbitMQ host). A bare `rpc://` needs the broker's URL: use [`connect_backend_for`].
+/// Connects to the result backend a URL names (`memory://`, `redis://`, `db+postgresql://`, or
+/// `rpc://` naming a RabbitMQ host). A bare `rpc://` needs the broker's URL: use
+/// [`connect_backend_for`].
 pub async fn connect_backend(raw: &str) -> Result<Arc<dyn ResultBackend>> {
     connect_backend_for(raw, None).await
 }
@@ -63,8 +71,16 @@ pub async fn connect_backend_for(
         Scheme::Redis => Err(BrokerError::NotCompiled("redis")),
         Scheme::Amqp => Err(BrokerError::InvalidUrl {
             url: url.redacted(),
-            reason: "AMQP is not a result backend; use rpc:// (results as messages, as Celery), redis:// or memory://".into(),
+            reason: "AMQP is not a result backend; use rpc:// (results as messages, as Celery), \
+                     redis://, db+postgresql:// or memory://"
+                .into(),
         }),
+        #[cfg(feature = "postgres")]
+        Scheme::Postgres => Ok(Arc::new(
+            crate::backend::postgres::PostgresBackend::connect(&url).await?,
+        )),
+        #[cfg(not(feature = "postgres"))]
+        Scheme::Postgres => Err(BrokerError::NotCompiled("postgres")),
     }
 }
 

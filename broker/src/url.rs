@@ -28,6 +28,8 @@ pub enum Scheme {
     Memory,
     Redis,
     Amqp,
+    /// `db+postgresql://`, `postgresql://`, `postgres://`: a result backend only.
+    Postgres,
 }
 
 /// A parsed broker or backend URL. Its `Debug` shows the URL redacted.
@@ -75,6 +77,7 @@ impl BrokerUrl {
             "rediss" => (Scheme::Redis, true),
             "amqp" | "pyamqp" => (Scheme::Amqp, false),
             "amqps" => (Scheme::Amqp, true),
+            "db+postgresql" | "postgresql" | "postgres" => (Scheme::Postgres, false),
             other => return Err(BrokerError::UnsupportedScheme(other.to_owned())),
         };
         let options = base

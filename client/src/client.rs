@@ -313,6 +313,6 @@ pub fn default_backend_url(broker_url: &str) -> Option<String> {
             }
             Some(base.to_string())
         }
-        Scheme::Amqp => None,
+        Scheme::Amqp | Scheme::Postgres => None,
     }
 }

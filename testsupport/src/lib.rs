@@ -4,6 +4,7 @@
 //! - [`cleanup`]: deleting what a test left on the brokers, also from `Drop` when it panics;
 //! - [`faults`]: fault injection around the real services ([`OutageBackend`]);
 //! - [`netcut`]: a TCP proxy a test cuts (black hole or reset) between one client and a server;
+//! - [`postgres`]: a PostgreSQL schema (and roles) of the test's own on the local server;
 //! - [`process`]: child processes killed and reaped on drop, the `celerity` binary's command line;
 //! - [`rabbit`]: a RabbitMQ node of the test's own, with settings the shared one must not get, that a
 //!   test can crash and restart;
@@ -18,6 +19,7 @@ pub mod cleanup;
 pub mod faults;
 pub mod names;
 pub mod netcut;
+pub mod postgres;
 pub mod process;
 pub mod rabbit;
 pub mod sentinel;
@@ -32,6 +34,7 @@ pub use cleanup::{delete_amqp_exchange, Cleanup};
 pub use faults::OutageBackend;
 pub use names::{unique, Transport, AMQP, PY_AMQP, REDIS};
 pub use netcut::{Cut, CutProxy};
+pub use postgres::{PgSchema, POSTGRES, PY_POSTGRES};
 pub use process::{celerity_command, text, ChildGuard};
 pub use rabbit::PrivateRabbit;
 pub use sentinel::SentinelSet;

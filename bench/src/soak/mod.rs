@@ -196,6 +196,7 @@ async fn start_pool(programs: &Programs, broker: BrokerKind) -> Result<PoolRun> 
         broker,
         results: true,
         prefix: format!("soak-{}:", &id[..12]),
+        pg_schema: None,
     };
     let queue = format!("soak.{}", &id[..12]);
     let name = match broker {

@@ -9,6 +9,8 @@ pub mod chord;
 pub mod memory;
 mod memory_chord;
 pub mod meta;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "amqp")]

@@ -27,7 +27,7 @@ pub struct ConnectionArgs {
         default_value = "memory://"
     )]
     pub broker: String,
-    /// Result backend URL (redis:// or memory://). Defaults to the broker when it is Redis.
+    /// Result backend URL (redis://, db+postgresql:// or memory://). Defaults to the broker when it is Redis.
     #[arg(long, global = true, env = BACKEND_ENV, hide_env_values = true)]
     pub backend: Option<String>,
 }

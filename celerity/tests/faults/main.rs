@@ -10,6 +10,7 @@
 //! - `netcut`: the pool, a producer and a result listener reach the broker and the backend only
 //!   through proxies the test cuts (black hole, reset, a black hole that strands the open
 //!   connections); 0 lost, no send hangs, nobody left deaf.
+//! - `postgres_kill`: SIGKILL of the workers of a pool whose results go to PostgreSQL; one row per job.
 //! - `beat`: two `celerity beat` processes while their broker (private `redis-server` or RabbitMQ
 //!   node) is crashed and restarted; no tick twice, ticks missing only while it was down.
 //!
@@ -31,6 +32,7 @@
 mod beat;
 mod kill;
 mod netcut;
+mod postgres_kill;
 mod restart;
 mod sentinel;
 

@@ -16,7 +16,7 @@
 //! - The `rpc://` result backend both ways (`rpc_backend`).
 //!
 //! One module per behaviour: `python_producer`, `python_worker`, `retries`, `mixed_fleet`,
-//! `celery_cli`, `rpc_backend`; this file holds the harness they share (and `child_worker_process`, which the
+//! `celery_cli`, `rpc_backend`, `postgres_backend` (the same with results in PostgreSQL); this file holds the harness they share (and `child_worker_process`, which the
 //! mixed-fleet tests run by that exact name).
 //!
 //! The Python side is `tests/python/interop_app.py` (the demo task names, same behaviour) and
@@ -60,6 +60,8 @@ struct Env {
     owner: bool,
     /// The Python side's result backend when not this test's Redis (`rpc://`).
     py_backend: Option<&'static str>,
+    /// Results in this PostgreSQL schema instead of Redis (`postgres_backend`); dropped with the env.
+    pg: Option<celerity_testsupport::PgSchema>,
 }
 
 impl Env {
@@ -73,6 +75,7 @@ impl Env {
             visibility_timeout: None,
             owner: true,
             py_backend: None,
+            pg: None,
         }
     }
 
@@ -90,9 +93,12 @@ impl Env {
         }
     }
 
-    /// Our result backend URL (Redis, this test's prefix).
+    /// Our result backend URL (Redis, this test's prefix; or its PostgreSQL schema).
     fn backend_url(&self) -> String {
-        format!("{REDIS}?global_keyprefix={}", self.prefix)
+        match &self.pg {
+            Some(schema) => schema.url(""),
+            None => format!("{REDIS}?global_keyprefix={}", self.prefix),
+        }
     }
 
     async fn client(&self) -> Client {
@@ -113,7 +119,18 @@ impl Env {
                     Kind::Amqp => PY_AMQP,
                 },
             )
-            .env("INTEROP_BACKEND", self.py_backend.unwrap_or(REDIS))
+            .env(
+                "INTEROP_BACKEND",
+                match (&self.pg, self.py_backend) {
+                    (Some(_), _) => celerity_testsupport::PY_POSTGRES,
+                    (None, Some(backend)) => backend,
+                    (None, None) => REDIS,
+                },
+            )
+            .env(
+                "INTEROP_PG_SCHEMA",
+                self.pg.as_ref().map_or("", |s| s.name.as_str()),
+            )
             .env("INTEROP_PREFIX", &self.prefix)
             .env("INTEROP_QUEUE", &self.queue)
             .stdin(Stdio::null())
@@ -461,6 +478,7 @@ async fn child_worker_process() {
 
 mod celery_cli;
 mod mixed_fleet;
+mod postgres_backend;
 mod python_producer;
 mod python_worker;
 mod retries;

@@ -6,7 +6,8 @@ Everything about where it connects comes from the environment, so `celery -A int
 `celery -A interop_app call` and the driver script all see the same configuration:
 
   INTEROP_BROKER   broker URL (redis://… or amqp://…)
-  INTEROP_BACKEND  result backend URL (redis://…)
+  INTEROP_BACKEND  result backend URL (redis://… or db+postgresql://…)
+  INTEROP_PG_SCHEMA  with a db+postgresql:// backend: the schema of Celery's result tables
   INTEROP_PREFIX   kombu/Celery global_keyprefix for the Redis broker and the Redis result backend
                    (also the prefix of the keys the recording tasks write)
   INTEROP_QUEUE    the default queue (where send_task/delay/celery call put jobs)
@@ -46,7 +47,10 @@ if BROKER.startswith("redis"):
         options["unacked_restore_interval"] = 1
         options["unacked_restore_throttle"] = 1
     app.conf.broker_transport_options = options
-if PREFIX:
+if BACKEND.startswith("db+"):
+    schema = os.environ["INTEROP_PG_SCHEMA"]
+    app.conf.database_table_schemas = {"task": schema, "group": schema}
+if PREFIX and BACKEND.startswith("redis"):
     app.conf.result_backend_transport_options = {"global_keyprefix": PREFIX}
 
 _redis = None
@@ -56,7 +60,7 @@ def record_store():
     """The Redis (results' server) the recording tasks write to, under the test's prefix."""
     global _redis
     if _redis is None:
-        _redis = redis.Redis.from_url(BACKEND)
+        _redis = redis.Redis.from_url(BACKEND if BACKEND.startswith("redis") else BROKER)
     return _redis
 
 
