@@ -12,17 +12,16 @@
 use std::collections::HashMap;
 
 use futures_util::future::join_all;
-use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::Script;
 
 use crate::error::Result;
-use crate::redis::cluster::{from_redis, wait_replicas, ReplicaAcks};
+use crate::redis::cluster::{from_redis, wait_replicas, ClusterRedial, ReplicaAcks};
 
 /// Stores `batch` (key, document) with `script` (`store_many.lua`), one call per hash slot, and
 /// returns one flag per item in the order given.
 pub(super) async fn store_by_slot(
-    conn: ClusterConnection,
+    conn: ClusterRedial,
     script: &Script,
     batch: Vec<(String, Vec<u8>)>,
     expires: u64,

@@ -7,6 +7,11 @@
 //! refreshes its map) and `ASK` (with `ASKING`) redirections, and after a master dies retries with
 //! backoff until the map shows the promoted replica.
 //!
+//! A cluster connection that saw no traffic while a master died can stay stuck on it, every command
+//! timing out, long after the replica was promoted. [`ClusterRedial`] wraps the client's
+//! connection as [`Redial`] wraps a single server's: after a command times out, the next ones go
+//! to a freshly opened cluster connection (which learns the slot map anew).
+//!
 //! Durability: a Redis master acknowledges a write before its replicas have it, so a master killed
 //! at the wrong instant takes the write with it. Writes that must survive a failover (publishes,
 //! result documents) are followed by `WAIT <replicas> <ms>` on the same node connection
@@ -14,12 +19,13 @@
 //! `replica_ack_timeout` (milliseconds, default 50) set it. A shard with no replica left answers
 //! after the timeout: the write is kept on the master alone and a warning is logged.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::cluster::ClusterClientBuilder;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::super::redial::Redial;
 use crate::error::{BrokerError, Result};
@@ -28,7 +34,7 @@ use crate::url::BrokerUrl;
 /// How long connecting to the cluster (learning its slot map) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one command may take (a blocking wait is never sent on this connection).
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// URL options of the cluster connection.
 pub(crate) const OPTIONS: &[&str] = &["replica_acks", "replica_ack_timeout"];
 
@@ -48,8 +54,85 @@ impl ReplicaAcks {
     }
 }
 
-/// Opens the async cluster connection for a `redis+cluster://` URL, bounded in time.
-pub(crate) async fn connect_cluster(url: &BrokerUrl) -> Result<ClusterConnection> {
+/// A cluster connection that is opened anew after a command timed out on it (see the module doc).
+/// Cheap to clone: clones share the current connection.
+#[derive(Clone)]
+pub struct ClusterRedial {
+    inner: Arc<RedialInner>,
+}
+
+struct RedialInner {
+    client: ClusterClient,
+    /// The connection in use and how many times it was replaced.
+    current: Mutex<(u64, ClusterConnection)>,
+    /// Held while a replacement is dialed, so concurrent timeouts dial once.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+impl ClusterRedial {
+    fn current(&self) -> (u64, ClusterConnection) {
+        let guard = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
+        (guard.0, guard.1.clone())
+    }
+
+    /// After a command on `generation` failed with `error`: a timeout replaces the connection
+    /// (unless another caller already did).
+    async fn after_error(&self, generation: u64, error: &redis::RedisError) {
+        if !error.is_timeout() {
+            return;
+        }
+        let _dialing = self.inner.dialing.lock().await;
+        if self.current().0 != generation {
+            return;
+        }
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.inner.client.get_async_connection()).await {
+            Ok(Ok(fresh)) => {
+                tracing::warn!(%error, "redis-cluster: a command timed out; opened a new cluster connection");
+                let mut guard = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
+                *guard = (generation.wrapping_add(1), fresh);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "redis-cluster: cannot open a new cluster connection"),
+            Err(_) => tracing::warn!("redis-cluster: opening a new cluster connection timed out"),
+        }
+    }
+
+    async fn checked<T>(&self, generation: u64, out: RedisResult<T>) -> RedisResult<T> {
+        if let Err(e) = &out {
+            self.after_error(generation, e).await;
+        }
+        out
+    }
+}
+
+impl ConnectionLike for ClusterRedial {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let (generation, mut conn) = self.current();
+            let out = conn.req_packed_command(cmd).await;
+            self.checked(generation, out).await
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let (generation, mut conn) = self.current();
+            let out = conn.req_packed_commands(pipeline, offset, count).await;
+            self.checked(generation, out).await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+/// Opens the cluster connection for a `redis+cluster://` URL, bounded in time.
+pub(crate) async fn connect_cluster(url: &BrokerUrl) -> Result<ClusterRedial> {
     let connect_error = |reason: String| BrokerError::Connect {
         url: url.redacted(),
         reason,
@@ -85,7 +168,13 @@ pub(crate) async fn connect_cluster(url: &BrokerUrl) -> Result<ClusterConnection
             CONNECT_TIMEOUT * 2
         ))),
         Ok(Err(e)) => Err(connect_error(e.to_string())),
-        Ok(Ok(conn)) => Ok(conn),
+        Ok(Ok(conn)) => Ok(ClusterRedial {
+            inner: Arc::new(RedialInner {
+                client,
+                current: Mutex::new((0, conn)),
+                dialing: tokio::sync::Mutex::new(()),
+            }),
+        }),
     }
 }
 
@@ -104,7 +193,7 @@ pub(crate) fn node_url(url: &BrokerUrl, node: &str) -> Option<String> {
 /// `WAIT` for `acks.replicas` replicas of the node `key` lives on to have every write made so far
 /// on this connection to that node. Fewer replicas within the timeout is logged, not an error: the
 /// write is on the master.
-pub(crate) async fn wait_replicas(conn: &mut ClusterConnection, key: &str, acks: ReplicaAcks) -> Result<()> {
+pub(crate) async fn wait_replicas(conn: &mut ClusterRedial, key: &str, acks: ReplicaAcks) -> Result<()> {
     if acks.replicas == 0 {
         return Ok(());
     }
@@ -149,7 +238,7 @@ fn warn_now() -> bool {
 #[derive(Clone)]
 pub enum AnyConn {
     Single(Redial),
-    Cluster(ClusterConnection),
+    Cluster(ClusterRedial),
 }
 
 impl AnyConn {

@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::cluster_async::ClusterConnection;
 use redis::Value;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::conn::ClusterRedial;
 use super::keys::{check_single_slot, from_redis, ClusterKeys};
 use crate::backoff::Backoff;
 use crate::error::{BrokerError, Result};
@@ -48,7 +48,7 @@ const SWEEP_BATCH: usize = 500;
 
 /// What the consumers and ack handles of one cluster broker share.
 pub(crate) struct Inner {
-    pub(crate) conn: ClusterConnection,
+    pub(crate) conn: ClusterRedial,
     pub(crate) keys: ClusterKeys,
     pub(crate) visibility_timeout: f64,
     pub(crate) restore_interval: Duration,

@@ -24,7 +24,7 @@ mod conn;
 mod consumer;
 mod keys;
 
-pub use conn::{connect_any, AnyConn};
+pub use conn::{connect_any, AnyConn, ClusterRedial};
 pub use keys::check_single_slot;
 pub(crate) use conn::{connect_cluster, node_url, wait_replicas, ReplicaAcks, OPTIONS as CONN_OPTIONS};
 pub(crate) use keys::from_redis;
