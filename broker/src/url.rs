@@ -156,7 +156,10 @@ pub const CLUSTER_SCHEME: &str = "redis+cluster";
 /// one URL, with the user info, path and query kept), and every node's `host:port`. `(None, [])`
 /// for any other URL. The error names no password.
 fn split_cluster_nodes(raw: &str) -> std::result::Result<(Option<String>, Vec<String>), String> {
-    let Some(rest) = raw.strip_prefix(CLUSTER_SCHEME).and_then(|r| r.strip_prefix("://")) else {
+    let Some(rest) = raw
+        .strip_prefix(CLUSTER_SCHEME)
+        .and_then(|r| r.strip_prefix("://"))
+    else {
         return Ok((None, Vec::new()));
     };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -173,9 +176,11 @@ fn split_cluster_nodes(raw: &str) -> std::result::Result<(Option<String>, Vec<St
     };
     // The node is not quoted: with a password holding `/`, `?` or `#` it would be part of it.
     if !nodes.iter().all(well_formed) {
-        return Err("every cluster node must be `host:port` (write the nodes as h1:7000,h2:7001; \
+        return Err(
+            "every cluster node must be `host:port` (write the nodes as h1:7000,h2:7001; \
                     a `/`, `?`, `#` or `@` in a password as %2F, %3F, %23 or %40)"
-            .into());
+                .into(),
+        );
     }
     let first = format!("{CLUSTER_SCHEME}://{userinfo}{}{tail}", nodes[0]);
     Ok((Some(first), nodes))
@@ -310,8 +315,8 @@ pub(crate) mod tests {
 
     #[test]
     fn cluster_urls_list_their_nodes() {
-        let u = BrokerUrl::parse("redis+cluster://:pw@h1:7000,h2:7001/?visibility_timeout=5")
-            .unwrap();
+        let u =
+            BrokerUrl::parse("redis+cluster://:pw@h1:7000,h2:7001/?visibility_timeout=5").unwrap();
         assert_eq!(u.scheme, Scheme::Redis);
         assert!(u.is_cluster());
         assert_eq!(u.cluster_nodes(), ["h1:7000", "h2:7001"]);
@@ -327,7 +332,11 @@ pub(crate) mod tests {
             "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"
         );
         assert!(!BrokerUrl::parse("redis://h/0").unwrap().is_cluster());
-        for bad in ["redis+cluster://h1,h2:7001", "redis+cluster://h1:7000,", "redis+cluster://:0"] {
+        for bad in [
+            "redis+cluster://h1,h2:7001",
+            "redis+cluster://h1:7000,",
+            "redis+cluster://:0",
+        ] {
             assert!(
                 matches!(BrokerUrl::parse(bad), Err(BrokerError::InvalidUrl { .. })),
                 "{bad}"

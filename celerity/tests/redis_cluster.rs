@@ -153,7 +153,8 @@ impl Cluster {
             }
             let serves = f[8..].iter().any(|r| match r.split_once('-') {
                 Some((a, b)) => {
-                    a.parse::<u16>().is_ok_and(|a| a <= slot) && b.parse::<u16>().is_ok_and(|b| slot <= b)
+                    a.parse::<u16>().is_ok_and(|a| a <= slot)
+                        && b.parse::<u16>().is_ok_and(|b| slot <= b)
                 }
                 None => r.parse::<u16>() == Ok(slot),
             });
@@ -177,7 +178,10 @@ impl Cluster {
 fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
-        assert!(start.elapsed() < limit, "condition not met within {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -203,12 +207,20 @@ async fn a_master_killed_mid_drain_loses_no_job() {
         .open(&log_path)
         .expect("worker log");
     let mut cmd = celerity_command(env!("CARGO_BIN_EXE_celerity"));
-    cmd.args(["--broker", &url, "--backend", &backend_url, "worker", "-Q", &q])
-        .args(["-P", &PROCESSES.to_string(), "-c", &CONCURRENCY.to_string()])
-        .env("CELERITY_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log));
+    cmd.args([
+        "--broker",
+        &url,
+        "--backend",
+        &backend_url,
+        "worker",
+        "-Q",
+        &q,
+    ])
+    .args(["-P", &PROCESSES.to_string(), "-c", &CONCURRENCY.to_string()])
+    .env("CELERITY_LOG", "info")
+    .env("NO_COLOR", "1")
+    .stdout(Stdio::null())
+    .stderr(Stdio::from(log));
     let mut pool = ChildGuard::spawn(&mut cmd, "celerity worker");
 
     let broker = connect_broker(&url).await.expect("broker");
@@ -220,7 +232,12 @@ async fn a_master_killed_mid_drain_loses_no_job() {
         .map(|i| {
             let ms = 5 + (i % 11) as u64;
             let m = options
-                .build("demo.sleep_ms", vec![json!(ms)], Map::new(), chrono::Utc::now())
+                .build(
+                    "demo.sleep_ms",
+                    vec![json!(ms)],
+                    Map::new(),
+                    chrono::Utc::now(),
+                )
                 .unwrap();
             expected.insert(m.id().to_owned(), json!(ms));
             m
@@ -238,7 +255,12 @@ async fn a_master_killed_mid_drain_loses_no_job() {
     });
     cluster.kill(queue_master);
     let killed_at = Instant::now();
-    let alive = cluster.ports.iter().copied().find(|p| *p != queue_master).unwrap_or(0);
+    let alive = cluster
+        .ports
+        .iter()
+        .copied()
+        .find(|p| *p != queue_master)
+        .unwrap_or(0);
     wait_until(Duration::from_secs(20), || {
         cluster.master_of_via(alive, &format!("{{{q}}}")) != queue_master
     });
@@ -292,7 +314,10 @@ async fn a_master_killed_mid_drain_loses_no_job() {
     eprintln!(
         "cluster kill: {JOBS} jobs, 0 lost, {duplicates} run twice (bound {in_flight}), all done {took:?} after the kill"
     );
-    assert!(duplicates <= in_flight, "{duplicates} duplicates > {in_flight} in flight");
+    assert!(
+        duplicates <= in_flight,
+        "{duplicates} duplicates > {in_flight} in flight"
+    );
     let _ = broker.purge(&q).await;
 }
 
@@ -310,9 +335,17 @@ async fn operations_across_slots_are_refused_clearly() {
     let e = check_single_slot(&keys).unwrap_err().to_string();
     assert!(e.contains("across hash slots"), "{e}");
     let mut pipe = redis::pipe();
-    pipe.cmd("LPUSH").arg("{a}").arg("x").cmd("LPUSH").arg("{b}").arg("y");
+    pipe.cmd("LPUSH")
+        .arg("{a}")
+        .arg("x")
+        .cmd("LPUSH")
+        .arg("{b}")
+        .arg("y");
     let e = broker.atomic(&keys, &pipe).await.unwrap_err().to_string();
-    assert!(e.contains("across hash slots") && e.contains("nothing was written"), "{e}");
+    assert!(
+        e.contains("across hash slots") && e.contains("nothing was written"),
+        "{e}"
+    );
     // Even with keys misdeclared, the cluster client refuses the pipeline clearly.
     let e = broker
         .atomic(&keys[..1], &pipe)
@@ -320,7 +353,10 @@ async fn operations_across_slots_are_refused_clearly() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("across hash slots"), "{e}");
-    for (key, port) in [("{a}", cluster.master_of("{a}")), ("{b}", cluster.master_of("{b}"))] {
+    for (key, port) in [
+        ("{a}", cluster.master_of("{a}")),
+        ("{b}", cluster.master_of("{b}")),
+    ] {
         assert_eq!(cli(port, &["LLEN", key]).trim(), "0", "{key} was written");
     }
 }

@@ -104,7 +104,11 @@ impl RedisBackend {
             let acks = ReplicaAcks::from_url(url)?;
             let conn = crate::redis::cluster::connect_cluster(url).await?;
             // The listener subscribes on the first seed node (pub/sub spans the cluster).
-            let first = url.cluster_nodes().first().map(String::as_str).unwrap_or("");
+            let first = url
+                .cluster_nodes()
+                .first()
+                .map(String::as_str)
+                .unwrap_or("");
             let node = crate::redis::cluster::node_url(url, first).ok_or_else(|| {
                 BrokerError::InvalidUrl {
                     url: url.redacted(),
@@ -135,7 +139,10 @@ impl RedisBackend {
     }
 
     /// Connects to one server (probing it first), for [`RedisBackend::connect`].
-    async fn connect_single(url: &BrokerUrl, store_script: &Script) -> Result<(Redial, redis::Client)> {
+    async fn connect_single(
+        url: &BrokerUrl,
+        store_script: &Script,
+    ) -> Result<(Redial, redis::Client)> {
         let client = crate::tls::redis_client(url, &client_url(url))?;
         let connect_error = |reason: String| BrokerError::Connect {
             url: url.redacted(),
@@ -194,7 +201,10 @@ impl RedisBackend {
             // One GET per key, sent together: a multi-slot MGET fails whole while one master is
             // failing over, where single-key reads of the other masters still answer.
             let reads = task_ids.iter().map(|id| self.get(id.as_ref()));
-            return futures_util::future::join_all(reads).await.into_iter().collect();
+            return futures_util::future::join_all(reads)
+                .await
+                .into_iter()
+                .collect();
         }
         let keys: Vec<String> = task_ids
             .iter()

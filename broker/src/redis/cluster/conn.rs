@@ -85,13 +85,16 @@ impl ClusterRedial {
         if self.current().0 != generation {
             return;
         }
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.inner.client.get_async_connection()).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.inner.client.get_async_connection()).await
+        {
             Ok(Ok(fresh)) => {
                 tracing::warn!(%error, "redis-cluster: a command timed out; opened a new cluster connection");
                 let mut guard = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
                 *guard = (generation.wrapping_add(1), fresh);
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "redis-cluster: cannot open a new cluster connection"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "redis-cluster: cannot open a new cluster connection")
+            }
             Err(_) => tracing::warn!("redis-cluster: opening a new cluster connection timed out"),
         }
     }
@@ -138,7 +141,9 @@ pub(crate) async fn connect_cluster(url: &BrokerUrl) -> Result<ClusterRedial> {
         reason,
     };
     if url.tls {
-        return Err(connect_error("TLS is not supported on redis+cluster:// yet".into()));
+        return Err(connect_error(
+            "TLS is not supported on redis+cluster:// yet".into(),
+        ));
     }
     let nodes: Vec<String> = url
         .cluster_nodes()
@@ -152,8 +157,9 @@ pub(crate) async fn connect_cluster(url: &BrokerUrl) -> Result<ClusterRedial> {
         .min_retry_wait(100)
         .max_retry_wait(2000);
     let decode = |s: &str| {
-        crate::url::percent_decode(s)
-            .ok_or_else(|| connect_error("the user name or password is not valid percent-encoding".into()))
+        crate::url::percent_decode(s).ok_or_else(|| {
+            connect_error("the user name or password is not valid percent-encoding".into())
+        })
     };
     if !url.base.username().is_empty() {
         builder = builder.username(decode(url.base.username())?);
@@ -193,7 +199,11 @@ pub(crate) fn node_url(url: &BrokerUrl, node: &str) -> Option<String> {
 /// `WAIT` for `acks.replicas` replicas of the node `key` lives on to have every write made so far
 /// on this connection to that node. Fewer replicas within the timeout is logged, not an error: the
 /// write is on the master.
-pub(crate) async fn wait_replicas(conn: &mut ClusterRedial, key: &str, acks: ReplicaAcks) -> Result<()> {
+pub(crate) async fn wait_replicas(
+    conn: &mut ClusterRedial,
+    key: &str,
+    acks: ReplicaAcks,
+) -> Result<()> {
     if acks.replicas == 0 {
         return Ok(());
     }
@@ -253,7 +263,9 @@ pub async fn connect_any(url: &BrokerUrl) -> Result<AnyConn> {
     if url.is_cluster() {
         Ok(AnyConn::Cluster(connect_cluster(url).await?))
     } else {
-        Ok(AnyConn::Single(super::super::shared::connect_manager(url).await?))
+        Ok(AnyConn::Single(
+            super::super::shared::connect_manager(url).await?,
+        ))
     }
 }
 

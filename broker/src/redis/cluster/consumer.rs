@@ -162,7 +162,13 @@ impl ClusterConsumer {
                 Ok(decoded) => {
                     let Some(permit) = permits.pop() else {
                         // Cannot happen (a fetch pops at most one message per permit); give it back.
-                        tokio::spawn(restore_one(self.inner.clone(), f.queue, f.tag, vec![f.score], Side::Next));
+                        tokio::spawn(restore_one(
+                            self.inner.clone(),
+                            f.queue,
+                            f.tag,
+                            vec![f.score],
+                            Side::Next,
+                        ));
                         continue;
                     };
                     self.outstanding
@@ -188,7 +194,8 @@ impl ClusterConsumer {
                     tracing::error!(queue = %f.queue, tag = %f.tag, error = %e, message = %preview(&f.raw), "message does not decode; moved to the dead-letter list");
                     let inner = self.inner.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = dead_letter(&inner, &f.queue, &f.tag, &f.score, f.raw).await {
+                        if let Err(e) = dead_letter(&inner, &f.queue, &f.tag, &f.score, f.raw).await
+                        {
                             tracing::warn!(error = %e, "could not dead-letter; it comes back after the visibility timeout");
                         }
                     });
@@ -216,7 +223,14 @@ impl ClusterConsumer {
         if let Some(p) = self.pending.take() {
             if let Ok(Ok(batch)) = p.task.await {
                 for f in batch.into_iter().filter(|f| f.kind == 1) {
-                    restore_one(self.inner.clone(), f.queue, f.tag, vec![f.score], Side::Next).await;
+                    restore_one(
+                        self.inner.clone(),
+                        f.queue,
+                        f.tag,
+                        vec![f.score],
+                        Side::Next,
+                    )
+                    .await;
                 }
             }
         }
@@ -376,13 +390,25 @@ fn parse_fetch(reply: Value, queue: &str, out: &mut Vec<Fetched>) -> Result<()> 
 /// Gives one delivery back to its queue (marked redelivered; an unreadable record goes to the
 /// queue's dead-letter list), if its score is one of `scores`. Failures are logged: the delivery
 /// then comes back through the sweep after the visibility timeout.
-async fn restore_one(inner: Arc<Inner>, queue: String, tag: String, scores: Vec<String>, side: Side) {
+async fn restore_one(
+    inner: Arc<Inner>,
+    queue: String,
+    tag: String,
+    scores: Vec<String>,
+    side: Side,
+) {
     if let Err(e) = try_restore(&inner, &queue, &tag, &scores, side).await {
         tracing::warn!(queue, tag, error = %e, "could not give a delivery back; it comes back after the visibility timeout");
     }
 }
 
-async fn try_restore(inner: &Inner, queue: &str, tag: &str, scores: &[String], side: Side) -> Result<bool> {
+async fn try_restore(
+    inner: &Inner,
+    queue: &str,
+    tag: &str,
+    scores: &[String],
+    side: Side,
+) -> Result<bool> {
     let k = &inner.keys;
     let mut conn = inner.conn.clone();
     let record: Option<Vec<u8>> = redis::cmd("HGET")
@@ -448,7 +474,13 @@ async fn move_record(
 }
 
 /// Moves a recorded delivery whose envelope does not decode to its queue's dead-letter list.
-async fn dead_letter(inner: &Inner, queue: &str, tag: &str, score: &str, raw: Vec<u8>) -> Result<()> {
+async fn dead_letter(
+    inner: &Inner,
+    queue: &str,
+    tag: &str,
+    score: &str,
+    raw: Vec<u8>,
+) -> Result<()> {
     let k = &inner.keys;
     let record: Option<Vec<u8>> = redis::cmd("HGET")
         .arg(k.unacked(queue))
@@ -458,7 +490,17 @@ async fn dead_letter(inner: &Inner, queue: &str, tag: &str, score: &str, raw: Ve
         .map_err(from_redis)?;
     if let Some(record) = record {
         let dead = k.dead(queue);
-        move_record(inner, queue, tag, &[score.to_owned()], &record, &raw, &dead, Side::Back).await?;
+        move_record(
+            inner,
+            queue,
+            tag,
+            &[score.to_owned()],
+            &record,
+            &raw,
+            &dead,
+            Side::Back,
+        )
+        .await?;
         let keep = i64::from(inner.limits.max_dead_letters);
         let _: () = redis::cmd("LTRIM")
             .arg(&dead)
@@ -517,7 +559,11 @@ pub(crate) async fn sweep_queue(inner: &Inner, queue: &str) -> Result<usize> {
         .await;
     lapsed.map_err(from_redis)?;
     if restored > 0 {
-        tracing::info!(queue, restored, "restored unacked messages older than the visibility timeout");
+        tracing::info!(
+            queue,
+            restored,
+            "restored unacked messages older than the visibility timeout"
+        );
     }
     Ok(restored)
 }
@@ -548,7 +594,10 @@ struct ClusterAck {
 
 impl ClusterAck {
     fn scores(&self) -> Vec<String> {
-        self.scores.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.scores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn forget_outstanding(&self) {
@@ -587,7 +636,14 @@ impl AckHandle for ClusterAck {
 
     async fn reject(self: Box<Self>, requeue: bool) -> Result<()> {
         if requeue {
-            try_restore(&self.inner, &self.queue, &self.tag, &self.scores(), Side::Back).await?;
+            try_restore(
+                &self.inner,
+                &self.queue,
+                &self.tag,
+                &self.scores(),
+                Side::Back,
+            )
+            .await?;
         } else {
             self.settle("").await?;
         }

@@ -112,14 +112,24 @@ mod tests {
         let k = ClusterKeys::new("p:");
         let q = "celery";
         let mut all: Vec<String> = k.priority_keys(q).into();
-        all.extend([k.unacked(q), k.unacked_index(q), k.unacked_mutex(q), k.dead(q)]);
+        all.extend([
+            k.unacked(q),
+            k.unacked_index(q),
+            k.unacked_mutex(q),
+            k.dead(q),
+        ]);
         assert_eq!(all[0], "{p:celery}");
         assert_eq!(all[1], "{p:celery}\x06\x163");
         assert_eq!(k.unacked(q), "{p:celery}.unacked");
         check_single_slot(&all).unwrap();
         // Odd names keep all their keys together too: the tag ends at the first `}`.
         for odd in ["a}b", "{x}", "}", ""] {
-            let keys = [k.queue(odd, 0), k.queue(odd, 9), k.unacked(odd), k.dead(odd)];
+            let keys = [
+                k.queue(odd, 0),
+                k.queue(odd, 9),
+                k.unacked(odd),
+                k.dead(odd),
+            ];
             check_single_slot(&keys).unwrap();
         }
     }

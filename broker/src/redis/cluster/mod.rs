@@ -25,8 +25,10 @@ mod consumer;
 mod keys;
 
 pub use conn::{connect_any, AnyConn, ClusterRedial};
+pub(crate) use conn::{
+    connect_cluster, node_url, wait_replicas, ReplicaAcks, OPTIONS as CONN_OPTIONS,
+};
 pub use keys::check_single_slot;
-pub(crate) use conn::{connect_cluster, node_url, wait_replicas, ReplicaAcks, OPTIONS as CONN_OPTIONS};
 pub(crate) use keys::from_redis;
 use keys::ClusterKeys;
 
@@ -191,7 +193,8 @@ impl Broker for RedisClusterBroker {
     }
 
     async fn publish(&self, queue: &str, message: &Message) -> Result<()> {
-        self.publish_batch(queue, std::slice::from_ref(message)).await
+        self.publish_batch(queue, std::slice::from_ref(message))
+            .await
     }
 
     /// `LPUSH`es in pipelines (one queue: one slot), each followed by `WAIT` for the replicas.
