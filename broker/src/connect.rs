@@ -20,6 +20,10 @@ pub async fn connect_broker(raw: &str) -> Result<Arc<dyn Broker>> {
     match url.scheme {
         Scheme::Memory => Ok(Arc::new(crate::memory::MemoryBroker::from_url(&url)?)),
         #[cfg(feature = "redis")]
+        Scheme::Redis if url.is_cluster() => Ok(Arc::new(
+            crate::redis::RedisClusterBroker::connect(&url).await?,
+        )),
+        #[cfg(feature = "redis")]
         Scheme::Redis => Ok(Arc::new(crate::redis::RedisBroker::connect(&url).await?)),
         #[cfg(not(feature = "redis"))]
         Scheme::Redis => Err(BrokerError::NotCompiled("redis")),

@@ -1,6 +1,8 @@
 //! Broker and backend URLs: which transport, where, and with which options.
 //!
 //! Forms: `memory://[name]`, `redis://[:password@]host[:port][/db]`, `rediss://…` (TLS),
+//! `redis+cluster://[:password@]host:port[,host:port…][/]` (a Redis Cluster: the seed nodes, comma
+//! separated; classified as [`Scheme::Redis`] with [`BrokerUrl::cluster_nodes`] set),
 //! `amqp://user:pass@host[:port][/vhost]`, `amqps://…` (TLS). Options go in the query string
 //! (`redis://localhost/0?global_keyprefix=app1:&visibility_timeout=600`); an option a transport does
 //! not know is an error, so a typo does not silently do nothing. The TLS options of `rediss://` and
@@ -47,6 +49,9 @@ pub struct BrokerUrl {
     /// `base` is `redis://[user:password@]<first sentinel>/<db>`: the master's credentials and
     /// database, at an address only a placeholder until the sentinels name the master.
     pub sentinels: Vec<(String, u16)>,
+    /// `redis+cluster://`: every seed node (`host:port`) as written; empty for any other URL.
+    /// `base` then names the first one.
+    cluster_nodes: Vec<String>,
 }
 
 impl std::fmt::Debug for BrokerUrl {
@@ -69,11 +74,13 @@ impl BrokerUrl {
             url: redact(raw),
             reason,
         };
-        let mut base = url::Url::parse(raw).map_err(|e| invalid(e.to_string()))?;
+        let (first_node, cluster_nodes) = split_cluster_nodes(raw).map_err(invalid)?;
+        let parsed = first_node.as_deref().unwrap_or(raw);
+        let mut base = url::Url::parse(parsed).map_err(|e| invalid(e.to_string()))?;
         check_no_at_after_host(&base).map_err(invalid)?;
         let (scheme, tls) = match base.scheme() {
             "memory" => (Scheme::Memory, false),
-            "redis" | "redis+socket" | "unix" => (Scheme::Redis, false),
+            "redis" | "redis+socket" | "unix" | CLUSTER_SCHEME => (Scheme::Redis, false),
             "rediss" => (Scheme::Redis, true),
             "amqp" | "pyamqp" => (Scheme::Amqp, false),
             "amqps" => (Scheme::Amqp, true),
@@ -92,7 +99,18 @@ impl BrokerUrl {
             base,
             options,
             sentinels: Vec::new(),
+            cluster_nodes,
         })
+    }
+
+    /// The seed nodes (`host:port`) of a `redis+cluster://` URL; empty for any other URL.
+    pub fn cluster_nodes(&self) -> &[String] {
+        &self.cluster_nodes
+    }
+
+    /// True for a `redis+cluster://` URL.
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
     }
 
     /// The URL with any password replaced by `****`, for logs and error messages (see [`redact`]).
@@ -233,6 +251,7 @@ fn parse_sentinel(raw: &str) -> Result<BrokerUrl> {
         base,
         options,
         sentinels,
+        cluster_nodes: Vec::new(),
     };
     match url.option::<String>("master_name")? {
         Some(name) if !name.is_empty() => Ok(url),
@@ -242,6 +261,41 @@ fn parse_sentinel(raw: &str) -> Result<BrokerUrl> {
                 .into(),
         )),
     }
+/// The scheme of a Redis Cluster URL.
+pub const CLUSTER_SCHEME: &str = "redis+cluster";
+
+/// For a `redis+cluster://` URL: the URL rewritten to name its first node only (so it parses as
+/// one URL, with the user info, path and query kept), and every node's `host:port`. `(None, [])`
+/// for any other URL. The error names no password.
+fn split_cluster_nodes(raw: &str) -> std::result::Result<(Option<String>, Vec<String>), String> {
+    let Some(rest) = raw
+        .strip_prefix(CLUSTER_SCHEME)
+        .and_then(|r| r.strip_prefix("://"))
+    else {
+        return Ok((None, Vec::new()));
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    let nodes: Vec<String> = hosts.split(',').map(str::to_owned).collect();
+    let well_formed = |n: &String| {
+        n.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        })
+    };
+    // The node is not quoted: with a password holding `/`, `?` or `#` it would be part of it.
+    if !nodes.iter().all(well_formed) {
+        return Err(
+            "every cluster node must be `host:port` (write the nodes as h1:7000,h2:7001; \
+                    a `/`, `?`, `#` or `@` in a password as %2F, %3F, %23 or %40)"
+                .into(),
+        );
+    }
+    let first = format!("{CLUSTER_SCHEME}://{userinfo}{}{tail}", nodes[0]);
+    Ok((Some(first), nodes))
 }
 
 /// What stands for a hidden password.
@@ -284,7 +338,8 @@ pub fn redact(raw: &str) -> String {
     let port_ok = port.is_empty()
         || port
             .strip_prefix(':')
-            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        || (scheme.starts_with(CLUSTER_SCHEME) && is_node_list(authority));
     if port_ok {
         format!("{scheme}{authority}{}", redact_query(tail))
     } else {
@@ -318,6 +373,16 @@ fn redact_sentinels(raw: &str) -> String {
 }
 
 /// Hides the values of `pass` and any `…password` option in the query string of `tail` (a URL's path and on).
+/// True for `host:port[,host:port…]` with numeric ports (a cluster URL's node list).
+fn is_node_list(authority: &str) -> bool {
+    authority.split(',').all(|node| {
+        node.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())
+        })
+    })
+}
+
+/// Hides the values of `pass` and `password` in the query string of `tail` (a URL's path and on).
 fn redact_query(tail: &str) -> String {
     let Some((path, query)) = tail.split_once('?') else {
         return tail.to_owned();
@@ -387,6 +452,37 @@ pub(crate) mod tests {
             BrokerUrl::parse("not a url"),
             Err(BrokerError::InvalidUrl { .. })
         ));
+    }
+
+    #[test]
+    fn cluster_urls_list_their_nodes() {
+        let u =
+            BrokerUrl::parse("redis+cluster://:pw@h1:7000,h2:7001/?visibility_timeout=5").unwrap();
+        assert_eq!(u.scheme, Scheme::Redis);
+        assert!(u.is_cluster());
+        assert_eq!(u.cluster_nodes(), ["h1:7000", "h2:7001"]);
+        assert_eq!(u.base.host_str(), Some("h1"));
+        assert_eq!(u.base.password(), Some("pw"));
+        assert_eq!(u.option::<u64>("visibility_timeout").unwrap(), Some(5));
+        assert_eq!(
+            u.redacted(),
+            "redis+cluster://:****@h1:7000,h2:7001/?visibility_timeout=5"
+        );
+        assert_eq!(
+            redact("redis+cluster://127.0.0.1:7000,127.0.0.1:7001"),
+            "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"
+        );
+        assert!(!BrokerUrl::parse("redis://h/0").unwrap().is_cluster());
+        for bad in [
+            "redis+cluster://h1,h2:7001",
+            "redis+cluster://h1:7000,",
+            "redis+cluster://:0",
+        ] {
+            assert!(
+                matches!(BrokerUrl::parse(bad), Err(BrokerError::InvalidUrl { .. })),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -504,6 +600,7 @@ pub(crate) mod tests {
             urls.push(format!(
                 "sentinel://h1;sentinel://u:{pw}@h2/0?master_name=m"
             ));
+            urls.push(format!("redis+cluster://:{pw}@h1:7000,h2:7001/?x=1"));
             // The host forgotten: unless a password holding `@` names a host, or one starting with
             // digits a port, it does not parse.
             if !pw.contains('@') && !pw.starts_with(|c: char| c.is_ascii_digit()) {

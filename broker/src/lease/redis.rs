@@ -6,6 +6,9 @@
 //! - `<stem>.epoch`: the fencing epoch, `INCR`ed with every acquisition;
 //! - `<stem>.last_run`: a hash, entry → Unix seconds of the tick it last ran for.
 //!
+//! On `redis+cluster://` the stem is hash-tagged (`{<global_keyprefix><stem>}.lock`, …) so the
+//! scripts' keys share one slot.
+//!
 //! Recording a tick is fenced (`scripts/record.lua`): it writes only while our token and epoch are
 //! current, so a holder that lost the lock (paused, partitioned) can no longer claim, and then act
 //! on, a tick.
@@ -14,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use crate::redis::Redial;
+use crate::redis::AnyConn;
 use redis::{AsyncCommands, Script};
 
 use super::{Lease, Recorded};
@@ -31,7 +34,7 @@ static RECORD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 /// A connection to the Redis holding a lease and its last-run hash.
 #[derive(Clone)]
 pub struct RedisLease {
-    conn: Redial,
+    conn: AnyConn,
     /// `<global_keyprefix><stem>`.
     stem: String,
 }
@@ -55,11 +58,14 @@ impl RedisLease {
         let prefix = url
             .option::<String>("global_keyprefix")?
             .unwrap_or_default();
-        let conn = crate::redis::connect_manager(url).await?;
-        Ok(RedisLease {
-            conn,
-            stem: format!("{prefix}{stem}"),
-        })
+        let conn = crate::redis::connect_any(url).await?;
+        // On a cluster the lease's scripts touch all three keys: one hash tag keeps them in one slot.
+        let stem = if conn.is_cluster() {
+            format!("{{{prefix}{stem}}}")
+        } else {
+            format!("{prefix}{stem}")
+        };
+        Ok(RedisLease { conn, stem })
     }
 
     fn lock_key(&self) -> String {

@@ -1,6 +1,6 @@
 //! Every Redis key name the transport uses, in kombu's layout, with the `global_keyprefix` applied.
 //!
-//! Nothing outside this module formats a key. The names are kombu 5.x's: queues are lists named after
+//! Nothing outside this module formats a key (save `cluster/keys.rs`, the `redis+cluster://` layout). The names are kombu 5.x's: queues are lists named after
 //! the queue (one per priority step), bindings are sets `_kombu.binding.<exchange>`, and the ack
 //! emulation uses the hash `unacked`, the sorted set `unacked_index` and the lock `unacked_mutex`.
 //! Our own additions are only the dead-letter lists (`<queue>.celerity.dead`, `celerity.dead`).

@@ -14,6 +14,7 @@
 //!   channels (`fanout.rs`); remote-control replies go through kombu's direct-exchange routing to
 //!   the asker's list (`direct.rs`).
 //!
+//! - `redis+cluster://` is a transport of its own with a key layout of our own (`cluster/`).
 //! - What the broker, its consumers and handles share, and opening connections, is the leaf
 //!   `shared.rs` (the parts import it, never this file).
 //!
@@ -26,6 +27,7 @@
 //! Needs Redis ≥ 6.2 (`BLMOVE`, `RPOP` with a count, `ZRANGE … BYSCORE`).
 
 mod ack;
+pub mod cluster;
 mod consumer;
 mod direct;
 pub(crate) mod envelope;
@@ -40,6 +42,7 @@ pub(crate) mod sentinel;
 mod shared;
 mod waiter;
 
+pub use cluster::{connect_any, AnyConn, RedisClusterBroker};
 pub use rate_limit::RedisRateLimiter;
 pub use redial::Redial;
 pub use shared::connect_manager;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::redial::Redial;
+use super::cluster::AnyConn;
 use redis::Script;
 
 use super::restore::unix_now;
@@ -17,7 +17,7 @@ static TAKE: std::sync::LazyLock<Script> =
 /// Cluster-wide token buckets on one Redis.
 #[derive(Clone)]
 pub struct RedisRateLimiter {
-    conn: Redial,
+    conn: AnyConn,
     prefix: String,
 }
 
@@ -37,7 +37,7 @@ impl RedisRateLimiter {
         let prefix = url
             .option::<String>("global_keyprefix")?
             .unwrap_or_default();
-        let conn = super::shared::connect_manager(&url).await?;
+        let conn = super::cluster::connect_any(&url).await?;
         Ok(RedisRateLimiter { conn, prefix })
     }
 

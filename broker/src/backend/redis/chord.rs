@@ -36,13 +36,18 @@ fn done_script() -> &'static Script {
 type PartReply = (i64, Option<i64>, Option<i64>, i64, Vec<Vec<u8>>);
 
 impl RedisBackend {
-    /// `<global prefix>celery-taskset-meta-<gid><suffix>`.
+    /// `<global prefix>celery-taskset-meta-<gid><suffix>` (`…-{<gid>}<suffix>` on a cluster).
     fn group_key(&self, group_id: &str, suffix: &str) -> String {
         let global = self
             .task_prefix
             .strip_suffix(super::TASK_KEYPREFIX)
             .unwrap_or("");
-        format!("{global}{GROUP_KEYPREFIX}{group_id}{suffix}")
+        if self.cluster.is_some() {
+            // One hash tag per group: the join scripts touch several of its keys at once.
+            format!("{global}{GROUP_KEYPREFIX}{{{group_id}}}{suffix}")
+        } else {
+            format!("{global}{GROUP_KEYPREFIX}{group_id}{suffix}")
+        }
     }
 
     pub(super) async fn chord_set_size(&self, group_id: &str, size: usize) -> Result<()> {

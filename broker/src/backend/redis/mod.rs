@@ -18,6 +18,7 @@
 //! second, so a result stored in between is never missed.
 
 mod chord;
+mod cluster;
 mod listener;
 mod store_batch;
 
@@ -28,7 +29,8 @@ use async_trait::async_trait;
 use futures_util::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::redis::Redial;
+use crate::redis::cluster::ReplicaAcks;
+use crate::redis::{AnyConn, Redial};
 use redis::{AsyncConnectionConfig, ErrorKind, Script, ServerErrorKind};
 use tokio::time::Instant;
 
@@ -55,7 +57,9 @@ const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A connection to a Redis result backend.
 pub struct RedisBackend {
-    conn: Redial,
+    conn: AnyConn,
+    /// On `redis+cluster://`: how many replicas each write waits for (see `cluster.rs`).
+    cluster: Option<ReplicaAcks>,
     store_script: Script,
     /// `<global_keyprefix>celery-task-meta-`.
     task_prefix: String,
@@ -72,7 +76,12 @@ impl RedisBackend {
     /// Connects, failing within a few seconds with [`BrokerError::Connect`] if the server cannot be
     /// reached (or refuses our credentials).
     pub async fn connect(url: &BrokerUrl) -> Result<Self> {
-        url.check_options(&[OPTIONS, crate::tls::OPTIONS].concat())?;
+        let cluster_options = if url.is_cluster() {
+            crate::redis::cluster::CONN_OPTIONS
+        } else {
+            &[]
+        };
+        url.check_options(&[OPTIONS, crate::tls::OPTIONS, cluster_options].concat())?;
         let global_prefix = url.option::<String>("global_keyprefix")?;
         let expires = url
             .option::<u64>("result_expires")?
@@ -90,6 +99,50 @@ impl RedisBackend {
                     ),
                 })?,
         };
+        let store_script = Script::new(include_str!("scripts/store.lua"));
+        let (conn, client, cluster) = if url.is_cluster() {
+            let acks = ReplicaAcks::from_url(url)?;
+            let conn = crate::redis::cluster::connect_cluster(url).await?;
+            // The listener subscribes on the first seed node (pub/sub spans the cluster).
+            let first = url
+                .cluster_nodes()
+                .first()
+                .map(String::as_str)
+                .unwrap_or("");
+            let node = crate::redis::cluster::node_url(url, first).ok_or_else(|| {
+                BrokerError::InvalidUrl {
+                    url: url.redacted(),
+                    reason: "the first cluster node does not fit a URL".into(),
+                }
+            })?;
+            let client = crate::redis::sentinel::Dialer::Fixed(Box::new(redis::Client::open(node.as_str())?));
+            (AnyConn::Cluster(conn), client, Some(acks))
+        } else {
+            let (conn, client) = Self::connect_single(url, &store_script).await?;
+            (AnyConn::Single(conn), client, None)
+        };
+        tracing::debug!(url = %url.redacted(), expires, ?poll_interval, "redis result backend connected");
+        Ok(RedisBackend {
+            writer: store_batch::StoreBatcher::start(conn.clone(), expires, cluster),
+            conn,
+            cluster,
+            store_script,
+            task_prefix: format!(
+                "{}{TASK_KEYPREFIX}",
+                global_keyprefix(global_prefix.as_deref())
+            ),
+            expires,
+            poll_interval,
+            listener: Listener::new(client, url.redacted()),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Connects to one server (probing it first), for [`RedisBackend::connect`].
+    async fn connect_single(
+        url: &BrokerUrl,
+        store_script: &Script,
+    ) -> Result<(Redial, crate::redis::sentinel::Dialer)> {
         let client = crate::redis::sentinel::Dialer::open(url, &client_url(url))?;
         let connect_error = |reason: String| BrokerError::Connect {
             url: url.redacted(),
@@ -98,7 +151,6 @@ impl RedisBackend {
 
         // Probe once, quickly: the connection manager below retries for a while before giving up.
         // Loading the script also checks the credentials and the database number.
-        let store_script = Script::new(include_str!("scripts/store.lua"));
         let probe = async {
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -139,20 +191,7 @@ impl RedisBackend {
                 )))
             }
         };
-        tracing::debug!(url = %url.redacted(), expires, ?poll_interval, "redis result backend connected");
-        Ok(RedisBackend {
-            writer: store_batch::StoreBatcher::start(conn.clone(), expires),
-            conn,
-            store_script,
-            task_prefix: format!(
-                "{}{TASK_KEYPREFIX}",
-                global_keyprefix(global_prefix.as_deref())
-            ),
-            expires,
-            poll_interval,
-            listener: Listener::new(client, url.redacted()),
-            closed: AtomicBool::new(false),
-        })
+        Ok((conn, client))
     }
 
     /// The current states of many tasks in one round trip (`MGET`), in the order asked;
@@ -161,6 +200,15 @@ impl RedisBackend {
         self.check_open()?;
         if task_ids.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.cluster.is_some() {
+            // One GET per key, sent together: a multi-slot MGET fails whole while one master is
+            // failing over, where single-key reads of the other masters still answer.
+            let reads = task_ids.iter().map(|id| self.get(id.as_ref()));
+            return futures_util::future::join_all(reads)
+                .await
+                .into_iter()
+                .collect();
         }
         let keys: Vec<String> = task_ids
             .iter()
@@ -280,6 +328,14 @@ impl ResultBackend for RedisBackend {
 
     async fn store_many(&self, metas: &[TaskMeta]) -> Result<()> {
         self.check_open()?;
+        if self.cluster.is_some() {
+            // One pipeline may not cross slots: concurrent grouped writes instead.
+            let stores = metas.iter().map(|m| self.store(m));
+            for r in futures_util::future::join_all(stores).await {
+                r?;
+            }
+            return Ok(());
+        }
         let mut conn = self.conn.clone();
         for chunk in metas.chunks(STORE_BATCH) {
             let mut pipe = redis::pipe();

@@ -4,7 +4,8 @@
 
 use std::sync::LazyLock;
 
-use crate::redis::Redial;
+use crate::redis::cluster::ReplicaAcks;
+use crate::redis::AnyConn;
 use redis::Script;
 
 use crate::error::Result;
@@ -21,11 +22,18 @@ pub(super) struct StoreBatcher(GroupCommit<(String, Vec<u8>)>);
 
 impl StoreBatcher {
     /// Starts the batching task (needs a Tokio runtime).
-    pub(super) fn start(conn: Redial, expires: u64) -> StoreBatcher {
+    /// On a cluster (`acks` given) a batch is split by hash slot (see [`super::cluster`]).
+    pub(super) fn start(conn: AnyConn, expires: u64, acks: Option<ReplicaAcks>) -> StoreBatcher {
         StoreBatcher(GroupCommit::start(
             MAX_BATCH,
             "result writer",
             move |batch: Vec<(String, Vec<u8>)>| {
+                if let (Some(acks), AnyConn::Cluster(c)) = (acks, &conn) {
+                    let c = c.clone();
+                    return futures_util::FutureExt::boxed(async move {
+                        super::cluster::store_by_slot(c, &STORE_MANY, batch, expires, acks).await
+                    });
+                }
                 let mut inv = STORE_MANY.prepare_invoke();
                 inv.arg(expires);
                 for (key, json) in &batch {
@@ -34,7 +42,9 @@ impl StoreBatcher {
                 let mut conn = conn.clone();
                 // Not retried here: the caller retries its own write (a state stored twice is
                 // harmless).
-                async move { Ok(inv.invoke_async::<Vec<i64>>(&mut conn).await?) }
+                futures_util::FutureExt::boxed(async move {
+                    Ok(inv.invoke_async::<Vec<i64>>(&mut conn).await?)
+                })
             },
         ))
     }
