@@ -3,7 +3,8 @@
 //!
 //! [`connect_broker`] opens `memory://`, `redis://`/`rediss://` or `amqp://`/`amqps://` (a scheme whose
 //! crate feature is off is [`BrokerError::NotCompiled`]); [`connect_backend`] opens `memory://` or
-//! `redis://`. Parsing the URL itself is [`crate::url`]'s.
+//! `redis://`. Parsing the URL itself is [`crate::url`]'s. A failover list (`url1;url2`) is taken by
+//! the AMQP transport only; elsewhere it is an error rather than a silent use of its first URL.
 
 use std::sync::Arc;
 
@@ -15,6 +16,9 @@ use crate::url::{BrokerUrl, Scheme};
 /// Connects to the broker a URL names.
 pub async fn connect_broker(raw: &str) -> Result<Arc<dyn Broker>> {
     let url = BrokerUrl::parse(raw)?;
+    if url.scheme != Scheme::Amqp {
+        url.reject_list()?;
+    }
     match url.scheme {
         Scheme::Memory => Ok(Arc::new(crate::memory::MemoryBroker::from_url(&url)?)),
         #[cfg(feature = "redis")]
@@ -31,6 +35,7 @@ pub async fn connect_broker(raw: &str) -> Result<Arc<dyn Broker>> {
 /// Connects to the result backend a URL names (`memory://` or `redis://`).
 pub async fn connect_backend(raw: &str) -> Result<Arc<dyn ResultBackend>> {
     let url = BrokerUrl::parse(raw)?;
+    url.reject_list()?;
     match url.scheme {
         Scheme::Memory => Ok(Arc::new(crate::backend::memory::MemoryBackend::from_url(
             &url,

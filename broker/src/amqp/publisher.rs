@@ -245,7 +245,7 @@ impl Publisher {
         seconds: u64,
     ) -> Result<()> {
         let rk = short_string(queue, "queue name")?;
-        let level = super::delay::level_name(seconds);
+        let level = super::delay::level_name(seconds, self.config.quorum);
         let exchange = short_string(&level, "delay exchange")?;
         // The hop's own lifetime is the queue's; a per-message `expiration` would cut it short.
         let mut hop = message.clone();
@@ -256,7 +256,7 @@ impl Publisher {
             let body = &message.body;
             async move {
                 if !link.is_declared(level) {
-                    super::delay::declare_level(&link.channel, seconds)
+                    super::delay::declare_level(&link.channel, seconds, self.config.quorum)
                         .await
                         .map_err(lapin_err)?;
                     link.mark_declared(level);
