@@ -7,6 +7,8 @@
 //! - [`process`]: child processes killed and reaped on drop, the `celerity` binary's command line;
 //! - [`rabbit`]: a RabbitMQ node of the test's own, with settings the shared one must not get, that a
 //!   test can crash and restart;
+//! - [`rabbit_cluster`]: a three-node RabbitMQ cluster of the test's own, on ports it chooses, one
+//!   node of which it can kill;
 //! - [`tls`]: a throwaway test CA (`openssl`) and a TLS-only `redis-server` of the test's own;
 //! - `worker` (feature `worker`): our worker running in the test's own process.
 //!
@@ -19,6 +21,7 @@ pub mod names;
 pub mod netcut;
 pub mod process;
 pub mod rabbit;
+pub mod rabbit_cluster;
 pub mod tls;
 #[cfg(feature = "worker")]
 pub mod worker;

@@ -59,9 +59,8 @@ fn confirmed(c: Confirmation, queue: &str) -> Result<()> {
             })
         }
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Nack(None) => Err(BrokerError::Transport {
-            transport: "amqp",
-            message: "the broker nacked the publish (it could not store the message)".into(),
+        Confirmation::Nack(None) => Err(BrokerError::Nacked {
+            queue: queue.to_owned(),
         }),
     }
 }
@@ -100,6 +99,11 @@ impl Publisher {
             Err(e) if e.is_connection() && !self.link.is_closed() => {
                 tracing::warn!(error = %e, "amqp: {what} hit a lost connection; reconnecting and retrying once");
                 self.link.discard(&link).await;
+                op(self.link.get().await?).await
+            }
+            Err(e @ BrokerError::Nacked { .. }) if !self.link.is_closed() => {
+                tracing::warn!(error = %e, "amqp: {what} was nacked; retrying once on a new channel");
+                self.link.renew_channel(&link).await;
                 op(self.link.get().await?).await
             }
             other => other,
@@ -228,6 +232,14 @@ impl Publisher {
                 Err((failed, e)) if e.is_connection() && !retried && !self.link.is_closed() => {
                     tracing::warn!(error = %e, unconfirmed = failed.len(), "amqp: batch publish hit a lost connection; reconnecting and resending the unconfirmed messages once");
                     self.link.discard(&link).await;
+                    todo = failed;
+                    retried = true;
+                }
+                Err((failed, e @ BrokerError::Nacked { .. }))
+                    if !retried && !self.link.is_closed() =>
+                {
+                    tracing::warn!(error = %e, unconfirmed = failed.len(), "amqp: batch publish was nacked; resending the unconfirmed messages once on a new channel");
+                    self.link.renew_channel(&link).await;
                     todo = failed;
                     retried = true;
                 }
