@@ -1,4 +1,4 @@
-//! A three-node RabbitMQ cluster of the test's own ([`RabbitCluster`]): node names
+//! A RabbitMQ cluster of the test's own ([`RabbitCluster`], usually three nodes; one is a lone node): node names
 //! `celerity-<tag><i>@localhost`, AMQP ports and Erlang distribution ports the test chooses (from its
 //! private range), listeners on one address (127.0.0.1, or a test network's own address), data and
 //! logs in a temporary directory, a cookie of its own, and no plugins.
@@ -28,7 +28,7 @@ pub struct NodePorts {
     pub dist: u16,
 }
 
-/// A running three-node cluster; killed and removed on drop.
+/// A running cluster; killed and removed on drop.
 #[derive(Debug)]
 pub struct RabbitCluster {
     dir: PathBuf,
@@ -43,13 +43,13 @@ pub struct RabbitCluster {
 }
 
 impl RabbitCluster {
-    /// Starts three nodes listening on `bind` at `ports` and joins them; `rabbitmqctl` uses
+    /// Starts one node per entry of `ports`, listening on `bind`, and joins them; `rabbitmqctl` uses
     /// distribution ports `ctl_ports`. Returns why not if RabbitMQ is not installed or a step failed
     /// (whatever was started is stopped again).
     pub async fn start(
         bind: &str,
         tag: &str,
-        ports: [NodePorts; 3],
+        ports: &[NodePorts],
         ctl_ports: (u16, u16),
     ) -> Result<RabbitCluster, String> {
         if !Path::new(SERVER).exists() {
@@ -71,15 +71,16 @@ impl RabbitCluster {
             started_in: Duration::ZERO,
         };
         cluster.write_files()?;
-        for i in 0..3 {
+        let count = ports.len();
+        for i in 0..count {
             let child = cluster.spawn(i)?;
             cluster.children.push(Some(child));
         }
-        for i in 0..3 {
+        for i in 0..count {
             cluster.wait_amqp(i).await?;
         }
         let first = cluster.node_name(0);
-        for i in 1..3 {
+        for i in 1..count {
             let node = cluster.node_name(i);
             cluster.ctl(&["-n", &node, "stop_app"])?;
             cluster.ctl(&["-n", &node, "join_cluster", &first])?;
@@ -214,15 +215,18 @@ impl RabbitCluster {
         )
     }
 
-    /// kombu's failover list of all three nodes, with `query` (`?queue_type=quorum`) on the first.
+    /// kombu's failover list of every node, with `query` (`?queue_type=quorum`) on the first.
     pub fn failover_url(&self, query: &str) -> String {
-        let urls: Vec<String> = (0..3).map(|i| self.node_url(i)).collect();
-        format!("{}{query};{};{}", urls[0], urls[1], urls[2])
+        let mut urls: Vec<String> = (0..self.ports.len()).map(|i| self.node_url(i)).collect();
+        if let Some(first) = urls.first_mut() {
+            first.push_str(query);
+        }
+        urls.join(";")
     }
 
     /// The index of the node leading quorum queue `queue`, asked of a running node.
     pub fn leader_of(&self, queue: &str) -> Result<usize, String> {
-        let ask = (0..3)
+        let ask = (0..self.children.len())
             .find(|i| self.children[*i].is_some())
             .ok_or("no node is running")?;
         let out = self.ctl(&[
@@ -240,7 +244,7 @@ impl RabbitCluster {
             .find(|(name, _)| name.trim() == queue)
             .map(|(_, leader)| leader.trim().to_owned())
             .ok_or_else(|| format!("queue {queue} not listed: {out}"))?;
-        (0..3)
+        (0..self.ports.len())
             .find(|i| self.node_name(*i) == leader)
             .ok_or_else(|| format!("leader {leader} is not one of ours"))
     }

@@ -37,7 +37,7 @@ fn ports() -> [NodePorts; 3] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_quorum_queue_leader_mid_load_loses_no_job() {
-    let mut cluster = match RabbitCluster::start("127.0.0.1", "q", ports(), (25711, 25715)).await {
+    let mut cluster = match RabbitCluster::start("127.0.0.1", "q", &ports(), (25711, 25715)).await {
         Ok(c) => c,
         Err(why) if why.contains("not installed") => {
             eprintln!("SKIPPED: no RabbitMQ cluster here: {why}");
