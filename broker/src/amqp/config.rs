@@ -4,7 +4,7 @@
 //! The vhost follows kombu: `amqp://host//` and `amqp://host/` both mean vhost `/`, `amqp://host/%2f`
 //! too, and `amqp://host/app` means `app`. Missing credentials default to `guest:guest`.
 //! Query options: `max_priority` (declare queues with `x-max-priority`), `queue_type`
-//! (`classic` | `quorum`), `heartbeat` (seconds, default 60), `connect_timeout` (seconds, default 5),
+//! (`classic` | `quorum`), `delivery_limit` (quorum only: `x-delivery-limit`), `heartbeat` (seconds, default 60), `connect_timeout` (seconds, default 5),
 //! `consumer_timeout` (seconds; asks RabbitMQ to allow a consumer's delivery that long unacked, see
 //! [`AmqpConfig::consumer_args`]), and lapin's own `frame_max` (default here [`DEFAULT_FRAME_MAX`],
 //! see there), `channel_max`, `auth_mechanism`, and `max_message_size`, `max_dead_letters`
@@ -14,6 +14,10 @@
 //! kombu takes these as `broker_use_ssl` transport options, not in the URL; the names are the same
 //! as its `ssl` dictionary's keys (`ca_certs`, `certfile`, `keyfile`, `cert_reqs`), with redis-py's
 //! `ssl_` prefix, so one spelling serves both brokers.
+//!
+//! A failover list (`amqp://h1//?options;amqp://h2//`, kombu's spelling) gives one [`Node`] per URL:
+//! each its own credentials, host, port and vhost; the options are the first URL's (a later URL may
+//! repeat them exactly, or have none).
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
