@@ -292,7 +292,7 @@ impl Node {
                 vhost,
                 query,
             },
-            redacted: crate::url::redact(&url.base.to_string()),
+            redacted: crate::url::redact(url.base.as_str()),
         })
     }
 }
@@ -477,6 +477,9 @@ mod tests {
             match cfg(&raw) {
                 Ok(c) => {
                     assert!(!c.redacted.contains("Zq9x"), "{raw:?}");
+                    for node in &c.nodes {
+                        assert!(!node.redacted.contains("Zq9x"), "{raw:?}");
+                    }
                     let debug = format!("{:?}", c.redacted);
                     assert!(!debug.contains("Zq9x"), "{raw:?}");
                 }

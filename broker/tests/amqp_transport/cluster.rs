@@ -8,6 +8,8 @@
 //! new leader was elected (RabbitMQ 3.10): the publisher now retries a nacked publish on a new
 //! channel.
 //!
+//! A second test needs no cluster: a list whose first node is dead connects to the next one.
+//!
 //! Skipped, with a message, where RabbitMQ is not installed. The cluster's start-up time is printed
 //! (about 20 s on an idle 2-core machine).
 
@@ -59,7 +61,10 @@ async fn killing_the_quorum_queue_leader_mid_load_loses_no_job() {
     let killed = Arc::new(AtomicBool::new(false));
     let published_after_kill = Arc::new(AtomicUsize::new(0));
 
-    let mut consumer = broker.consume(&[queue.clone()], 50).await.unwrap();
+    let mut consumer = broker
+        .consume(std::slice::from_ref(&queue), 50)
+        .await
+        .unwrap();
     let drain = {
         let (seen, deliveries) = (seen.clone(), deliveries.clone());
         tokio::spawn(async move {
@@ -135,7 +140,7 @@ async fn killing_the_quorum_queue_leader_mid_load_loses_no_job() {
         .unwrap();
 
     watch.abort();
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     let missing: Vec<usize> = (0..JOBS)
         .filter(|n| !seen.contains(&(*n as u64)))
         .take(10)
@@ -160,4 +165,114 @@ async fn killing_the_quorum_queue_leader_mid_load_loses_no_job() {
         "a surviving node leads the queue"
     );
     broker.close().await.unwrap();
+}
+
+/// Without a cluster: a failover list whose first node does not answer (nothing listens on
+/// 127.0.0.1:5719, in this suite's private range) connects to the next (the shared RabbitMQ), and
+/// publishing and consuming work there; a list where no node answers fails with an error naming
+/// every node, passwords hidden.
+#[tokio::test]
+async fn a_failover_list_skips_a_dead_node_and_names_every_node_when_none_answers() {
+    let queue = format!("celerity-test-failover-{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = celerity_testsupport::Cleanup::new().amqp_queue(queue.as_str());
+    let dead = "amqp://guest:Zq9xdead@127.0.0.1:5719//";
+    let url = format!("{dead}?connect_timeout=2;{}", super::URL);
+    let broker = connect_broker(&url).await.unwrap();
+    broker.publish(&queue, &msg(7)).await.unwrap();
+    let mut consumer = broker
+        .consume(std::slice::from_ref(&queue), 1)
+        .await
+        .unwrap();
+    let d = super::next_within(&mut consumer, 10.0)
+        .await
+        .expect("a delivery");
+    assert_eq!(super::n_of(&d), 7);
+    d.ack().await.unwrap();
+    consumer.close().await.unwrap();
+    broker.close().await.unwrap();
+
+    let none = format!("{dead}?connect_timeout=2;amqp://guest:Zq9xdead@127.0.0.1:5718//");
+    let Err(e) = connect_broker(&none).await else {
+        panic!("connected to a list of dead nodes")
+    };
+    let e = e.to_string();
+    assert!(e.contains(":5719") && e.contains(":5718"), "{e}");
+    assert!(!e.contains("Zq9x"), "{e}");
+}
+
+/// With `queue_type=quorum`, a job parked until later (an ETA) waits on quorum delay levels (a
+/// classic level lives on one node: a parked job would be out of reach while it is down) and comes
+/// back to its quorum queue when due. The level `celerity.delay.quorum.1` is shared by every test and
+/// worker on this RabbitMQ, so it is left in place.
+#[tokio::test]
+async fn a_job_parked_on_a_quorum_queue_waits_on_a_quorum_level() {
+    let queue = format!("celerity-test-qpark-{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = celerity_testsupport::Cleanup::new().amqp_queue(queue.as_str());
+    let broker = connect_broker(&format!("{}?queue_type=quorum", super::URL))
+        .await
+        .unwrap();
+    broker.publish(&queue, &msg(1)).await.unwrap();
+    let mut consumer = broker
+        .consume(std::slice::from_ref(&queue), 1)
+        .await
+        .unwrap();
+    let d = super::next_within(&mut consumer, 10.0)
+        .await
+        .expect("a delivery");
+    let due = std::time::SystemTime::now() + Duration::from_millis(1500);
+    assert!(d.can_park(due));
+    let parked = std::time::Instant::now();
+    d.park(due).await.unwrap();
+    // It waits on the quorum level now (for a second).
+    let admin = super::admin().await;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let ch = admin.create_channel().await.unwrap();
+    let level = ch
+        .queue_declare(
+            "celerity.delay.quorum.1".into(),
+            passive,
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("the quorum delay level exists");
+    assert!(
+        level.message_count() >= 1,
+        "the job is not on the quorum level"
+    );
+    let back = super::next_within(&mut consumer, 15.0)
+        .await
+        .expect("the parked job came back");
+    // One hop of the 1 s level (the worker parks it again or holds it for the last half second).
+    assert!(
+        parked.elapsed() >= Duration::from_secs(1),
+        "back before its hop"
+    );
+    assert_eq!(super::n_of(&back), 1);
+    back.ack().await.unwrap();
+    consumer.close().await.unwrap();
+    broker.close().await.unwrap();
+
+    // The level is a quorum queue: declaring it as a classic one is refused.
+    let ch = admin.create_channel().await.unwrap();
+    let mut classic = lapin::types::FieldTable::default();
+    classic.insert(
+        "x-message-ttl".into(),
+        lapin::types::AMQPValue::LongLongInt(1000),
+    );
+    classic.insert(
+        "x-dead-letter-exchange".into(),
+        lapin::types::AMQPValue::LongString("".into()),
+    );
+    let durable = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    assert!(ch
+        .queue_declare("celerity.delay.quorum.1".into(), durable, classic)
+        .await
+        .is_err());
+    let _ = admin.close(200, "OK".into()).await;
 }
