@@ -5,7 +5,8 @@
 //! crate feature is off is [`BrokerError::NotCompiled`]); [`connect_backend`] opens `memory://`,
 //! `redis://`, `db+postgresql://` (also `postgresql://`, `postgres://`) or `rpc://host…`, and
 //! [`connect_backend_for`] also a bare `rpc://`, which uses the broker's RabbitMQ. Parsing the URL
-//! itself is [`crate::url`]'s.
+//! itself is [`crate::url`]'s. A failover list (`url1;url2`) is taken by the AMQP transport only;
+//! elsewhere it is an error rather than a silent use of its first URL.
 
 use std::sync::Arc;
 
@@ -17,6 +18,9 @@ use crate::url::{BrokerUrl, Scheme};
 /// Connects to the broker a URL names.
 pub async fn connect_broker(raw: &str) -> Result<Arc<dyn Broker>> {
     let url = BrokerUrl::parse(raw)?;
+    if url.scheme != Scheme::Amqp {
+        url.reject_list()?;
+    }
     match url.scheme {
         Scheme::Memory => Ok(Arc::new(crate::memory::MemoryBroker::from_url(&url)?)),
         #[cfg(feature = "redis")]
@@ -63,6 +67,7 @@ pub async fn connect_backend_for(
     #[cfg(not(feature = "amqp"))]
     let _ = broker;
     let url = BrokerUrl::parse(raw)?;
+    url.reject_list()?;
     match url.scheme {
         Scheme::Memory => Ok(Arc::new(crate::backend::memory::MemoryBackend::from_url(
             &url,

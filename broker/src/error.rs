@@ -46,6 +46,11 @@ pub enum BrokerError {
     /// queue, e.g. it was deleted): nothing was stored. Publishing again declares the queue anew.
     #[error("the broker returned a message for queue `{queue}` unrouted ({reason}): the queue does not exist (deleted?), nothing was stored")]
     Unroutable { queue: String, reason: String },
+    /// The broker nacked a confirmed publish: it could not store the message (a quorum queue that
+    /// lost its leader refuses until a new one is elected). Nothing is known to be stored; the
+    /// AMQP publisher retries it once on a fresh channel, and publishing again may work.
+    #[error("the broker nacked the publish to `{queue}` (it could not store the message)")]
+    Nacked { queue: String },
     /// A message body over the broker URL's `max_message_size`: nothing was sent.
     #[error("refused to publish to `{queue}`: the message body is {size} bytes, over the limit of {limit} bytes (max_message_size)")]
     TooLarge {

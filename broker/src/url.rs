@@ -9,6 +9,9 @@
 //! `amqps://` (CA file, client certificate) are read by [`crate::tls`]. A `/`, `?`, `#` or `@` in a
 //! password must be percent-encoded (`%2F`, `%3F`, `%23`, `%40`); an `@` after the host is an error.
 //!
+//! kombu's failover list, `amqp://u:p@h1//;amqp://u:p@h2//` (URLs joined by `;`), parses into the
+//! first URL with the others as [`BrokerUrl::alternates`]; only the AMQP transport takes one.
+//!
 //! A URL may hold a password: every error and log line shows it through [`redact`]
 //! (`amqp://user:****@host//`), which hides the password also in a URL that does not parse.
 //!
@@ -52,6 +55,9 @@ pub struct BrokerUrl {
     /// `redis+cluster://`: every seed node (`host:port`) as written; empty for any other URL.
     /// `base` then names the first one.
     cluster_nodes: Vec<String>,
+    /// The other URLs of a failover list (`url1;url2;…`), in order; empty for one URL. Each is
+    /// parsed on its own; its `raw` is that URL alone.
+    pub alternates: Vec<BrokerUrl>,
 }
 
 impl std::fmt::Debug for BrokerUrl {
@@ -60,16 +66,58 @@ impl std::fmt::Debug for BrokerUrl {
             .field("url", &self.redacted())
             .field("scheme", &self.scheme)
             .field("tls", &self.tls)
+            .field("alternates", &self.alternates.len())
             .finish_non_exhaustive()
     }
 }
 
 impl BrokerUrl {
-    /// Parses and classifies a URL.
+    /// Parses and classifies a URL, or a failover list of URLs of one scheme (see [`split_list`]).
     pub fn parse(raw: &str) -> Result<Self> {
         if raw.starts_with(SENTINEL_PREFIX) {
             return parse_sentinel(raw);
         }
+        let parts = split_list(raw);
+        let Some((first, rest)) = parts.split_first() else {
+            return Self::parse_one(raw);
+        };
+        let mut url = Self::parse_one(first)?;
+        for part in rest {
+            let alternate = Self::parse_one(part)?;
+            if (alternate.scheme, alternate.tls) != (url.scheme, url.tls) {
+                return Err(BrokerError::InvalidUrl {
+                    url: redact(raw),
+                    reason: "every URL of a failover list (`;`) must use the same scheme".into(),
+                });
+            }
+            url.alternates.push(alternate);
+        }
+        url.raw = raw.to_owned();
+        Ok(url)
+    }
+
+    /// Fails if this is a failover list: for transports that connect to one server only.
+    pub fn reject_list(&self) -> Result<()> {
+        if self.alternates.is_empty() {
+            return Ok(());
+        }
+        Err(BrokerError::InvalidUrl {
+            url: self.redacted(),
+            reason: "a failover list of URLs (`url1;url2`) is supported for amqp:// only".into(),
+        })
+    }
+
+    /// True if the URL has a query string.
+    pub(crate) fn has_options(&self) -> bool {
+        !self.options.is_empty()
+    }
+
+    /// True if `other` was given the same query options (in the same order).
+    pub(crate) fn same_options(&self, other: &BrokerUrl) -> bool {
+        self.options == other.options
+    }
+
+    fn parse_one(raw: &str) -> Result<Self> {
         let invalid = |reason: String| BrokerError::InvalidUrl {
             url: redact(raw),
             reason,
@@ -100,6 +148,7 @@ impl BrokerUrl {
             options,
             sentinels: Vec::new(),
             cluster_nodes,
+            alternates: Vec::new(),
         })
     }
 
@@ -252,6 +301,7 @@ fn parse_sentinel(raw: &str) -> Result<BrokerUrl> {
         options,
         sentinels,
         cluster_nodes: Vec::new(),
+        alternates: Vec::new(),
     };
     match url.option::<String>("master_name")? {
         Some(name) if !name.is_empty() => Ok(url),
@@ -298,6 +348,33 @@ fn split_cluster_nodes(raw: &str) -> std::result::Result<(Option<String>, Vec<St
     Ok((Some(first), nodes))
 }
 
+/// Splits kombu's failover list `amqp://h1//;amqp://h2//` into its URLs. A `;` splits only where a
+/// `scheme://` follows it, so a `;` inside a password does not (kombu splits on every `;`: a list
+/// that works there works here).
+pub fn split_list(raw: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for (i, _) in raw.match_indices(';') {
+        let next = &raw[i + 1..];
+        let starts_url = next
+            .split_once("://")
+            .is_some_and(|(scheme, _)| is_scheme(scheme));
+        if starts_url {
+            parts.push(&raw[start..i]);
+            start = i + 1;
+        }
+    }
+    parts.push(&raw[start..]);
+    parts
+}
+
+/// True if `s` can be a URL scheme (`amqp`, `redis+socket`).
+fn is_scheme(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+}
+
 /// What stands for a hidden password.
 const MASK: &str = "****";
 
@@ -307,16 +384,24 @@ const MASK: &str = "****";
 /// password with an unescaped `/`, `?`, `#` or `@`, a bad `%` escape) is hidden as well: everything
 /// between the first `:` and the last `@` of what follows the scheme is the password. A `host:port`
 /// whose port is not a number (`amqp://user:secret`, the host forgotten) is hidden too, and so are
-/// the values of `pass` and `…password` query options (`sentinel_password`).
+/// the values of `pass` and `…password` query options (`sentinel_password`). Each URL of a failover list is hidden on its
+/// own.
 pub fn redact(raw: &str) -> String {
     if raw.starts_with(SENTINEL_PREFIX) {
         return redact_sentinels(raw);
     }
-    let is_scheme = |s: &str| {
-        s.starts_with(|c: char| c.is_ascii_alphabetic())
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-    };
+    let parts = split_list(raw);
+    if parts.len() > 1 {
+        return parts
+            .into_iter()
+            .map(redact_one)
+            .collect::<Vec<_>>()
+            .join(";");
+    }
+    redact_one(raw)
+}
+
+fn redact_one(raw: &str) -> String {
     let (scheme, rest) = match raw.split_once("://") {
         Some((scheme, rest)) if is_scheme(scheme) => (format!("{scheme}://"), rest),
         _ => (String::new(), raw),
@@ -494,6 +579,36 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn failover_lists_parse_and_redact_url_by_url() {
+        let raw = "amqp://u:Zq9x1@h1:5701//?heartbeat=5;amqp://u:Zq9x2@h2:5702//;amqps://x@h3";
+        assert_eq!(split_list(raw).len(), 3);
+        assert!(matches!(
+            BrokerUrl::parse(raw),
+            Err(BrokerError::InvalidUrl { .. })
+        ));
+        let raw = "amqp://u:Zq9x1@h1:5701//?heartbeat=5;amqp://u:Zq9x2@h2:5702//";
+        let u = BrokerUrl::parse(raw).unwrap();
+        assert_eq!(u.base.host_str(), Some("h1"));
+        assert_eq!(u.option::<u16>("heartbeat").unwrap(), Some(5));
+        assert_eq!(u.alternates.len(), 1);
+        assert_eq!(u.alternates[0].base.port(), Some(5702));
+        assert!(u.reject_list().is_err());
+        assert_eq!(
+            u.redacted(),
+            "amqp://u:****@h1:5701//?heartbeat=5;amqp://u:****@h2:5702//"
+        );
+        assert!(!format!("{u:?}").contains("Zq9x"));
+        // A `;` inside a password does not split.
+        assert_eq!(split_list("amqp://u:a;b@h//").len(), 1);
+        assert_eq!(redact("amqp://u:Zq9x;x@h//"), "amqp://u:****@h//");
+        assert!(BrokerUrl::parse("amqp://h//")
+            .unwrap()
+            .reject_list()
+            .is_ok());
+        assert!(BrokerUrl::parse("redis://h/0;amqp://h//").is_err());
+    }
+
+    #[test]
     fn redacts_passwords() {
         assert_eq!(
             redact("amqp://guest:secret@localhost:5672/"),
@@ -593,6 +708,7 @@ pub(crate) mod tests {
             urls.push(format!("redis://:{pw}@127.0.0.1:6379/0"));
             urls.push(format!("rediss://default:{pw}@h/1?visibility_timeout=5"));
             urls.push(format!("redis://user:{pw}@"));
+            urls.push(format!("amqp://user:{pw}@h1//;amqp://user:{pw}@h2:5702//"));
             urls.push(format!("user:{pw}@localhost"));
             urls.push(format!(
                 "sentinel://:{pw}@h1:26379;sentinel://h2:26380/1?master_name=m&sentinel_password={pw}"

@@ -9,6 +9,8 @@
 //! - [`rabbit`]: a RabbitMQ node of the test's own, with settings the shared one must not get, that a
 //!   test can crash and restart;
 //! - [`sentinel`]: a Redis Sentinel set (master, two replicas, three sentinels) of the test's own;
+//! - [`rabbit_cluster`]: a three-node RabbitMQ cluster of the test's own, on ports it chooses, one
+//!   node of which it can kill;
 //! - [`tls`]: a throwaway test CA (`openssl`) and a TLS-only `redis-server` of the test's own;
 //! - `worker` (feature `worker`): our worker running in the test's own process.
 //!
@@ -23,6 +25,7 @@ pub mod postgres;
 pub mod process;
 pub mod rabbit;
 pub mod sentinel;
+pub mod rabbit_cluster;
 pub mod tls;
 #[cfg(feature = "worker")]
 pub mod worker;

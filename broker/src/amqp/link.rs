@@ -136,6 +136,20 @@ impl LinkSlot {
         }
     }
 
+    /// Closes `link`'s channel (if it is still the current one), so the next [`LinkSlot::get`] opens
+    /// a new one on the same connection. After a nack: a channel's view of a quorum queue (which node
+    /// leads it) is the channel's own, and a channel that kept a dead leader's may go on nacking.
+    pub(crate) async fn renew_channel(&self, link: &Arc<Link>) {
+        let slot = self.slot.lock().await;
+        if slot.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) && link.channel.status().connected()
+        {
+            let closing = link.channel.close(200, "OK".into());
+            if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
+                tracing::debug!(role = self.role, error = %e, "amqp: closing a nacking channel");
+            }
+        }
+    }
+
     /// Closes the connection; later [`LinkSlot::get`] calls fail with [`BrokerError::Closed`].
     pub(crate) async fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);

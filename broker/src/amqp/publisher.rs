@@ -59,9 +59,8 @@ fn confirmed(c: Confirmation, queue: &str) -> Result<()> {
             })
         }
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Nack(None) => Err(BrokerError::Transport {
-            transport: "amqp",
-            message: "the broker nacked the publish (it could not store the message)".into(),
+        Confirmation::Nack(None) => Err(BrokerError::Nacked {
+            queue: queue.to_owned(),
         }),
     }
 }
@@ -100,6 +99,11 @@ impl Publisher {
             Err(e) if e.is_connection() && !self.link.is_closed() => {
                 tracing::warn!(error = %e, "amqp: {what} hit a lost connection; reconnecting and retrying once");
                 self.link.discard(&link).await;
+                op(self.link.get().await?).await
+            }
+            Err(e @ BrokerError::Nacked { .. }) if !self.link.is_closed() => {
+                tracing::warn!(error = %e, "amqp: {what} was nacked; retrying once on a new channel");
+                self.link.renew_channel(&link).await;
                 op(self.link.get().await?).await
             }
             other => other,
@@ -231,6 +235,14 @@ impl Publisher {
                     todo = failed;
                     retried = true;
                 }
+                Err((failed, e @ BrokerError::Nacked { .. }))
+                    if !retried && !self.link.is_closed() =>
+                {
+                    tracing::warn!(error = %e, unconfirmed = failed.len(), "amqp: batch publish was nacked; resending the unconfirmed messages once on a new channel");
+                    self.link.renew_channel(&link).await;
+                    todo = failed;
+                    retried = true;
+                }
                 Err((_, e)) => return Err(e),
             }
         }
@@ -245,7 +257,7 @@ impl Publisher {
         seconds: u64,
     ) -> Result<()> {
         let rk = short_string(queue, "queue name")?;
-        let level = super::delay::level_name(seconds);
+        let level = super::delay::level_name(seconds, self.config.quorum);
         let exchange = short_string(&level, "delay exchange")?;
         // The hop's own lifetime is the queue's; a per-message `expiration` would cut it short.
         let mut hop = message.clone();
@@ -256,7 +268,7 @@ impl Publisher {
             let body = &message.body;
             async move {
                 if !link.is_declared(level) {
-                    super::delay::declare_level(&link.channel, seconds)
+                    super::delay::declare_level(&link.channel, seconds, self.config.quorum)
                         .await
                         .map_err(lapin_err)?;
                     link.mark_declared(level);

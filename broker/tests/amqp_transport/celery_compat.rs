@@ -105,6 +105,41 @@ async fn quorum_queues_are_declared_and_consumed() {
     b.close().await.unwrap();
 }
 
+/// `?queue_type=quorum&delivery_limit=5` declares the queue as kombu does with
+/// `queue_arguments={'x-queue-type': 'quorum', 'x-delivery-limit': 5}`: Python declares it again
+/// without a 406 (RabbitMQ compares the argument's value and type), and another limit is refused.
+#[tokio::test]
+async fn a_delivery_limit_matches_what_kombu_declares() {
+    let Some(py) = python() else { return };
+    let qs = Queues::new("qlimit", 1);
+    let q = qs.name(0).to_owned();
+    let b = broker("?queue_type=quorum&delivery_limit=5").await;
+    b.declare_queue(&q).await.unwrap();
+    b.close().await.unwrap();
+    let script = r#"
+import sys
+from kombu import Connection, Exchange, Queue
+with Connection("amqp://guest:guest@127.0.0.1:5672//") as conn:
+    for limit in (5, 6):
+        q = Queue(sys.argv[1], Exchange(sys.argv[1], "direct"), routing_key=sys.argv[1],
+                  queue_arguments={"x-queue-type": "quorum", "x-delivery-limit": limit})
+        try:
+            q.bind(conn.channel()).declare()
+            print(limit, "ok")
+        except Exception as e:
+            print(limit, "refused", type(e).__name__)
+"#;
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(py).args(["-c", script, &q]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "python: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("5 ok"), "{text}");
+    assert!(text.contains("6 refused"), "{text}");
+}
+
 #[tokio::test]
 async fn decodes_a_task_sent_by_python_celery() {
     let Some(py) = python() else { return };

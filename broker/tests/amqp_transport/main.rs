@@ -2,7 +2,8 @@
 //! per behaviour: delivery, acks and prefetch (`delivery`), what Celery sees and sends
 //! (`celery_compat`), lost connections, deleted queues and closing (`connections`), and RabbitMQ's
 //! consumer timeout (`consumer_timeout`, on a private node), and `amqps://` with a test CA (`tls`, on
-//! a private node with a TLS listener).
+//! a private node with a TLS listener), and a three-node cluster of the test's own with quorum queues
+//! losing the queue's leader mid-load (`cluster`).
 //!
 //! Every test uses its own queue names (with a uuid) and deletes its queues and exchanges at the end,
 //! even when it fails (a drop guard). The forced-disconnect test uses `rabbitmqctl`; the interop tests
@@ -103,6 +104,7 @@ fn python() -> Option<std::path::PathBuf> {
 }
 
 mod celery_compat;
+mod cluster;
 mod connections;
 mod consumer_timeout;
 mod delivery;
