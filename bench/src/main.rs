@@ -17,12 +17,14 @@ use celerity_bench::probe::{self, Probe, Results};
 use celerity_bench::procs::{self, Programs, Worker};
 use celerity_bench::report::{self, Row};
 use celerity_bench::setup::{self, BrokerKind, Pool, Setup, System};
-use celerity_bench::{rawamqp, rawredis, shapes};
+use celerity_bench::{bullmq, ceiling, rawamqp, rawredis, shapes};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Only {
     Celery,
     Celerity,
+    /// BullMQ (Node.js) alone, on Redis
+    Bullmq,
 }
 
 /// The shapes that can be picked with `--shapes`.
@@ -87,6 +89,12 @@ struct Args {
     /// Shapes to run (default all)
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io])]
     shapes: Vec<Shape>,
+    /// Leave BullMQ out (it needs node and npm; installed on first use under target/bullmq)
+    #[arg(long)]
+    skip_bullmq: bool,
+    /// Leave out the Celerity rows with default worker flags (no -P / -c)
+    #[arg(long)]
+    skip_default_flags: bool,
     /// Skip the raw broker rows (redis-benchmark, and a bare lapin client on RabbitMQ)
     #[arg(long)]
     skip_raw: bool,
@@ -157,7 +165,13 @@ async fn run(args: &Args) -> Result<String> {
     let systems: Vec<System> = match args.only {
         Some(Only::Celery) => vec![System::Celery],
         Some(Only::Celerity) => vec![System::Celerity],
+        Some(Only::Bullmq) => vec![],
         None => vec![System::Celery, System::Celerity],
+    };
+    let with_bullmq = match args.only {
+        Some(Only::Bullmq) => true,
+        Some(_) => false,
+        None => !args.skip_bullmq,
     };
     let python = match &args.python {
         Some(p) => p.clone(),
@@ -187,13 +201,21 @@ async fn run(args: &Args) -> Result<String> {
 
     let load_before = loadavg();
     let mut rows: Vec<Row> = Vec::new();
+    let mut ceilings = ceiling::Ceilings::default();
     for &system in &systems {
         for &broker in &brokers {
-            throughput_rows(&programs, system, broker, &plan, &mut rows).await?;
+            throughput_rows(&programs, system, broker, &plan, &mut rows, &mut ceilings).await?;
+            if system == System::Celerity && !args.skip_default_flags && plan.has(Shape::Add) {
+                default_flag_rows(&programs, broker, &plan, &mut rows).await?;
+            }
         }
         if brokers.contains(&BrokerKind::Redis) && plan.has(Shape::Io) {
             io_rows(&programs, system, &plan, &mut rows).await?;
         }
+    }
+    let bullmq_shapes = plan.has(Shape::Noop) || plan.has(Shape::Add) || plan.has(Shape::Latency);
+    if with_bullmq && brokers.contains(&BrokerKind::Redis) && bullmq_shapes {
+        bullmq_rows(&programs, &plan, &mut rows).await?;
     }
     let mut ab = String::new();
     if plan.has(Shape::MetricsAb) && brokers.contains(&BrokerKind::Redis) {
@@ -202,12 +224,13 @@ async fn run(args: &Args) -> Result<String> {
     let mut raw = String::new();
     if !args.skip_raw {
         if brokers.contains(&BrokerKind::Redis) {
-            raw = raw_redis(&plan).await?;
+            raw = raw_redis(&plan, &mut ceilings).await?;
         }
         if brokers.contains(&BrokerKind::Amqp) {
-            raw.push_str(&raw_amqp(&plan).await?);
+            raw.push_str(&raw_amqp(&plan, &mut ceilings).await?);
         }
     }
+    ceilings.apply(&mut rows);
     let table = format!(
         "{}\n{}{}{}\n",
         machine(&plan, &load_before),
@@ -301,6 +324,7 @@ async fn throughput_rows(
     broker: BrokerKind,
     plan: &Plan,
     rows: &mut Vec<Row>,
+    ceilings: &mut ceiling::Ceilings,
 ) -> Result<()> {
     let n = match system {
         System::Celery => plan.celery_jobs,
@@ -339,6 +363,12 @@ async fn throughput_rows(
         };
         let mut loaded = Vec::new();
         let add_runs = if plan.has(Shape::Add) { plan.runs } else { 0 };
+        let count_commands = system == System::Celerity && broker == BrokerKind::Redis;
+        let before = if count_commands && add_runs > 0 {
+            Some(ceiling::commandstats().await?)
+        } else {
+            None
+        };
         for run in 0..add_runs {
             peak.store(0, Ordering::Relaxed);
             let t = shapes::with_results(
@@ -367,6 +397,11 @@ async fn throughput_rows(
             if !note.is_empty() {
                 r.note = note.clone();
             }
+        }
+        if let Some(before) = before {
+            let after = ceiling::commandstats().await?;
+            ceilings.redis_commands_per_job =
+                ceiling::commands_per_job(&before, &after, n * add_runs);
         }
         sampling.store(false, Ordering::Relaxed);
         let _ = sampler.await;
@@ -493,6 +528,142 @@ async fn io_rows(
     outcome
 }
 
+/// Celerity as a user starts it (`celerity worker`, no `-P` / `-c`): add with results and round
+/// trips, beside the tuned rows.
+async fn default_flag_rows(
+    programs: &Programs,
+    broker: BrokerKind,
+    plan: &Plan,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let s = Session::start(programs, System::Celerity, broker, true, Pool::Default).await?;
+    let label = s.setup.label();
+    let outcome = async {
+        let results = Results::connect(&s.setup).await?;
+        for run in 0..plan.runs {
+            let job = shapes::Job {
+                task: "demo.add",
+                n: plan.jobs,
+                sleep_ms: 0,
+            };
+            let t = shapes::with_results(programs, &s.setup, &s.queue, &results, job).await;
+            let t = t?;
+            eprintln!(
+                "Celerity default flags {label} add run {}: drain {:.0}/s",
+                run + 1,
+                t.drain
+            );
+            let shape = format!("add ×{}, results checked, default worker flags", plan.jobs);
+            samples(row(rows, &shape, &label, "drain jobs/s"), System::Celerity).push(t.drain);
+        }
+        results.close().await;
+        let calls = plan.latency_calls;
+        for _ in 0..if plan.has(Shape::Latency) {
+            plan.runs
+        } else {
+            0
+        } {
+            let ms = shapes::latency(programs, System::Celerity, &s.setup, &s.queue, calls).await?;
+            let shape = format!("round trip, {calls} sequential add, default worker flags");
+            let (p50, p99) = (shapes::quantile(&ms, 0.5), shapes::quantile(&ms, 0.99));
+            samples(row(rows, &shape, &label, "p50 ms"), System::Celerity).push(p50);
+            samples(row(rows, &shape, &label, "p99 ms"), System::Celerity).push(p99);
+        }
+        Ok::<_, BenchError>(())
+    }
+    .await;
+    s.end().await?;
+    outcome
+}
+
+/// BullMQ on Redis, with as many Node worker processes and jobs at once as Celerity's throughput
+/// rows: `addBulk` enqueue and drain with every return value checked, round trips (`add` +
+/// `waitUntilFinished`), idle and peak RSS of the worker processes.
+async fn bullmq_rows(programs: &Programs, plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
+    let dir = bullmq::install().await?;
+    let shape = programs.celerity_shape;
+    let bull = bullmq::Bull::start(&dir, shape.processes.max(1), shape.concurrency).await?;
+    let label = "Redis / Redis";
+    let outcome = async {
+        bull.latency(1).await?; // warm-up: one job through
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = bull.rss_kib() as f64 / 1024.0;
+        let peak = Arc::new(AtomicU64::new(0));
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let (peak, sampling, pids) = (peak.clone(), sampling.clone(), bull.pids());
+            tokio::spawn(async move {
+                while sampling.load(Ordering::Relaxed) {
+                    let rss = pids.iter().map(|&p| procs::tree_rss_kib(p)).sum();
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let mut loaded = Vec::new();
+        let add_runs = if plan.has(Shape::Add) || plan.has(Shape::Noop) {
+            plan.runs
+        } else {
+            0
+        };
+        for run in 0..add_runs {
+            peak.store(0, Ordering::Relaxed);
+            let a = bull.add(plan.jobs).await?;
+            loaded.push(peak.load(Ordering::Relaxed) as f64 / 1024.0);
+            eprintln!(
+                "BullMQ add run {}: enqueue {:.0}/s, drain {:.0}/s ({:.2} s)",
+                run + 1,
+                a.enqueue,
+                a.drain,
+                a.seconds
+            );
+            if plan.has(Shape::Noop) {
+                let r = row(
+                    rows,
+                    &format!("noop ×{}", plan.jobs),
+                    "Redis / none",
+                    "enqueue msgs/s",
+                );
+                r.bullmq.push(a.enqueue);
+            }
+            if plan.has(Shape::Add) {
+                let shape = format!("add ×{}, results checked", plan.jobs);
+                row(rows, &shape, label, "drain jobs/s")
+                    .bullmq
+                    .push(a.drain);
+            }
+        }
+        sampling.store(false, Ordering::Relaxed);
+        let _ = sampler.await;
+        for run in 0..if plan.has(Shape::Latency) {
+            plan.runs
+        } else {
+            0
+        } {
+            let ms = bull.latency(plan.latency_calls).await?;
+            let (p50, p99) = (shapes::quantile(&ms, 0.5), shapes::quantile(&ms, 0.99));
+            eprintln!(
+                "BullMQ latency run {}: p50 {p50:.2} ms, p99 {p99:.2} ms",
+                run + 1
+            );
+            let shape = format!("round trip, {} sequential add", plan.latency_calls);
+            row(rows, &shape, label, "p50 ms").bullmq.push(p50);
+            row(rows, &shape, label, "p99 ms").bullmq.push(p99);
+        }
+        let shape = "memory (RSS, worker + children)";
+        if plan.has(Shape::Add) {
+            row(rows, shape, label, "idle MiB").bullmq.push(idle);
+            row(rows, shape, label, "under add load, peak MiB")
+                .bullmq
+                .extend(loaded);
+        }
+        Ok::<_, BenchError>(())
+    }
+    .await;
+    bull.end().await;
+    outcome
+}
+
 /// Celerity's add-with-results drain on Redis with metrics off and on, interleaved (off, on, off,
 /// on, …; a fresh worker each run, so both see the same drift of this VM), and each worker's idle
 /// RSS; as a markdown table.
@@ -561,13 +732,16 @@ async fn metrics_ab(programs: &Programs, plan: &Plan) -> Result<String> {
 }
 
 /// redis-benchmark LPUSH/RPOP, unpipelined and 16 deep, as a markdown table.
-async fn raw_redis(plan: &Plan) -> Result<String> {
+async fn raw_redis(plan: &Plan, ceilings: &mut ceiling::Ceilings) -> Result<String> {
     let mut out = String::from(
         "\nRaw Redis on this machine (redis-benchmark, 50 clients):\n\n\
          | pipeline | LPUSH ops/s | RPOP ops/s |\n|---|---|---|\n",
     );
     for p in [1, 16] {
         let (push, pop) = rawredis::lpush_rpop(plan.raw_requests, p).await?;
+        if p == 16 {
+            ceilings.redis_pipelined = Some((push, pop));
+        }
         out.push_str(&format!(
             "| {} | {} | {} |\n",
             if p == 1 {
@@ -588,6 +762,7 @@ async fn raw_redis(plan: &Plan) -> Result<String> {
     if let (Some((p50, lo50, hi50)), Some((p99, lo99, hi99))) =
         (report::summary(&p50), report::summary(&p99))
     {
+        ceilings.redis_floor = Some((p50, p99));
         out.push_str(&format!(
             "\nRound-trip floor through Redis ({} sequential: LPUSH → a relay thread's BLPOP → its \
              PUBLISH → the caller's subscription): p50 {p50:.2} ms ({lo50:.2}–{hi50:.2}), p99 \
@@ -599,7 +774,7 @@ async fn raw_redis(plan: &Plan) -> Result<String> {
 }
 
 /// A bare lapin client on RabbitMQ, job-shaped persistent messages (see `rawamqp`), as markdown.
-async fn raw_amqp(plan: &Plan) -> Result<String> {
+async fn raw_amqp(plan: &Plan, ceilings: &mut ceiling::Ceilings) -> Result<String> {
     let (mut publish, mut drain, mut both) = (Vec::new(), Vec::new(), Vec::new());
     let (mut p50, mut p99) = (Vec::new(), Vec::new());
     for _ in 0..plan.runs {
@@ -609,6 +784,11 @@ async fn raw_amqp(plan: &Plan) -> Result<String> {
         both.push(raw.both_per_s);
         p50.push(shapes::quantile(&raw.latency_ms, 0.50));
         p99.push(shapes::quantile(&raw.latency_ms, 0.99));
+    }
+    let med = |v: &[f64]| report::summary(v).map_or(0.0, |(m, _, _)| m);
+    if !publish.is_empty() {
+        ceilings.amqp_rates = Some((med(&publish), med(&drain), med(&both)));
+        ceilings.amqp_one_way = Some((med(&p50), med(&p99)));
     }
     let cell = |v: &[f64], ms: bool| match report::summary(v) {
         Some((med, lo, hi)) if ms => format!("{med:.2} ({lo:.2}–{hi:.2})"),

@@ -91,7 +91,7 @@ impl Worker {
                 cmd.args(["-m", "celery", "-A", "celery_bench", "worker", "-Q", queue])
                     .args(["-l", "WARNING", "-n", &node]);
                 match pool {
-                    Pool::TwoProcesses | Pool::TwoProcessesWithMetrics => {
+                    Pool::TwoProcesses | Pool::TwoProcessesWithMetrics | Pool::Default => {
                         cmd.args(["-P", "prefork", "-c", "2"])
                     }
                     Pool::Io => cmd.args(["-P", "threads", "-c", "16"]),
@@ -118,6 +118,7 @@ impl Worker {
                     Pool::Io => cmd
                         .args(["-P", "0", "-c"])
                         .arg(CELERITY_IO_CONCURRENCY.to_string()),
+                    Pool::Default => &mut cmd,
                 };
                 cmd
             }
