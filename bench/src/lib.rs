@@ -1,13 +1,16 @@
 //! The benchmark and soak harness's shared parts: which setup runs (`setup`), starting and
 //! watching worker processes (`procs`), looking at the broker and results from outside (`probe`),
 //! the job shapes (`shapes`), the raw broker rows (`rawredis`, `rawamqp`) and
-//! each row's place against them (`ceiling`), BullMQ as a peer (`bullmq`), the table (`report`) and
+//! each row's place against them (`ceiling`), BullMQ as a peer (`bullmq`), the SVG pictures (`charts`), how cost grows
+//! (`growth`), the table (`report`) and
 //! the long-run `soak` command's load and sampling (`soak`). The `bench` binary is `main.rs`; the
 //! `soak` binary is `bin/soak.rs`.
 
 pub mod bullmq;
 pub mod ceiling;
+pub mod charts;
 pub mod error;
+pub mod growth;
 pub mod probe;
 pub mod procs;
 pub mod rawamqp;

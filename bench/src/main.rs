@@ -17,7 +17,7 @@ use celerity_bench::probe::{self, Probe, Results};
 use celerity_bench::procs::{self, Programs, Worker};
 use celerity_bench::report::{self, Row};
 use celerity_bench::setup::{self, BrokerKind, Pool, Setup, System};
-use celerity_bench::{bullmq, ceiling, rawamqp, rawredis, shapes};
+use celerity_bench::{bullmq, ceiling, charts, growth, rawamqp, rawredis, shapes};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Only {
@@ -40,6 +40,8 @@ enum Shape {
     Io,
     /// Celerity only, Redis: add with results, metrics off and on (`--metrics-addr`), interleaved
     MetricsAb,
+    /// Celerity only, Redis: how cost grows with worker processes, message size and queue count
+    Growth,
 }
 
 /// Celerity vs Python Celery, same machine, brokers and job shapes.
@@ -87,7 +89,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = vec!["redis".to_string(), "amqp".to_string()])]
     brokers: Vec<String>,
     /// Shapes to run (default all)
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io, Shape::Growth])]
     shapes: Vec<Shape>,
     /// Leave BullMQ out (it needs node and npm; installed on first use under target/bullmq)
     #[arg(long)]
@@ -98,6 +100,9 @@ struct Args {
     /// Skip the raw broker rows (redis-benchmark, and a bare lapin client on RabbitMQ)
     #[arg(long)]
     skip_raw: bool,
+    /// Where the SVG pictures go (default: bench/charts; with --quick, target/bench-charts-quick)
+    #[arg(long)]
+    charts: Option<PathBuf>,
     /// Also write the table to this file
     #[arg(long)]
     out: Option<PathBuf>,
@@ -202,9 +207,11 @@ async fn run(args: &Args) -> Result<String> {
     let load_before = loadavg();
     let mut rows: Vec<Row> = Vec::new();
     let mut ceilings = ceiling::Ceilings::default();
+    let mut latencies: Latencies = Vec::new();
     for &system in &systems {
         for &broker in &brokers {
-            throughput_rows(&programs, system, broker, &plan, &mut rows, &mut ceilings).await?;
+            let (r, c, l) = (&mut rows, &mut ceilings, &mut latencies);
+            throughput_rows(&programs, system, broker, &plan, r, c, l).await?;
             if system == System::Celerity && !args.skip_default_flags && plan.has(Shape::Add) {
                 default_flag_rows(&programs, broker, &plan, &mut rows).await?;
             }
@@ -215,7 +222,12 @@ async fn run(args: &Args) -> Result<String> {
     }
     let bullmq_shapes = plan.has(Shape::Noop) || plan.has(Shape::Add) || plan.has(Shape::Latency);
     if with_bullmq && brokers.contains(&BrokerKind::Redis) && bullmq_shapes {
-        bullmq_rows(&programs, &plan, &mut rows).await?;
+        bullmq_rows(&programs, &plan, &mut rows, &mut latencies).await?;
+    }
+    let mut grown = String::new();
+    let celerity_runs = systems.contains(&System::Celerity);
+    if plan.has(Shape::Growth) && celerity_runs && brokers.contains(&BrokerKind::Redis) {
+        grown = growth_tables(&programs, &plan, &charts_dir(args)).await?;
     }
     let mut ab = String::new();
     if plan.has(Shape::MetricsAb) && brokers.contains(&BrokerKind::Redis) {
@@ -224,15 +236,16 @@ async fn run(args: &Args) -> Result<String> {
     let mut raw = String::new();
     if !args.skip_raw {
         if brokers.contains(&BrokerKind::Redis) {
-            raw = raw_redis(&plan, &mut ceilings).await?;
+            raw = raw_redis(&plan, &mut ceilings, &mut latencies).await?;
         }
         if brokers.contains(&BrokerKind::Amqp) {
             raw.push_str(&raw_amqp(&plan, &mut ceilings).await?);
         }
     }
     ceilings.apply(&mut rows);
+    draw(&charts_dir(args), &rows, &latencies)?;
     let table = format!(
-        "{}\n{}{}{}\n",
+        "{}\n{}{}{}{}\n",
         machine(&plan, &load_before),
         if rows.is_empty() {
             String::new()
@@ -240,12 +253,218 @@ async fn run(args: &Args) -> Result<String> {
             report::table(&rows)
         },
         ab,
-        raw
+        raw,
+        grown
     );
     if let Some(path) = &args.out {
         std::fs::write(path, &table)?;
     }
     Ok(table)
+}
+
+/// Where the pictures go: `--charts`, else bench/charts (target/bench-charts-quick with --quick, so
+/// that a quick run does not overwrite the committed ones).
+fn charts_dir(args: &Args) -> PathBuf {
+    args.charts.clone().unwrap_or_else(|| {
+        let base = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        if args.quick {
+            base.join("../target/bench-charts-quick")
+        } else {
+            base.join("charts")
+        }
+    })
+}
+
+/// How cost grows (Celerity, Redis): worker processes, message size, queues; markdown tables and
+/// a picture each.
+async fn growth_tables(programs: &Programs, plan: &Plan, dir: &std::path::Path) -> Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let n = plan.jobs;
+    let mut out = format!(
+        "\nHow cost grows (Celerity, Redis broker; one run per point, a fresh worker each; -c {}):\n\n\
+         | worker processes | add ×{n} with results, jobs/s | idle RSS MiB |\n|---|---|---|\n",
+        programs.celerity_shape.concurrency
+    );
+    let procs_points = growth::processes(programs, n, &[1, 2, 4]).await?;
+    for p in &procs_points {
+        out.push_str(&format!(
+            "| -P {} | {} | {:.1} |\n",
+            p.processes,
+            report::fmt_num(p.jobs_per_s),
+            p.idle_mib
+        ));
+    }
+    let size_points = growth::sizes(programs, n, &[100, 10_000, 1_000_000]).await?;
+    out.push_str(
+        "\n| payload per job | jobs | noop jobs/s (-P 2, no results) | MB/s | Redis alone: LPUSH + RPOP \
+         of that size, jobs/s (-P 16) | MB/s | Celerity ÷ Redis alone |\n|---|---|---|---|---|---|---|\n",
+    );
+    for p in &size_points {
+        let raw_mb = p.raw_jobs_per_s * p.bytes as f64 / 1e6;
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {:.2} |\n",
+            human_bytes(p.bytes),
+            p.jobs,
+            report::fmt_num(p.jobs_per_s),
+            report::fmt_num(p.mb_per_s),
+            report::fmt_num(p.raw_jobs_per_s),
+            report::fmt_num(raw_mb),
+            if p.raw_jobs_per_s > 0.0 {
+                p.jobs_per_s / p.raw_jobs_per_s
+            } else {
+                0.0
+            }
+        ));
+    }
+    let queue_points = growth::queues(programs, n, &[1, 10, 100]).await?;
+    out.push_str(
+        "\n| queues (one worker, -P 2) | add with results, jobs/s (spread round-robin) | sockets \
+         open, idle | idle CPU, % of a core |\n|---|---|---|---|\n",
+    );
+    for p in &queue_points {
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.2} |\n",
+            p.queues,
+            report::fmt_num(p.jobs_per_s),
+            p.sockets,
+            p.idle_cpu_pct
+        ));
+    }
+    let line = |name: &str, points: Vec<(f64, f64)>| charts::Line {
+        name: name.into(),
+        points,
+    };
+    charts::curves(
+        &dir.join("growth-processes.svg"),
+        "add with results vs worker processes (2 cores)",
+        "worker processes (-P)",
+        "jobs/s",
+        &[line(
+            "Celerity",
+            procs_points
+                .iter()
+                .map(|p| (p.processes as f64, p.jobs_per_s))
+                .collect(),
+        )],
+        false,
+    )?;
+    charts::curves(
+        &dir.join("growth-message-size.svg"),
+        "MB/s vs payload size",
+        "payload bytes per job (log)",
+        "MB/s",
+        &[
+            line(
+                "Celerity",
+                size_points
+                    .iter()
+                    .map(|p| (p.bytes as f64, p.mb_per_s))
+                    .collect(),
+            ),
+            line(
+                "Redis alone (LPUSH + RPOP)",
+                size_points
+                    .iter()
+                    .map(|p| (p.bytes as f64, p.raw_jobs_per_s * p.bytes as f64 / 1e6))
+                    .collect(),
+            ),
+        ],
+        true,
+    )?;
+    charts::curves(
+        &dir.join("growth-queues.svg"),
+        "add with results vs queues consumed by one worker",
+        "queues (log)",
+        "jobs/s",
+        &[line(
+            "Celerity",
+            queue_points
+                .iter()
+                .map(|p| (p.queues as f64, p.jobs_per_s))
+                .collect(),
+        )],
+        true,
+    )?;
+    Ok(out)
+}
+
+fn human_bytes(b: usize) -> String {
+    if b >= 1_000_000 {
+        format!("{} MB", b / 1_000_000)
+    } else if b >= 1000 {
+        format!("{} KB", b / 1000)
+    } else {
+        format!("{b} B")
+    }
+}
+
+/// Every round-trip sample of each system and broker (all runs), for the CDF picture.
+type Latencies = Vec<(String, Vec<f64>)>;
+
+fn push_latencies(latencies: &mut Latencies, name: &str, ms: &[f64]) {
+    match latencies.iter_mut().find(|(n, _)| n == name) {
+        Some((_, v)) => v.extend_from_slice(ms),
+        None => latencies.push((name.to_owned(), ms.to_vec())),
+    }
+}
+
+/// The pictures of this run: jobs/s bars (with the broker alone) and the latency CDF.
+fn draw(dir: &std::path::Path, rows: &[Row], latencies: &Latencies) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let med = |v: &[f64]| report::summary(v).map(|(m, _, _)| m);
+    let mut bars = Vec::new();
+    for r in rows {
+        let group = match (r.metric.as_str(), r.setup.as_str()) {
+            ("drain jobs/s", "Redis / Redis") if r.shape.starts_with("add ×") => {
+                "Redis: add + results"
+            }
+            ("drain jobs/s", "RabbitMQ / Redis") if r.shape.starts_with("add ×") => {
+                "RabbitMQ: add + results"
+            }
+            ("enqueue msgs/s", "Redis / none") => "Redis: enqueue",
+            ("enqueue msgs/s", "RabbitMQ / none") => "RabbitMQ: enqueue",
+            _ => continue,
+        };
+        let default = r.shape.contains("default worker flags");
+        let mut push = |series: &str, v: Option<f64>| {
+            if let Some(value) = v {
+                bars.push(charts::Bar {
+                    group: group.into(),
+                    series: series.into(),
+                    value,
+                });
+            }
+        };
+        if default {
+            push("Celerity, default flags", med(&r.celerity));
+            continue;
+        }
+        push("Celery 5.7", med(&r.celery));
+        push("BullMQ", med(&r.bullmq));
+        push("Celerity", med(&r.celerity));
+        push("broker alone", r.ceiling.as_ref().map(|c| c.0));
+    }
+    // Groups in a fixed order, whatever order the rows came in.
+    let order = [
+        "Redis: add + results",
+        "Redis: enqueue",
+        "RabbitMQ: add + results",
+        "RabbitMQ: enqueue",
+    ];
+    bars.sort_by_key(|b| order.iter().position(|o| *o == b.group));
+    charts::bars(
+        &dir.join("jobs-per-second.svg"),
+        "jobs/s per system and broker (medians of one run)",
+        "jobs/s",
+        &bars,
+    )?;
+    charts::cdf(
+        &dir.join("latency-cdf.svg"),
+        "round trip of sequential add calls (all runs)",
+        latencies,
+    )?;
+    eprintln!("bench: pictures in {}", dir.display());
+    Ok(())
 }
 
 /// The row for (shape, setup, metric), created in first-seen order.
@@ -325,6 +544,7 @@ async fn throughput_rows(
     plan: &Plan,
     rows: &mut Vec<Row>,
     ceilings: &mut ceiling::Ceilings,
+    latencies: &mut Latencies,
 ) -> Result<()> {
     let n = match system {
         System::Celery => plan.celery_jobs,
@@ -420,6 +640,7 @@ async fn throughput_rows(
                 run + 1
             );
             let shape = format!("round trip, {} sequential add", plan.latency_calls);
+            push_latencies(latencies, &format!("{system:?} {}", broker.label()), &ms);
             samples(row(rows, &shape, &label, "p50 ms"), system).push(p50);
             samples(row(rows, &shape, &label, "p99 ms"), system).push(p99);
         }
@@ -579,7 +800,12 @@ async fn default_flag_rows(
 /// BullMQ on Redis, with as many Node worker processes and jobs at once as Celerity's throughput
 /// rows: `addBulk` enqueue and drain with every return value checked, round trips (`add` +
 /// `waitUntilFinished`), idle and peak RSS of the worker processes.
-async fn bullmq_rows(programs: &Programs, plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
+async fn bullmq_rows(
+    programs: &Programs,
+    plan: &Plan,
+    rows: &mut Vec<Row>,
+    latencies: &mut Latencies,
+) -> Result<()> {
     let dir = bullmq::install().await?;
     let shape = programs.celerity_shape;
     let bull = bullmq::Bull::start(&dir, shape.processes.max(1), shape.concurrency).await?;
@@ -647,6 +873,7 @@ async fn bullmq_rows(programs: &Programs, plan: &Plan, rows: &mut Vec<Row>) -> R
                 run + 1
             );
             let shape = format!("round trip, {} sequential add", plan.latency_calls);
+            push_latencies(latencies, "BullMQ Redis", &ms);
             row(rows, &shape, label, "p50 ms").bullmq.push(p50);
             row(rows, &shape, label, "p99 ms").bullmq.push(p99);
         }
@@ -732,7 +959,11 @@ async fn metrics_ab(programs: &Programs, plan: &Plan) -> Result<String> {
 }
 
 /// redis-benchmark LPUSH/RPOP, unpipelined and 16 deep, as a markdown table.
-async fn raw_redis(plan: &Plan, ceilings: &mut ceiling::Ceilings) -> Result<String> {
+async fn raw_redis(
+    plan: &Plan,
+    ceilings: &mut ceiling::Ceilings,
+    latencies: &mut Latencies,
+) -> Result<String> {
     let mut out = String::from(
         "\nRaw Redis on this machine (redis-benchmark, 50 clients):\n\n\
          | pipeline | LPUSH ops/s | RPOP ops/s |\n|---|---|---|\n",
@@ -756,6 +987,7 @@ async fn raw_redis(plan: &Plan, ceilings: &mut ceiling::Ceilings) -> Result<Stri
     let (mut p50, mut p99) = (Vec::new(), Vec::new());
     for _ in 0..plan.runs {
         let ms = rawredis::relay_latency(plan.latency_calls).await?;
+        push_latencies(latencies, "Redis floor (no task queue)", &ms);
         p50.push(shapes::quantile(&ms, 0.50));
         p99.push(shapes::quantile(&ms, 0.99));
     }

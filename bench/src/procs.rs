@@ -250,7 +250,7 @@ fn parents() -> Vec<(u32, u32)> {
 }
 
 /// `pid` and all its descendants (from /proc).
-fn tree(pid: u32) -> Vec<u32> {
+pub fn tree(pid: u32) -> Vec<u32> {
     let parents = parents();
     let mut out = vec![pid];
     let mut i = 0;
