@@ -2,10 +2,11 @@
 //! watching worker processes (`procs`), looking at the broker and results from outside (`probe`),
 //! the job shapes (`shapes`), the raw broker rows (`rawredis`, `rawamqp`) and
 //! each row's place against them (`ceiling`), BullMQ as a peer (`bullmq`), the SVG pictures (`charts`), how cost grows
-//! (`growth`), the table (`report`) and
+//! (`growth`, `backlog`), the table (`report`) and
 //! the long-run `soak` command's load and sampling (`soak`). The `bench` binary is `main.rs`; the
 //! `soak` binary is `bin/soak.rs`.
 
+pub mod backlog;
 pub mod bullmq;
 pub mod ceiling;
 pub mod charts;

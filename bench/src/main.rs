@@ -17,7 +17,7 @@ use celerity_bench::probe::{self, Probe, Results};
 use celerity_bench::procs::{self, Programs, Worker};
 use celerity_bench::report::{self, Row};
 use celerity_bench::setup::{self, BrokerKind, Pool, Setup, System};
-use celerity_bench::{bullmq, ceiling, charts, growth, rawamqp, rawredis, shapes};
+use celerity_bench::{backlog, bullmq, ceiling, charts, growth, rawamqp, rawredis, shapes};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Only {
@@ -42,6 +42,9 @@ enum Shape {
     MetricsAb,
     /// Celerity only, Redis: how cost grows with worker processes, message size and queue count
     Growth,
+    /// Celerity (and Celery's message size): --backlog-jobs jobs waiting, then drained; not in the
+    /// default set (a million jobs take minutes per broker)
+    Backlog,
 }
 
 /// Celerity vs Python Celery, same machine, brokers and job shapes.
@@ -100,6 +103,9 @@ struct Args {
     /// Skip the raw broker rows (redis-benchmark, and a bare lapin client on RabbitMQ)
     #[arg(long)]
     skip_raw: bool,
+    /// Jobs waiting in the broker for the backlog shape (default 1,000,000; 2,000 with --quick)
+    #[arg(long)]
+    backlog_jobs: Option<usize>,
     /// Where the SVG pictures go (default: bench/charts; with --quick, target/bench-charts-quick)
     #[arg(long)]
     charts: Option<PathBuf>,
@@ -228,6 +234,13 @@ async fn run(args: &Args) -> Result<String> {
     let celerity_runs = systems.contains(&System::Celerity);
     if plan.has(Shape::Growth) && celerity_runs && brokers.contains(&BrokerKind::Redis) {
         grown = growth_tables(&programs, &plan, &charts_dir(args)).await?;
+    }
+    if plan.has(Shape::Backlog) && celerity_runs {
+        let jobs = args
+            .backlog_jobs
+            .unwrap_or(if args.quick { 2_000 } else { 1_000_000 });
+        let celery = systems.contains(&System::Celery);
+        grown.push_str(&backlog_table(&programs, &brokers, jobs, celery, &charts_dir(args)).await?);
     }
     let mut ab = String::new();
     if plan.has(Shape::MetricsAb) && brokers.contains(&BrokerKind::Redis) {
@@ -384,6 +397,62 @@ async fn growth_tables(programs: &Programs, plan: &Plan, dir: &std::path::Path) 
                 .collect(),
         )],
         true,
+    )?;
+    Ok(out)
+}
+
+/// The backlog shape on each broker, as a markdown table and a picture of the worker's RSS.
+async fn backlog_table(
+    programs: &Programs,
+    brokers: &[BrokerKind],
+    jobs: usize,
+    celery: bool,
+    dir: &std::path::Path,
+) -> Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let mut out = format!(
+        "\nBacklog ({jobs} noop jobs waiting before a Celerity worker -P 2 -c 256 starts; RSS of \
+         supervisor + children every 500 ms while it drains):\n\n\
+         | broker | broker bytes per waiting job, Celerity | same, Celery's producer ({}) | \
+         worker RSS MiB first / max / last (from 2 s) | jobs/s, worker start → empty |\n\
+         |---|---|---|---|---|\n",
+        if celery { "5,000 jobs" } else { "not run" }
+    );
+    let mut lines = Vec::new();
+    for &broker in brokers {
+        let b = backlog::run(programs, broker, jobs, celery).await?;
+        let bytes = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.0}"));
+        eprintln!(
+            "backlog {}: {} B/job, RSS {:.1}/{:.1}/{:.1} MiB, {:.0} jobs/s",
+            broker.label(),
+            bytes(b.bytes_per_job),
+            b.rss_first,
+            b.rss_max,
+            b.rss_last,
+            b.drain_jobs_per_s
+        );
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.1} / {:.1} / {:.1} | {} |\n",
+            broker.label(),
+            bytes(b.bytes_per_job),
+            bytes(b.celery_bytes_per_job),
+            b.rss_first,
+            b.rss_max,
+            b.rss_last,
+            report::fmt_num(b.drain_jobs_per_s)
+        ));
+        lines.push(charts::Line {
+            name: format!("Celerity, {}", broker.label()),
+            points: b.rss_samples,
+        });
+    }
+    charts::curves(
+        &dir.join("growth-backlog-rss.svg"),
+        &format!("worker RSS while draining {jobs} waiting jobs"),
+        "seconds since the worker started",
+        "RSS MiB (supervisor + children)",
+        &lines,
+        false,
     )?;
     Ok(out)
 }
