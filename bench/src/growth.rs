@@ -21,8 +21,13 @@ use crate::{rawredis, shapes};
 const STALL: Duration = Duration::from_secs(60);
 /// Bytes per publish round trip in the message-size runs.
 const BATCH_BYTES: usize = 4 << 20;
-/// Bytes of payload each message-size point moves at most (it all waits in Redis at once).
+/// Bytes of payload each message-size point moves at most (it all waits in Redis at once); and
+/// the least jobs per point.
 const POINT_BYTES: usize = 300 << 20;
+const MIN_JOBS: usize = 50;
+/// The same with --quick (tiny, to check the harness).
+const QUICK_POINT_BYTES: usize = 10 << 20;
+const QUICK_MIN_JOBS: usize = 10;
 
 /// One worker-processes point.
 #[derive(Debug, Clone)]
@@ -154,10 +159,20 @@ pub async fn processes(
 
 /// Noop jobs whose one argument is a string of `bytes` bytes, no results: jobs/s from the first
 /// publish until the queue is empty, beside redis-benchmark's LPUSH/RPOP of values that size.
-pub async fn sizes(programs: &Programs, n: usize, sizes: &[usize]) -> Result<Vec<SizePoint>> {
+pub async fn sizes(
+    programs: &Programs,
+    n: usize,
+    sizes: &[usize],
+    quick: bool,
+) -> Result<Vec<SizePoint>> {
+    let (most, least) = if quick {
+        (QUICK_POINT_BYTES, QUICK_MIN_JOBS)
+    } else {
+        (POINT_BYTES, MIN_JOBS)
+    };
     let mut out = Vec::new();
     for &bytes in sizes {
-        let jobs = (POINT_BYTES / bytes.max(1)).clamp(50, n.max(50));
+        let jobs = (most / bytes.max(1)).clamp(least, n.max(least));
         let run = Run::start(programs, 1, false).await?;
         let t = async {
             let mut probe = Probe::connect(&run.setup, &run.queues[0]).await?;
@@ -173,7 +188,7 @@ pub async fn sizes(programs: &Programs, n: usize, sizes: &[usize]) -> Result<Vec
         .await;
         run.end().await;
         let jobs_per_s = t?;
-        let requests = (POINT_BYTES / bytes.max(1)).clamp(300, 200_000);
+        let requests = (most / bytes.max(1)).clamp(least.max(100), 200_000);
         let (lpush, rpop) = rawredis::lpush_rpop_sized(requests, 16, bytes).await?;
         let raw_jobs_per_s = if lpush > 0.0 && rpop > 0.0 {
             1.0 / (1.0 / lpush + 1.0 / rpop)
@@ -224,14 +239,20 @@ async fn publish_payloads(
 
 /// One worker consuming `k` queues for each k: idle sockets and CPU, then `n` add jobs with results
 /// spread over the queues round-robin.
-pub async fn queues(programs: &Programs, n: usize, counts: &[usize]) -> Result<Vec<QueuePoint>> {
+pub async fn queues(
+    programs: &Programs,
+    n: usize,
+    counts: &[usize],
+    quick: bool,
+) -> Result<Vec<QueuePoint>> {
+    let window = Duration::from_secs(if quick { 1 } else { 5 });
     let mut out = Vec::new();
     for &k in counts {
         let run = Run::start(programs, k, true).await?;
         let point = async {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let sockets = tree_sockets(run.worker.pid());
-            let idle_cpu_pct = idle_cpu(run.worker.pid(), Duration::from_secs(5)).await;
+            let idle_cpu_pct = idle_cpu(run.worker.pid(), window).await;
             let jobs_per_s = spread_adds(&run, n).await?;
             Ok::<_, BenchError>(QueuePoint {
                 queues: k,

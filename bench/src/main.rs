@@ -233,7 +233,7 @@ async fn run(args: &Args) -> Result<String> {
     let mut grown = String::new();
     let celerity_runs = systems.contains(&System::Celerity);
     if plan.has(Shape::Growth) && celerity_runs && brokers.contains(&BrokerKind::Redis) {
-        grown = growth_tables(&programs, &plan, &charts_dir(args)).await?;
+        grown = growth_tables(&programs, &plan, args.quick, &charts_dir(args)).await?;
     }
     if plan.has(Shape::Backlog) && celerity_runs {
         let jobs = args
@@ -290,7 +290,12 @@ fn charts_dir(args: &Args) -> PathBuf {
 
 /// How cost grows (Celerity, Redis): worker processes, message size, queues; markdown tables and
 /// a picture each.
-async fn growth_tables(programs: &Programs, plan: &Plan, dir: &std::path::Path) -> Result<String> {
+async fn growth_tables(
+    programs: &Programs,
+    plan: &Plan,
+    quick: bool,
+    dir: &std::path::Path,
+) -> Result<String> {
     std::fs::create_dir_all(dir)?;
     let n = plan.jobs;
     let mut out = format!(
@@ -307,7 +312,7 @@ async fn growth_tables(programs: &Programs, plan: &Plan, dir: &std::path::Path) 
             p.idle_mib
         ));
     }
-    let size_points = growth::sizes(programs, n, &[100, 10_000, 1_000_000]).await?;
+    let size_points = growth::sizes(programs, n, &[100, 10_000, 1_000_000], quick).await?;
     out.push_str(
         "\n| payload per job | jobs | noop jobs/s (-P 2, no results) | MB/s | Redis alone: LPUSH + RPOP \
          of that size, jobs/s (-P 16) | MB/s | Celerity ÷ Redis alone |\n|---|---|---|---|---|---|---|\n",
@@ -329,7 +334,7 @@ async fn growth_tables(programs: &Programs, plan: &Plan, dir: &std::path::Path) 
             }
         ));
     }
-    let queue_points = growth::queues(programs, n, &[1, 10, 100]).await?;
+    let queue_points = growth::queues(programs, n, &[1, 10, 100], quick).await?;
     out.push_str(
         "\n| queues (one worker, -P 2) | add with results, jobs/s (spread round-robin) | sockets \
          open, idle | idle CPU, % of a core |\n|---|---|---|---|\n",
