@@ -19,12 +19,16 @@ use celerity_bench::probe::{self, Probe, Results};
 use celerity_bench::procs::{self, Programs, Worker};
 use celerity_bench::report::{self, Row};
 use celerity_bench::setup::{self, BrokerKind, Pool, Setup, System};
-use celerity_bench::{rawamqp, rawredis, rpcrow, shapes};
+use celerity_bench::{
+    backlog, bullmq, ceiling, charts, growth, rawamqp, rawredis, rpcrow, shapes,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Only {
     Celery,
     Celerity,
+    /// BullMQ (Node.js) alone, on Redis
+    Bullmq,
 }
 
 /// The shapes that can be picked with `--shapes`.
@@ -44,6 +48,11 @@ enum Shape {
     Rpc,
     /// add with results stored in PostgreSQL (Celery's database backend), Redis broker
     AddPostgres,
+    /// Celerity only, Redis: how cost grows with worker processes, message size and queue count
+    Growth,
+    /// Celerity (and Celery's message size): --backlog-jobs jobs waiting, then drained; not in the
+    /// default set (a million jobs take minutes per broker)
+    Backlog,
 }
 
 /// Celerity vs Python Celery, same machine, brokers and job shapes.
@@ -91,11 +100,23 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = vec!["redis".to_string(), "amqp".to_string()])]
     brokers: Vec<String>,
     /// Shapes to run (default all)
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io, Shape::Rpc, Shape::AddPostgres])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io, Shape::Rpc, Shape::AddPostgres, Shape::Growth])]
     shapes: Vec<Shape>,
+    /// Leave BullMQ out (it needs node and npm; installed on first use under target/bullmq)
+    #[arg(long)]
+    skip_bullmq: bool,
+    /// Leave out the Celerity rows with default worker flags (no -P / -c)
+    #[arg(long)]
+    skip_default_flags: bool,
     /// Skip the raw broker rows (redis-benchmark, and a bare lapin client on RabbitMQ)
     #[arg(long)]
     skip_raw: bool,
+    /// Jobs waiting in the broker for the backlog shape (default 1,000,000; 2,000 with --quick)
+    #[arg(long)]
+    backlog_jobs: Option<usize>,
+    /// Where the SVG pictures go (default: bench/charts; with --quick, target/bench-charts-quick)
+    #[arg(long)]
+    charts: Option<PathBuf>,
     /// Also write the table to this file
     #[arg(long)]
     out: Option<PathBuf>,
@@ -163,7 +184,13 @@ async fn run(args: &Args) -> Result<String> {
     let systems: Vec<System> = match args.only {
         Some(Only::Celery) => vec![System::Celery],
         Some(Only::Celerity) => vec![System::Celerity],
+        Some(Only::Bullmq) => vec![],
         None => vec![System::Celery, System::Celerity],
+    };
+    let with_bullmq = match args.only {
+        Some(Only::Bullmq) => true,
+        Some(_) => false,
+        None => !args.skip_bullmq,
     };
     let python = match &args.python {
         Some(p) => p.clone(),
@@ -193,9 +220,15 @@ async fn run(args: &Args) -> Result<String> {
 
     let load_before = loadavg();
     let mut rows: Vec<Row> = Vec::new();
+    let mut ceilings = ceiling::Ceilings::default();
+    let mut latencies: Latencies = Vec::new();
     for &system in &systems {
         for &broker in &brokers {
-            throughput_rows(&programs, system, broker, &plan, &mut rows).await?;
+            let (r, c, l) = (&mut rows, &mut ceilings, &mut latencies);
+            throughput_rows(&programs, system, broker, &plan, r, c, l).await?;
+            if system == System::Celerity && !args.skip_default_flags && plan.has(Shape::Add) {
+                default_flag_rows(&programs, broker, &plan, &mut rows).await?;
+            }
         }
         if brokers.contains(&BrokerKind::Redis) && plan.has(Shape::Io) {
             io_rows(&programs, system, &plan, &mut rows).await?;
@@ -217,6 +250,22 @@ async fn run(args: &Args) -> Result<String> {
             postgres_rows::add_rows(&programs, system, plan.runs, jobs, &mut rows).await?;
         }
     }
+    let bullmq_shapes = plan.has(Shape::Noop) || plan.has(Shape::Add) || plan.has(Shape::Latency);
+    if with_bullmq && brokers.contains(&BrokerKind::Redis) && bullmq_shapes {
+        bullmq_rows(&programs, &plan, &mut rows, &mut latencies).await?;
+    }
+    let mut grown = String::new();
+    let celerity_runs = systems.contains(&System::Celerity);
+    if plan.has(Shape::Growth) && celerity_runs && brokers.contains(&BrokerKind::Redis) {
+        grown = growth_tables(&programs, &plan, args.quick, &charts_dir(args)).await?;
+    }
+    if plan.has(Shape::Backlog) && celerity_runs {
+        let jobs = args
+            .backlog_jobs
+            .unwrap_or(if args.quick { 2_000 } else { 1_000_000 });
+        let celery = systems.contains(&System::Celery);
+        grown.push_str(&backlog_table(&programs, &brokers, jobs, celery, &charts_dir(args)).await?);
+    }
     let mut ab = String::new();
     if plan.has(Shape::MetricsAb) && brokers.contains(&BrokerKind::Redis) {
         ab = metrics_ab(&programs, &plan).await?;
@@ -224,14 +273,16 @@ async fn run(args: &Args) -> Result<String> {
     let mut raw = String::new();
     if !args.skip_raw {
         if brokers.contains(&BrokerKind::Redis) {
-            raw = raw_redis(&plan).await?;
+            raw = raw_redis(&plan, &mut ceilings, &mut latencies).await?;
         }
         if brokers.contains(&BrokerKind::Amqp) {
-            raw.push_str(&raw_amqp(&plan).await?);
+            raw.push_str(&raw_amqp(&plan, &mut ceilings).await?);
         }
     }
+    ceilings.apply(&mut rows);
+    draw(&charts_dir(args), &rows, &latencies)?;
     let table = format!(
-        "{}\n{}{}{}\n",
+        "{}\n{}{}{}{}\n",
         machine(&plan, &load_before),
         if rows.is_empty() {
             String::new()
@@ -239,12 +290,279 @@ async fn run(args: &Args) -> Result<String> {
             report::table(&rows)
         },
         ab,
-        raw
+        raw,
+        grown
     );
     if let Some(path) = &args.out {
         std::fs::write(path, &table)?;
     }
     Ok(table)
+}
+
+/// Where the pictures go: `--charts`, else bench/charts (target/bench-charts-quick with --quick, so
+/// that a quick run does not overwrite the committed ones).
+fn charts_dir(args: &Args) -> PathBuf {
+    args.charts.clone().unwrap_or_else(|| {
+        let base = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        if args.quick {
+            base.join("../target/bench-charts-quick")
+        } else {
+            base.join("charts")
+        }
+    })
+}
+
+/// How cost grows (Celerity, Redis): worker processes, message size, queues; markdown tables and
+/// a picture each.
+async fn growth_tables(
+    programs: &Programs,
+    plan: &Plan,
+    quick: bool,
+    dir: &std::path::Path,
+) -> Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let n = plan.jobs;
+    let mut out = format!(
+        "\nHow cost grows (Celerity, Redis broker; one run per point, a fresh worker each; -c {}):\n\n\
+         | worker processes | add ×{n} with results, jobs/s | idle RSS MiB |\n|---|---|---|\n",
+        programs.celerity_shape.concurrency
+    );
+    let procs_points = growth::processes(programs, n, &[1, 2, 4]).await?;
+    for p in &procs_points {
+        out.push_str(&format!(
+            "| -P {} | {} | {:.1} |\n",
+            p.processes,
+            report::fmt_num(p.jobs_per_s),
+            p.idle_mib
+        ));
+    }
+    let size_points = growth::sizes(programs, n, &[100, 10_000, 1_000_000], quick).await?;
+    out.push_str(
+        "\n| payload per job | jobs | noop jobs/s (-P 2, no results) | MB/s | Redis alone: LPUSH + RPOP \
+         of that size, jobs/s (-P 16) | MB/s | Celerity ÷ Redis alone |\n|---|---|---|---|---|---|---|\n",
+    );
+    for p in &size_points {
+        let raw_mb = p.raw_jobs_per_s * p.bytes as f64 / 1e6;
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {:.2} |\n",
+            human_bytes(p.bytes),
+            p.jobs,
+            report::fmt_num(p.jobs_per_s),
+            report::fmt_num(p.mb_per_s),
+            report::fmt_num(p.raw_jobs_per_s),
+            report::fmt_num(raw_mb),
+            if p.raw_jobs_per_s > 0.0 {
+                p.jobs_per_s / p.raw_jobs_per_s
+            } else {
+                0.0
+            }
+        ));
+    }
+    let queue_points = growth::queues(programs, n, &[1, 10, 100], quick).await?;
+    out.push_str(
+        "\n| queues (one worker, -P 2) | add with results, jobs/s (spread round-robin) | sockets \
+         open, idle | idle CPU, % of a core |\n|---|---|---|---|\n",
+    );
+    for p in &queue_points {
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.2} |\n",
+            p.queues,
+            report::fmt_num(p.jobs_per_s),
+            p.sockets,
+            p.idle_cpu_pct
+        ));
+    }
+    let line = |name: &str, points: Vec<(f64, f64)>| charts::Line {
+        name: name.into(),
+        points,
+    };
+    charts::curves(
+        &dir.join("growth-processes.svg"),
+        "add with results vs worker processes (2 cores)",
+        "worker processes (-P)",
+        "jobs/s",
+        &[line(
+            "Celerity",
+            procs_points
+                .iter()
+                .map(|p| (p.processes as f64, p.jobs_per_s))
+                .collect(),
+        )],
+        false,
+    )?;
+    charts::curves(
+        &dir.join("growth-message-size.svg"),
+        "MB/s vs payload size",
+        "payload bytes per job (log)",
+        "MB/s",
+        &[
+            line(
+                "Celerity",
+                size_points
+                    .iter()
+                    .map(|p| (p.bytes as f64, p.mb_per_s))
+                    .collect(),
+            ),
+            line(
+                "Redis alone (LPUSH + RPOP)",
+                size_points
+                    .iter()
+                    .map(|p| (p.bytes as f64, p.raw_jobs_per_s * p.bytes as f64 / 1e6))
+                    .collect(),
+            ),
+        ],
+        true,
+    )?;
+    charts::curves(
+        &dir.join("growth-queues.svg"),
+        "add with results vs queues consumed by one worker",
+        "queues (log)",
+        "jobs/s",
+        &[line(
+            "Celerity",
+            queue_points
+                .iter()
+                .map(|p| (p.queues as f64, p.jobs_per_s))
+                .collect(),
+        )],
+        true,
+    )?;
+    Ok(out)
+}
+
+/// The backlog shape on each broker, as a markdown table and a picture of the worker's RSS.
+async fn backlog_table(
+    programs: &Programs,
+    brokers: &[BrokerKind],
+    jobs: usize,
+    celery: bool,
+    dir: &std::path::Path,
+) -> Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let mut out = format!(
+        "\nBacklog ({jobs} noop jobs waiting before a Celerity worker -P 2 -c 256 starts; RSS of \
+         supervisor + children every 500 ms while it drains):\n\n\
+         | broker | broker bytes per waiting job, Celerity | same, Celery's producer ({}) | \
+         worker RSS MiB first / max / last (from 2 s) | jobs/s, worker start → empty |\n\
+         |---|---|---|---|---|\n",
+        if celery { "5,000 jobs" } else { "not run" }
+    );
+    let mut lines = Vec::new();
+    for &broker in brokers {
+        let b = backlog::run(programs, broker, jobs, celery).await?;
+        let bytes = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.0}"));
+        eprintln!(
+            "backlog {}: {} B/job, RSS {:.1}/{:.1}/{:.1} MiB, {:.0} jobs/s",
+            broker.label(),
+            bytes(b.bytes_per_job),
+            b.rss_first,
+            b.rss_max,
+            b.rss_last,
+            b.drain_jobs_per_s
+        );
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.1} / {:.1} / {:.1} | {} |\n",
+            broker.label(),
+            bytes(b.bytes_per_job),
+            bytes(b.celery_bytes_per_job),
+            b.rss_first,
+            b.rss_max,
+            b.rss_last,
+            report::fmt_num(b.drain_jobs_per_s)
+        ));
+        lines.push(charts::Line {
+            name: format!("Celerity, {}", broker.label()),
+            points: b.rss_samples,
+        });
+    }
+    charts::curves(
+        &dir.join("growth-backlog-rss.svg"),
+        &format!("worker RSS while draining {jobs} waiting jobs"),
+        "seconds since the worker started",
+        "RSS MiB (supervisor + children)",
+        &lines,
+        false,
+    )?;
+    Ok(out)
+}
+
+fn human_bytes(b: usize) -> String {
+    if b >= 1_000_000 {
+        format!("{} MB", b / 1_000_000)
+    } else if b >= 1000 {
+        format!("{} KB", b / 1000)
+    } else {
+        format!("{b} B")
+    }
+}
+
+/// Every round-trip sample of each system and broker (all runs), for the CDF picture.
+type Latencies = Vec<(String, Vec<f64>)>;
+
+fn push_latencies(latencies: &mut Latencies, name: &str, ms: &[f64]) {
+    match latencies.iter_mut().find(|(n, _)| n == name) {
+        Some((_, v)) => v.extend_from_slice(ms),
+        None => latencies.push((name.to_owned(), ms.to_vec())),
+    }
+}
+
+/// The pictures of this run: jobs/s bars (with the broker alone) and the latency CDF.
+fn draw(dir: &std::path::Path, rows: &[Row], latencies: &Latencies) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let med = |v: &[f64]| report::summary(v).map(|(m, _, _)| m);
+    let mut bars = Vec::new();
+    for r in rows {
+        let group = match (r.metric.as_str(), r.setup.as_str()) {
+            ("drain jobs/s", "Redis / Redis") if r.shape.starts_with("add ×") => {
+                "Redis: add + results"
+            }
+            ("drain jobs/s", "RabbitMQ / Redis") if r.shape.starts_with("add ×") => {
+                "RabbitMQ: add + results"
+            }
+            ("enqueue msgs/s", "Redis / none") => "Redis: enqueue",
+            ("enqueue msgs/s", "RabbitMQ / none") => "RabbitMQ: enqueue",
+            _ => continue,
+        };
+        let default = r.shape.contains("default worker flags");
+        let mut push = |series: &str, v: Option<f64>| {
+            if let Some(value) = v {
+                bars.push(charts::Bar {
+                    group: group.into(),
+                    series: series.into(),
+                    value,
+                });
+            }
+        };
+        if default {
+            push("Celerity, default flags", med(&r.celerity));
+            continue;
+        }
+        push("Celery 5.7", med(&r.celery));
+        push("BullMQ", med(&r.bullmq));
+        push("Celerity", med(&r.celerity));
+        push("broker alone", r.ceiling.as_ref().map(|c| c.0));
+    }
+    // Groups in a fixed order, whatever order the rows came in.
+    let order = [
+        "Redis: add + results",
+        "Redis: enqueue",
+        "RabbitMQ: add + results",
+        "RabbitMQ: enqueue",
+    ];
+    bars.sort_by_key(|b| order.iter().position(|o| *o == b.group));
+    charts::bars(
+        &dir.join("jobs-per-second.svg"),
+        "jobs/s per system and broker (medians of one run)",
+        "jobs/s",
+        &bars,
+    )?;
+    charts::cdf(
+        &dir.join("latency-cdf.svg"),
+        "round trip of sequential add calls (all runs)",
+        latencies,
+    )?;
+    eprintln!("bench: pictures in {}", dir.display());
+    Ok(())
 }
 
 /// The row for (shape, setup, metric), created in first-seen order.
@@ -340,6 +658,8 @@ async fn throughput_rows(
     broker: BrokerKind,
     plan: &Plan,
     rows: &mut Vec<Row>,
+    ceilings: &mut ceiling::Ceilings,
+    latencies: &mut Latencies,
 ) -> Result<()> {
     let n = match system {
         System::Celery => plan.celery_jobs,
@@ -378,6 +698,12 @@ async fn throughput_rows(
         };
         let mut loaded = Vec::new();
         let add_runs = if plan.has(Shape::Add) { plan.runs } else { 0 };
+        let count_commands = system == System::Celerity && broker == BrokerKind::Redis;
+        let before = if count_commands && add_runs > 0 {
+            Some(ceiling::commandstats().await?)
+        } else {
+            None
+        };
         for run in 0..add_runs {
             peak.store(0, Ordering::Relaxed);
             let t = shapes::with_results(
@@ -407,6 +733,11 @@ async fn throughput_rows(
                 r.note = note.clone();
             }
         }
+        if let Some(before) = before {
+            let after = ceiling::commandstats().await?;
+            ceilings.redis_commands_per_job =
+                ceiling::commands_per_job(&before, &after, n * add_runs);
+        }
         sampling.store(false, Ordering::Relaxed);
         let _ = sampler.await;
         results.close().await;
@@ -424,6 +755,7 @@ async fn throughput_rows(
                 run + 1
             );
             let shape = format!("round trip, {} sequential add", plan.latency_calls);
+            push_latencies(latencies, &format!("{system:?} {}", broker.label()), &ms);
             samples(row(rows, &shape, &label, "p50 ms"), system).push(p50);
             samples(row(rows, &shape, &label, "p99 ms"), system).push(p99);
         }
@@ -532,6 +864,148 @@ async fn io_rows(
     outcome
 }
 
+/// Celerity as a user starts it (`celerity worker`, no `-P` / `-c`): add with results and round
+/// trips, beside the tuned rows.
+async fn default_flag_rows(
+    programs: &Programs,
+    broker: BrokerKind,
+    plan: &Plan,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let s = Session::start(programs, System::Celerity, broker, true, Pool::Default).await?;
+    let label = s.setup.label();
+    let outcome = async {
+        let results = Results::connect(&s.setup).await?;
+        for run in 0..plan.runs {
+            let job = shapes::Job {
+                task: "demo.add",
+                n: plan.jobs,
+                sleep_ms: 0,
+            };
+            let t = shapes::with_results(programs, &s.setup, &s.queue, &results, job).await;
+            let t = t?;
+            eprintln!(
+                "Celerity default flags {label} add run {}: drain {:.0}/s",
+                run + 1,
+                t.drain
+            );
+            let shape = format!("add ×{}, results checked, default worker flags", plan.jobs);
+            samples(row(rows, &shape, &label, "drain jobs/s"), System::Celerity).push(t.drain);
+        }
+        results.close().await;
+        let calls = plan.latency_calls;
+        for _ in 0..if plan.has(Shape::Latency) {
+            plan.runs
+        } else {
+            0
+        } {
+            let ms = shapes::latency(programs, System::Celerity, &s.setup, &s.queue, calls).await?;
+            let shape = format!("round trip, {calls} sequential add, default worker flags");
+            let (p50, p99) = (shapes::quantile(&ms, 0.5), shapes::quantile(&ms, 0.99));
+            samples(row(rows, &shape, &label, "p50 ms"), System::Celerity).push(p50);
+            samples(row(rows, &shape, &label, "p99 ms"), System::Celerity).push(p99);
+        }
+        Ok::<_, BenchError>(())
+    }
+    .await;
+    s.end().await?;
+    outcome
+}
+
+/// BullMQ on Redis, with as many Node worker processes and jobs at once as Celerity's throughput
+/// rows: `addBulk` enqueue and drain with every return value checked, round trips (`add` +
+/// `waitUntilFinished`), idle and peak RSS of the worker processes.
+async fn bullmq_rows(
+    programs: &Programs,
+    plan: &Plan,
+    rows: &mut Vec<Row>,
+    latencies: &mut Latencies,
+) -> Result<()> {
+    let dir = bullmq::install().await?;
+    let shape = programs.celerity_shape;
+    let bull = bullmq::Bull::start(&dir, shape.processes.max(1), shape.concurrency).await?;
+    let label = "Redis / Redis";
+    let outcome = async {
+        bull.latency(1).await?; // warm-up: one job through
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = bull.rss_kib() as f64 / 1024.0;
+        let peak = Arc::new(AtomicU64::new(0));
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let (peak, sampling, pids) = (peak.clone(), sampling.clone(), bull.pids());
+            tokio::spawn(async move {
+                while sampling.load(Ordering::Relaxed) {
+                    let rss = pids.iter().map(|&p| procs::tree_rss_kib(p)).sum();
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let mut loaded = Vec::new();
+        let add_runs = if plan.has(Shape::Add) || plan.has(Shape::Noop) {
+            plan.runs
+        } else {
+            0
+        };
+        for run in 0..add_runs {
+            peak.store(0, Ordering::Relaxed);
+            let a = bull.add(plan.jobs).await?;
+            loaded.push(peak.load(Ordering::Relaxed) as f64 / 1024.0);
+            eprintln!(
+                "BullMQ add run {}: enqueue {:.0}/s, drain {:.0}/s ({:.2} s)",
+                run + 1,
+                a.enqueue,
+                a.drain,
+                a.seconds
+            );
+            if plan.has(Shape::Noop) {
+                let r = row(
+                    rows,
+                    &format!("noop ×{}", plan.jobs),
+                    "Redis / none",
+                    "enqueue msgs/s",
+                );
+                r.bullmq.push(a.enqueue);
+            }
+            if plan.has(Shape::Add) {
+                let shape = format!("add ×{}, results checked", plan.jobs);
+                row(rows, &shape, label, "drain jobs/s")
+                    .bullmq
+                    .push(a.drain);
+            }
+        }
+        sampling.store(false, Ordering::Relaxed);
+        let _ = sampler.await;
+        for run in 0..if plan.has(Shape::Latency) {
+            plan.runs
+        } else {
+            0
+        } {
+            let ms = bull.latency(plan.latency_calls).await?;
+            let (p50, p99) = (shapes::quantile(&ms, 0.5), shapes::quantile(&ms, 0.99));
+            eprintln!(
+                "BullMQ latency run {}: p50 {p50:.2} ms, p99 {p99:.2} ms",
+                run + 1
+            );
+            let shape = format!("round trip, {} sequential add", plan.latency_calls);
+            push_latencies(latencies, "BullMQ Redis", &ms);
+            row(rows, &shape, label, "p50 ms").bullmq.push(p50);
+            row(rows, &shape, label, "p99 ms").bullmq.push(p99);
+        }
+        let shape = "memory (RSS, worker + children)";
+        if plan.has(Shape::Add) {
+            row(rows, shape, label, "idle MiB").bullmq.push(idle);
+            row(rows, shape, label, "under add load, peak MiB")
+                .bullmq
+                .extend(loaded);
+        }
+        Ok::<_, BenchError>(())
+    }
+    .await;
+    bull.end().await;
+    outcome
+}
+
 /// Celerity's add-with-results drain on Redis with metrics off and on, interleaved (off, on, off,
 /// on, …; a fresh worker each run, so both see the same drift of this VM), and each worker's idle
 /// RSS; as a markdown table.
@@ -600,13 +1074,20 @@ async fn metrics_ab(programs: &Programs, plan: &Plan) -> Result<String> {
 }
 
 /// redis-benchmark LPUSH/RPOP, unpipelined and 16 deep, as a markdown table.
-async fn raw_redis(plan: &Plan) -> Result<String> {
+async fn raw_redis(
+    plan: &Plan,
+    ceilings: &mut ceiling::Ceilings,
+    latencies: &mut Latencies,
+) -> Result<String> {
     let mut out = String::from(
         "\nRaw Redis on this machine (redis-benchmark, 50 clients):\n\n\
          | pipeline | LPUSH ops/s | RPOP ops/s |\n|---|---|---|\n",
     );
     for p in [1, 16] {
         let (push, pop) = rawredis::lpush_rpop(plan.raw_requests, p).await?;
+        if p == 16 {
+            ceilings.redis_pipelined = Some((push, pop));
+        }
         out.push_str(&format!(
             "| {} | {} | {} |\n",
             if p == 1 {
@@ -621,12 +1102,14 @@ async fn raw_redis(plan: &Plan) -> Result<String> {
     let (mut p50, mut p99) = (Vec::new(), Vec::new());
     for _ in 0..plan.runs {
         let ms = rawredis::relay_latency(plan.latency_calls).await?;
+        push_latencies(latencies, "Redis floor (no task queue)", &ms);
         p50.push(shapes::quantile(&ms, 0.50));
         p99.push(shapes::quantile(&ms, 0.99));
     }
     if let (Some((p50, lo50, hi50)), Some((p99, lo99, hi99))) =
         (report::summary(&p50), report::summary(&p99))
     {
+        ceilings.redis_floor = Some((p50, p99));
         out.push_str(&format!(
             "\nRound-trip floor through Redis ({} sequential: LPUSH → a relay thread's BLPOP → its \
              PUBLISH → the caller's subscription): p50 {p50:.2} ms ({lo50:.2}–{hi50:.2}), p99 \
@@ -638,7 +1121,7 @@ async fn raw_redis(plan: &Plan) -> Result<String> {
 }
 
 /// A bare lapin client on RabbitMQ, job-shaped persistent messages (see `rawamqp`), as markdown.
-async fn raw_amqp(plan: &Plan) -> Result<String> {
+async fn raw_amqp(plan: &Plan, ceilings: &mut ceiling::Ceilings) -> Result<String> {
     let (mut publish, mut drain, mut both) = (Vec::new(), Vec::new(), Vec::new());
     let (mut p50, mut p99) = (Vec::new(), Vec::new());
     for _ in 0..plan.runs {
@@ -648,6 +1131,11 @@ async fn raw_amqp(plan: &Plan) -> Result<String> {
         both.push(raw.both_per_s);
         p50.push(shapes::quantile(&raw.latency_ms, 0.50));
         p99.push(shapes::quantile(&raw.latency_ms, 0.99));
+    }
+    let med = |v: &[f64]| report::summary(v).map_or(0.0, |(m, _, _)| m);
+    if !publish.is_empty() {
+        ceilings.amqp_rates = Some((med(&publish), med(&drain), med(&both)));
+        ceilings.amqp_one_way = Some((med(&p50), med(&p99)));
     }
     let cell = |v: &[f64], ms: bool| match report::summary(v) {
         Some((med, lo, hi)) if ms => format!("{med:.2} ({lo:.2}–{hi:.2})"),

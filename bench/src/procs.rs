@@ -86,7 +86,7 @@ impl Worker {
                 cmd.args(["-m", "celery", "-A", "celery_bench", "worker", "-Q", queue])
                     .args(["-l", "WARNING", "-n", &node]);
                 match pool {
-                    Pool::TwoProcesses | Pool::TwoProcessesWithMetrics => {
+                    Pool::TwoProcesses | Pool::TwoProcessesWithMetrics | Pool::Default => {
                         cmd.args(["-P", "prefork", "-c", "2"])
                     }
                     Pool::Io => cmd.args(["-P", "threads", "-c", "16"]),
@@ -113,6 +113,7 @@ impl Worker {
                     Pool::Io => cmd
                         .args(["-P", "0", "-c"])
                         .arg(CELERITY_IO_CONCURRENCY.to_string()),
+                    Pool::Default => &mut cmd,
                 };
                 cmd
             }
@@ -252,7 +253,7 @@ fn parents() -> Vec<(u32, u32)> {
 }
 
 /// `pid` and all its descendants (from /proc).
-fn tree(pid: u32) -> Vec<u32> {
+pub fn tree(pid: u32) -> Vec<u32> {
     let parents = parents();
     let mut out = vec![pid];
     let mut i = 0;

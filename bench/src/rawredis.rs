@@ -12,6 +12,15 @@ const DB: &str = "9";
 
 /// (LPUSH ops/s, RPOP ops/s) for `requests` requests with pipeline depth `pipeline`.
 pub async fn lpush_rpop(requests: usize, pipeline: usize) -> Result<(f64, f64)> {
+    lpush_rpop_sized(requests, pipeline, 3).await
+}
+
+/// [`lpush_rpop`] with values of `bytes` bytes (redis-benchmark's `-d`; its default is 3).
+pub async fn lpush_rpop_sized(
+    requests: usize,
+    pipeline: usize,
+    bytes: usize,
+) -> Result<(f64, f64)> {
     let out = Command::new("redis-benchmark")
         .args([
             "-h",
@@ -28,6 +37,8 @@ pub async fn lpush_rpop(requests: usize, pipeline: usize) -> Result<(f64, f64)> 
         .arg(requests.to_string())
         .arg("-P")
         .arg(pipeline.to_string())
+        .arg("-d")
+        .arg(bytes.max(1).to_string())
         .output()
         .await
         .map_err(|e| BenchError::Setup(format!("redis-benchmark: {e}")))?;

@@ -1,5 +1,6 @@
 //! Collecting each row's samples and printing the markdown table: median and min–max per system,
-//! and the ratio Celerity ÷ Celery of the medians.
+//! the ratios Celerity ÷ Celery and Celerity ÷ BullMQ of the medians, and Celerity's fraction of the
+//! broker's own ceiling (or floor, for latency) measured in the same run.
 
 /// One table row: a metric of a shape on a setup, with each system's samples (one per run).
 #[derive(Debug, Clone)]
@@ -9,6 +10,11 @@ pub struct Row {
     pub metric: String,
     pub celery: Vec<f64>,
     pub celerity: Vec<f64>,
+    /// BullMQ's samples, on the rows it runs (Redis).
+    pub bullmq: Vec<f64>,
+    /// What the broker alone does for this row in the same run (a rate, or a latency floor), and
+    /// what that figure is.
+    pub ceiling: Option<(f64, String)>,
     /// Said after the metric, e.g. a different job count for Celery.
     pub note: String,
     /// False when the two systems ran different amounts of work (no ratio then).
@@ -23,6 +29,8 @@ impl Row {
             metric: metric.into(),
             celery: Vec::new(),
             celerity: Vec::new(),
+            bullmq: Vec::new(),
+            ceiling: None,
             note: String::new(),
             comparable: true,
         }
@@ -80,18 +88,31 @@ fn cell(samples: &[f64]) -> String {
     }
 }
 
-/// The markdown table of all rows.
+/// Celerity's median ÷ `other`'s, as `1.23×`, or `—`.
+fn ratio(celerity: &[f64], other: &[f64], comparable: bool) -> String {
+    match (summary(other), summary(celerity)) {
+        (Some((a, _, _)), Some((b, _, _))) if a > 0.0 && comparable => format!("{:.2}×", b / a),
+        _ => "—".into(),
+    }
+}
+
+/// The markdown table of all rows. The first six columns are the Celery/Celerity table as it was;
+/// BullMQ and the broker's ceiling come after them.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| shape | broker / results | metric | Celery 5.7 | Celerity | Celerity ÷ Celery |\n\
-         |---|---|---|---|---|---|\n",
+        "| shape | broker / results | metric | Celery 5.7 | Celerity | Celerity ÷ Celery | BullMQ | \
+         Celerity ÷ BullMQ | broker alone | Celerity ÷ broker alone |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
-        let ratio = match (summary(&r.celery), summary(&r.celerity)) {
-            (Some((a, _, _)), Some((b, _, _))) if a > 0.0 && r.comparable => {
-                format!("{:.2}×", b / a)
+        let vs_celery = ratio(&r.celerity, &r.celery, r.comparable);
+        let vs_bullmq = ratio(&r.celerity, &r.bullmq, r.comparable);
+        let (ceiling, vs_ceiling) = match (&r.ceiling, summary(&r.celerity)) {
+            (Some((c, what)), Some((b, _, _))) if *c > 0.0 => {
+                (format!("{} ({what})", fmt_num(*c)), format!("{:.2}", b / c))
             }
-            _ => "—".into(),
+            (Some((c, what)), _) => (format!("{} ({what})", fmt_num(*c)), "—".into()),
+            _ => ("—".into(), "—".into()),
         };
         let metric = if r.note.is_empty() {
             r.metric.clone()
@@ -99,13 +120,13 @@ pub fn table(rows: &[Row]) -> String {
             format!("{} ({})", r.metric, r.note)
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {vs_celery} | {} | {vs_bullmq} | {ceiling} | {vs_ceiling} |\n",
             r.shape,
             r.setup,
             metric,
             cell(&r.celery),
             cell(&r.celerity),
-            ratio
+            cell(&r.bullmq),
         ));
     }
     out

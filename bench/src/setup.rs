@@ -40,6 +40,8 @@ pub enum Pool {
     Io,
     /// Celerity only: [`Pool::TwoProcesses`] with `--metrics-addr 127.0.0.1:0` (the metrics A/B).
     TwoProcessesWithMetrics,
+    /// Celerity only: `celerity worker` with no pool flags at all (what a user gets untuned).
+    Default,
 }
 
 /// One broker + backend combination, with this run's names.

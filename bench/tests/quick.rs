@@ -1,7 +1,9 @@
 //! The whole benchmark matrix in `--quick` mode (tiny job counts, one run) against the real Redis and
 //! RabbitMQ and real Python Celery, with the debug `celerity` binary: checks that the harness works
 //! end to end and prints a complete table. The numbers are not checked (speed belongs to the
-//! benchmark itself). Set `CELERITY_NO_PYTHON=1` to run the Celerity side only.
+//! benchmark itself). Set `CELERITY_NO_PYTHON=1` to run the Celerity side only. BullMQ runs too when
+//! `node` and `npm` are on PATH (its pinned install under target/bullmq takes a few seconds once);
+//! `CELERITY_NO_NODE=1` leaves it out.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -22,14 +24,28 @@ fn celerity_bin() -> PathBuf {
     bin
 }
 
+/// Whether `tool --version` runs.
+fn on_path(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 #[test]
 fn quick_matrix_runs_end_to_end() {
     let no_python = std::env::var_os("CELERITY_NO_PYTHON").is_some();
+    let bullmq =
+        std::env::var_os("CELERITY_NO_NODE").is_none() && on_path("node") && on_path("npm");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bench"));
     cmd.arg("--quick").arg("--celerity-bin").arg(celerity_bin());
     if no_python {
         eprintln!("CELERITY_NO_PYTHON is set: benchmarking the Celerity side only");
         cmd.args(["--only", "celerity"]);
+    }
+    if !bullmq {
+        eprintln!("CELERITY_NO_NODE is set or node/npm are missing: no BullMQ rows");
+        cmd.arg("--skip-bullmq");
     }
     let out = cmd.output().expect("run bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -81,6 +97,53 @@ fn quick_matrix_runs_end_to_end() {
                 "no Celery number in {line}"
             );
             assert!(cells[6].ends_with('×'), "no ratio in {line}");
+        }
+    }
+    // | shape | setup | metric | Celery | Celerity | ÷ | BullMQ | ÷ BullMQ | broker alone | ÷ it |
+    let cells_of = |shape: &str, setup: &str, metric: &str| -> Vec<String> {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {shape} | {setup} | {metric}")))
+            .unwrap_or_else(|| panic!("no row {shape} / {setup} / {metric} in\n{stdout}"));
+        line.split('|').map(|c| c.trim().to_owned()).collect()
+    };
+    let digit = |c: &str| c.chars().next().is_some_and(|c| c.is_ascii_digit());
+    // Each Celerity throughput and latency row has its fraction of the broker alone.
+    for (shape, setup, metric) in [
+        ("add ×300, results checked", "Redis / Redis", "drain jobs/s"),
+        (
+            "add ×300, results checked",
+            "RabbitMQ / Redis",
+            "drain jobs/s",
+        ),
+        ("round trip, 20 sequential add", "Redis / Redis", "p50 ms"),
+        (
+            "round trip, 20 sequential add",
+            "RabbitMQ / Redis",
+            "p50 ms",
+        ),
+        (
+            "add ×300, results checked, default worker flags",
+            "Redis / Redis",
+            "drain jobs/s",
+        ),
+    ] {
+        let cells = cells_of(shape, setup, metric);
+        assert!(digit(&cells[5]), "no Celerity number in {cells:?}");
+        assert!(
+            digit(&cells[9]) && digit(&cells[10]),
+            "no ceiling in {cells:?}"
+        );
+    }
+    if bullmq {
+        for (shape, metric) in [
+            ("add ×300, results checked", "drain jobs/s"),
+            ("round trip, 20 sequential add", "p99 ms"),
+            ("memory (RSS, worker + children)", "idle MiB"),
+        ] {
+            let cells = cells_of(shape, "Redis / Redis", metric);
+            assert!(digit(&cells[7]), "no BullMQ number in {cells:?}");
+            assert!(cells[8].ends_with('×'), "no Celerity ÷ BullMQ in {cells:?}");
         }
     }
     assert!(stdout.contains("| -P 16 |"), "no raw redis-benchmark rows");
