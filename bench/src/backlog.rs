@@ -52,6 +52,7 @@ pub async fn run(
         broker,
         results: false,
         prefix: format!("bench-{}:", &id[..12]),
+        pg_schema: None,
     };
     let (queue, celery_queue) = (
         format!("bench.{}", &id[..12]),

@@ -76,6 +76,7 @@ impl Run {
             broker: BrokerKind::Redis,
             results,
             prefix: format!("bench-{}:", &id[..12]),
+            pg_schema: None,
         };
         let names: Vec<String> = (0..queues.max(1))
             .map(|i| format!("bench.{}.{i}", &id[..12]))

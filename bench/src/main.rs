@@ -19,9 +19,7 @@ use celerity_bench::probe::{self, Probe, Results};
 use celerity_bench::procs::{self, Programs, Worker};
 use celerity_bench::report::{self, Row};
 use celerity_bench::setup::{self, BrokerKind, Pool, Setup, System};
-use celerity_bench::{
-    backlog, bullmq, ceiling, charts, growth, rawamqp, rawredis, rpcrow, shapes,
-};
+use celerity_bench::{backlog, bullmq, ceiling, charts, growth, rawamqp, rawredis, rpcrow, shapes};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Only {

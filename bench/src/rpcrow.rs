@@ -55,6 +55,7 @@ pub async fn run(
         broker: BrokerKind::Amqp,
         results: false,
         prefix: String::new(),
+        pg_schema: None,
     };
     let probe = Probe::connect(&setup, &queue).await?;
     let worker = start_worker(programs, system, &queue)?;

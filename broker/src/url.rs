@@ -311,6 +311,8 @@ fn parse_sentinel(raw: &str) -> Result<BrokerUrl> {
                 .into(),
         )),
     }
+}
+
 /// The scheme of a Redis Cluster URL.
 pub const CLUSTER_SCHEME: &str = "redis+cluster";
 

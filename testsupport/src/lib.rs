@@ -24,8 +24,8 @@ pub mod netcut;
 pub mod postgres;
 pub mod process;
 pub mod rabbit;
-pub mod sentinel;
 pub mod rabbit_cluster;
+pub mod sentinel;
 pub mod tls;
 #[cfg(feature = "worker")]
 pub mod worker;

@@ -180,6 +180,7 @@ pub(super) fn meta_from_row(task_id: &str, row: &Row) -> Result<TaskMeta> {
         date_done: date_done.map(|d| Utc.from_utc_datetime(&d)),
         status,
         extra,
+        reply: None,
     })
 }
 

@@ -115,7 +115,9 @@ impl RedisBackend {
                     reason: "the first cluster node does not fit a URL".into(),
                 }
             })?;
-            let client = crate::redis::sentinel::Dialer::Fixed(Box::new(redis::Client::open(node.as_str())?));
+            let client = crate::redis::sentinel::Dialer::Fixed(Box::new(redis::Client::open(
+                node.as_str(),
+            )?));
             (AnyConn::Cluster(conn), client, Some(acks))
         } else {
             let (conn, client) = Self::connect_single(url, &store_script).await?;

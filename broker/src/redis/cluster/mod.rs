@@ -153,7 +153,7 @@ async fn fanout_shared(
             continue;
         };
         let client = match redis::Client::open(node_url.as_str()) {
-            Ok(c) => c,
+            Ok(c) => crate::redis::sentinel::Dialer::Fixed(Box::new(c)),
             Err(e) => {
                 last = e.to_string();
                 continue;
