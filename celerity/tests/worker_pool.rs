@@ -223,6 +223,36 @@ async fn hard_time_limit_ends_a_spinning_job_and_the_pool_keeps_serving() {
     delete_redis_prefix(&q).await;
 }
 
+/// With results over `rpc://`, a job killed at its hard time limit still answers its sender: the
+/// supervisor (which killed the process) sends the `TimeLimitExceeded` FAILURE to the reply queue
+/// the child reported when the job started. (It used to store it without the reply address, so
+/// the `rpc://` backend dropped it and the caller waited until its own timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_time_limit_failure_reaches_an_rpc_caller() {
+    let q = unique();
+    let pool = Pool::start(AMQP, "rpc://", &q, &["-P", "1", "-c", "2"]);
+    assert_eq!(pool.wait_for_children(1).len(), 1);
+    let c = Client::connect(AMQP, Some("rpc://")).await.unwrap();
+    let spin = c
+        .send_task(
+            "demo.spin_ms",
+            vec![json!(60_000)],
+            Default::default(),
+            &SendOptions::new().queue(&q).time_limits(Some(1.0), None),
+        )
+        .await
+        .unwrap();
+    let m = spin.wait_meta(Some(Duration::from_secs(20))).await;
+    drop(pool);
+    delete_amqp_queue(&q).await;
+    let m = m.expect("the time-limit failure never reached the rpc:// caller");
+    assert_eq!(m.status, State::Failure);
+    assert_eq!(
+        m.exception().map(|e| e.exc_type),
+        Some("TimeLimitExceeded".to_owned())
+    );
+}
+
 /// A pool whose log reader went away (stderr is a pipe nobody reads any more, as when the terminal
 /// or the process manager that started it is gone) keeps working and still stops on SIGTERM: a log
 /// line that cannot be written is dropped. (It used to panic in the logger: the signal handler

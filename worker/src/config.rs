@@ -37,6 +37,9 @@ pub struct WorkerConfig {
     pub dead_letter_queue: String,
     /// Count into these metrics (`--metrics-addr`); none: nothing is counted or probed.
     pub metrics: Option<std::sync::Arc<crate::metrics::WorkerMetrics>>,
+    /// How often the janitor deletes expired results from a backend that does not expire them by
+    /// itself (PostgreSQL; an hour by default); `None`: never.
+    pub cleanup_every: Option<Duration>,
 }
 
 impl Default for WorkerConfig {
@@ -58,6 +61,7 @@ impl Default for WorkerConfig {
             },
             dead_letter_queue: crate::DEAD_LETTER_QUEUE.to_owned(),
             metrics: None,
+            cleanup_every: Some(Duration::from_secs(3600)),
         }
     }
 }

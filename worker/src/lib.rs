@@ -36,6 +36,7 @@ pub mod error;
 pub mod events;
 mod fetcher;
 mod heartbeat;
+mod janitor;
 mod jobs;
 pub mod limits;
 pub mod metrics;

@@ -15,6 +15,10 @@ pub enum JobEvent {
         #[serde(default)]
         queue: String,
         hard: f64,
+        /// Where the job's sender waits for its result (`rpc://`), so the supervisor can send it
+        /// the time-limit failure.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply: Option<celerity_broker::backend::ReplyTo>,
     },
     /// That job is over (whatever the outcome).
     Finished { id: String },
@@ -47,12 +51,20 @@ impl Reporter {
 
     /// Reports that job `id` of `task` started with `hard` seconds to run; the returned guard
     /// reports its end when dropped, whatever way the job ends.
-    pub(crate) fn started(self, id: &str, task: &str, queue: &str, hard: f64) -> FinishReport {
+    pub(crate) fn started(
+        self,
+        id: &str,
+        task: &str,
+        queue: &str,
+        hard: f64,
+        reply: Option<celerity_broker::backend::ReplyTo>,
+    ) -> FinishReport {
         self.send(&JobEvent::Started {
             id: id.to_owned(),
             task: task.to_owned(),
             queue: queue.to_owned(),
             hard,
+            reply,
         });
         FinishReport(self, id.to_owned())
     }
@@ -80,6 +92,7 @@ mod tests {
             task: "t".into(),
             queue: "q".into(),
             hard: 1.5,
+            reply: None,
         };
         let line = serde_json::to_string(&e).unwrap_or_default();
         assert_eq!(

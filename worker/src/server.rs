@@ -5,6 +5,7 @@
 //! - the heartbeater (`heartbeat.rs`) publishes worker and task events;
 //! - the control listener (`control.rs`) answers remote control;
 //! - [`Jobs`] (`jobs.rs`) owns the in-flight state all of them read;
+//! - the janitor (`janitor.rs`) deletes expired results from a backend that keeps them (PostgreSQL);
 //! - with metrics on, the probe (`metrics/probe.rs`) measures queues and readiness every second.
 //!   It stops last, so a pool child's final report holds every job it finished.
 //!
@@ -31,6 +32,7 @@ use crate::error::{Result, WorkerError};
 use crate::events::EventSender;
 use crate::fetcher::Fetcher;
 use crate::heartbeat::Heartbeater;
+use crate::janitor::Janitor;
 use crate::jobs::{Jobs, Summary};
 use crate::limits::{RateLimit, RateLimits};
 use crate::metrics::Probe;
@@ -113,6 +115,10 @@ pub async fn run(
     });
 
     let consumer = broker.consume(&config.queues, config.concurrency).await?;
+    let janitor = match (&backend, config.cleanup_every) {
+        (Some(backend), Some(every)) => Some(Janitor::start(backend.clone(), every)),
+        _ => None,
+    };
     tracing::info!(hostname = config.hostname, queues = ?config.queues, concurrency = config.concurrency, transport = broker.transport(), "worker ready");
     let consuming = Arc::new(AtomicBool::new(true));
     let probe_stop = tokio_util::sync::CancellationToken::new();
@@ -143,6 +149,9 @@ pub async fn run(
     let consumer = fetcher.run(shutdown.warm.clone()).await;
     consuming.store(false, Ordering::Relaxed);
     stop(consumer, tracker, control, heartbeater, &config, &shutdown).await;
+    if let Some(janitor) = janitor {
+        janitor.shutdown().await;
+    }
     probe_stop.cancel();
     if let Some(p) = probe {
         let _ = p.await;

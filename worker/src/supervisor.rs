@@ -34,7 +34,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use celerity_broker::backend::ExceptionInfo;
+use celerity_broker::backend::{ExceptionInfo, ReplyTo};
 use celerity_broker::{ResultBackend, TaskMeta};
 
 use crate::error::{Result, WorkerError};
@@ -373,7 +373,9 @@ impl End {
 }
 
 /// What the supervisor knows of a job with a hard time limit: task, queue, limit, deadline.
-type Running = HashMap<String, (String, String, f64, Instant)>;
+/// The jobs with a hard time limit running in a child: id → (task, queue, hard limit, deadline,
+/// where its sender waits for the result).
+type Running = HashMap<String, (String, String, f64, Instant, Option<ReplyTo>)>;
 
 /// Follows one child until it exits: reads its reports, enforces hard time limits, forwards
 /// shutdown signals. `recycling` gets the cause the child gives when it recycles itself.
@@ -384,7 +386,7 @@ async fn watch_child(a: &SlotArgs, child: &mut Child, recycling: &mut Option<Str
     let mut warm_sent = false;
     let mut cold_sent = false;
     loop {
-        let next_deadline = running.values().map(|(_, _, _, d)| *d).min();
+        let next_deadline = running.values().map(|(_, _, _, d, _)| *d).min();
         tokio::select! {
             status = child.wait() => {
                 // Its last lines (the final metrics, why it recycled) may still be in the pipe.
@@ -404,18 +406,18 @@ async fn watch_child(a: &SlotArgs, child: &mut Child, recycling: &mut Option<Str
             },
             _ = sleep_until_opt(next_deadline) => {
                 let now = Instant::now();
-                let overdue: Vec<(String, String, String, f64)> = running
+                let overdue: Vec<(String, String, String, f64, Option<ReplyTo>)> = running
                     .iter()
-                    .filter(|(_, (_, _, _, d))| *d <= now)
-                    .map(|(id, (task, queue, hard, _))| (id.clone(), task.clone(), queue.clone(), *hard))
+                    .filter(|(_, (_, _, _, d, _))| *d <= now)
+                    .map(|(id, (task, queue, hard, _, reply))| (id.clone(), task.clone(), queue.clone(), *hard, reply.clone()))
                     .collect();
-                for (id, task, _, hard) in &overdue {
+                for (id, task, _, hard, _) in &overdue {
                     tracing::error!(id, task, hard_limit_s = hard, pid, "hard time limit exceeded; killing the worker process");
                 }
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                for (id, task, queue, hard) in overdue {
-                    store_time_limit(a.backend.as_deref(), &id, hard).await;
+                for (id, task, queue, hard, reply) in overdue {
+                    store_time_limit(a.backend.as_deref(), &id, hard, reply).await;
                     if let Some(m) = &a.metrics {
                         m.time_limit_failure(a.slot, &task, &queue);
                     }
@@ -442,9 +444,10 @@ fn on_line(a: &SlotArgs, line: &str, running: &mut Running, recycling: &mut Opti
             task,
             queue,
             hard,
+            reply,
         }) => match deadline_after(hard) {
             Some(deadline) => {
-                running.insert(id, (task, queue, hard, deadline));
+                running.insert(id, (task, queue, hard, deadline, reply));
             }
             None => {
                 tracing::warn!(
@@ -523,7 +526,12 @@ fn signal(pid: Option<i32>, sig: libc::c_int) {
 }
 
 /// Stores the FAILURE Celery stores for a job killed at its hard time limit.
-async fn store_time_limit(backend: Option<&dyn ResultBackend>, id: &str, hard: f64) {
+async fn store_time_limit(
+    backend: Option<&dyn ResultBackend>,
+    id: &str,
+    hard: f64,
+    reply: Option<ReplyTo>,
+) {
     let Some(backend) = backend else { return };
     let exc = ExceptionInfo {
         exc_type: "TimeLimitExceeded".into(),
@@ -531,7 +539,9 @@ async fn store_time_limit(backend: Option<&dyn ResultBackend>, id: &str, hard: f
         exc_module: "billiard.exceptions".into(),
     };
     let tb = format!("Traceback (most recent call last):\n  celerity worker process killed at the hard time limit\nTimeLimitExceeded: {hard}\n");
-    if let Err(e) = backend.store(&TaskMeta::failure(id, &exc, Some(tb))).await {
+    let mut meta = TaskMeta::failure(id, &exc, Some(tb));
+    meta.reply = reply;
+    if let Err(e) = backend.store(&meta).await {
         tracing::error!(id, error = %e, "could not store the time-limit failure");
     }
 }

@@ -192,7 +192,7 @@ pub struct TaskMeta {
 
 /// The reply address of a job: the queue its sender consumes (`reply_to`) and the id to answer
 /// with (`correlation_id`, the task id unless the sender chose another).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplyTo {
     pub queue: String,
     pub correlation_id: String,

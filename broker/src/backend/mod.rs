@@ -121,4 +121,11 @@ pub trait ResultBackend: Send + Sync + 'static {
 
     /// Deletes a saved group.
     async fn forget_group(&self, group_id: &str) -> Result<()>;
+
+    /// Deletes results older than the backend's `result_expires`, for a backend whose server does
+    /// not expire them by itself (Celery's `backend_cleanup`); returns how many records went. Redis
+    /// and RabbitMQ expire results themselves, so the default does nothing.
+    async fn cleanup(&self) -> Result<u64> {
+        Ok(0)
+    }
 }

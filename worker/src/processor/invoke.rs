@@ -59,9 +59,10 @@ impl Processor {
             .0
             .or(task.options.time_limit.map(|d| d.as_secs_f64()))
             .filter(|h| *h > 0.0);
-        let _report_finish = hard
-            .zip(self.reporter)
-            .map(|(hard, r)| r.started(message.id(), message.task(), queue, hard));
+        let _report_finish = hard.zip(self.reporter).map(|(hard, r)| {
+            let reply = crate::results::reply_to(message);
+            r.started(message.id(), message.task(), queue, hard, reply)
+        });
         let started = Instant::now();
         let handler = AssertUnwindSafe(task.handler.call(
             ctx,

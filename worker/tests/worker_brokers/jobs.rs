@@ -241,3 +241,47 @@ async fn revoke_and_terminate_on_rabbitmq() {
     delete_redis_prefix(&prefix).await;
     delete_amqp_queue(&id).await;
 }
+
+/// With results in PostgreSQL (which does not expire rows by itself), the worker's janitor deletes
+/// results older than `result_expires` while the worker runs, as Celery beat's
+/// `celery.backend_cleanup` does, and leaves fresh ones.
+#[tokio::test]
+async fn the_janitor_deletes_expired_results_from_postgresql() {
+    let schema = celerity_testsupport::PgSchema::new("janitor");
+    let broker = connect_broker(&format!("memory://{}", unique()))
+        .await
+        .unwrap();
+    let backend = connect_backend(&schema.url("&result_expires=60"))
+        .await
+        .unwrap();
+    let (old, fresh) = (unique(), unique());
+    for id in [&old, &fresh] {
+        backend
+            .store(&celerity_broker::TaskMeta::success(id.as_str(), json!(1)))
+            .await
+            .unwrap();
+    }
+    schema.psql(&format!(
+        "UPDATE \"{}\".celery_taskmeta SET date_done = date_done - interval '2 minutes' \
+         WHERE task_id = '{old}'",
+        schema.name
+    ));
+    let config = WorkerConfig {
+        queues: vec![unique()],
+        cleanup_every: Some(Duration::from_millis(100)),
+        ..WorkerConfig::default()
+    };
+    let worker = spawn_worker(&broker, &backend, config);
+    let mut gone = false;
+    for _ in 0..100 {
+        if backend.get(&old).await.unwrap().status == State::Pending {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.stop().await;
+    assert!(gone, "the expired result was never deleted");
+    assert_eq!(backend.get(&fresh).await.unwrap().status, State::Success);
+    backend.close().await.unwrap();
+}

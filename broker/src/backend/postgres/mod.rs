@@ -120,7 +120,7 @@ impl PostgresBackend {
 
     /// Celery's `backend_cleanup`: deletes task and group rows whose `date_done` is older than
     /// `result_expires` (nothing when it is 0). Returns how many task and group rows went.
-    /// Not run by itself: call it from a periodic job (as Celery beat's daily `celery.backend_cleanup`).
+    /// Every worker process runs it once an hour (the worker's janitor, `worker/src/janitor.rs`).
     pub async fn cleanup(&self) -> Result<(u64, u64)> {
         self.check_open()?;
         if self.expires.is_zero() {
@@ -199,6 +199,11 @@ impl PostgresBackend {
 impl ResultBackend for PostgresBackend {
     fn backend(&self) -> &'static str {
         "postgresql"
+    }
+
+    async fn cleanup(&self) -> Result<u64> {
+        let (tasks, groups) = PostgresBackend::cleanup(self).await?;
+        Ok(tasks.saturating_add(groups))
     }
 
     async fn store(&self, meta: &TaskMeta) -> Result<()> {
