@@ -40,6 +40,7 @@ mod restore;
 mod scripts;
 pub(crate) mod sentinel;
 mod shared;
+mod timeouts;
 mod waiter;
 
 pub use cluster::{connect_any, AnyConn, RedisClusterBroker};

@@ -19,7 +19,7 @@ use redis::{
 };
 use tokio::sync::Mutex;
 
-use super::shared::CONNECT_TIMEOUT;
+use super::timeouts::CONNECT_TIMEOUT;
 use crate::error::{BrokerError, Result};
 use crate::url::BrokerUrl;
 

@@ -19,10 +19,7 @@ use crate::error::{BrokerError, Result};
 use crate::limits::Limits;
 use crate::url::BrokerUrl;
 
-/// How long a connection attempt may take.
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a command may take (generous: a big pipeline or sweep is one command to wait on).
-pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) use super::timeouts::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
 /// Pause before a command is sent once more after it met a dropped connection.
 const DROPPED_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// What the broker, its consumers and their ack handles share.
