@@ -551,6 +551,10 @@ async fn a_cron_entry_with_seconds_fires_on_its_seconds() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop(h, t).await;
+    // A tick sent between the last poll and the stop is only seen now.
+    if let Some(tick) = env.last_run("even").await {
+        ticks.insert(tick);
+    }
     let ids = env.sent_ids().await;
     assert!(
         (2..=3).contains(&ids.len()),
