@@ -133,19 +133,23 @@ async fn killed_process_loses_nothing(broker: &str, backend: &str, queue: &str) 
     assert_eq!(before.len(), 2, "pool did not start 2 processes");
     let c = client(broker, backend).await;
     let opts = SendOptions::new().queue(queue);
-    let mut ids = Vec::new();
-    for i in 0..200 {
-        ids.push(
-            c.send_task(
+    // One batch, so the queue is full at once however slowly this machine runs the producer.
+    let batch: Vec<_> = (0..200)
+        .map(|i| {
+            opts.build(
                 "demo.sleep_ms",
                 vec![json!(30 + i % 3)],
                 Default::default(),
-                &opts,
+                chrono::Utc::now(),
             )
-            .await
-            .unwrap(),
-        );
-    }
+            .unwrap()
+        })
+        .collect();
+    c.send_batch(&batch, queue).await.unwrap();
+    let ids: Vec<_> = batch
+        .iter()
+        .map(|m| c.result::<serde_json::Value>(m.id()))
+        .collect();
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(
         c.broker().queue_len(queue).await.unwrap() > 0,
