@@ -99,6 +99,22 @@ impl ClusterRedial {
         }
     }
 
+    /// Sends `pipe` to the node at `host:port` (whatever slots it serves) and returns `count`
+    /// replies after the first `offset`.
+    pub(crate) async fn route_pipeline(
+        &self,
+        pipe: Pipeline,
+        offset: usize,
+        count: usize,
+        host: String,
+        port: u16,
+    ) -> RedisResult<Vec<Value>> {
+        let (generation, mut conn) = self.current();
+        let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host, port };
+        let out = conn.route_pipeline(pipe, offset, count, route).await;
+        self.checked(generation, out).await
+    }
+
     async fn checked<T>(&self, generation: u64, out: RedisResult<T>) -> RedisResult<T> {
         if let Err(e) = &out {
             self.after_error(generation, e).await;

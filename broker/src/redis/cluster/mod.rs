@@ -11,8 +11,8 @@
 //! - Consuming is `fetch.lua` per queue into the queue's own ack emulation, polling while idle
 //!   (`consumer.rs`); the restore sweep walks each consumed queue's own unacked index.
 //! - Broadcasts (events, remote control) use pub/sub, which a cluster forwards to every node; they
-//!   go through the first seed node (`fanout.rs` of the single-server transport). Remote-control
-//!   replies (kombu's direct reply exchange) are refused with a clear error.
+//!   go through a seed node (`fanout.rs` of the single-server transport; the next live seed when
+//!   that node dies). Remote-control replies go by pub/sub too, on their routing key's channel.
 //! - Slot redirections (`MOVED`, `ASK`) and failover are the redis crate's cluster client's.
 //!
 //! URL: `redis+cluster://[:password@]h1:7000,h2:7001[/]?…`; options `global_keyprefix`,
@@ -23,6 +23,7 @@
 mod conn;
 mod consumer;
 mod keys;
+mod redirect;
 
 pub use conn::{connect_any, AnyConn, ClusterRedial};
 pub(crate) use conn::{
@@ -40,6 +41,8 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::keys::Keys;
+use super::seeds::Seeds;
+use super::sentinel::Dialer;
 use super::shared::{first_connection, Shared};
 use super::{direct, envelope, fanout};
 use crate::error::{BrokerError, Result};
@@ -120,12 +123,11 @@ impl RedisClusterBroker {
     }
 
     /// Runs `pipe` atomically (`MULTI`/`EXEC`) if every key in `keys` is in one slot, else fails
-    /// with a clear error and sends nothing. `keys` must name every key the pipeline touches.
+    /// with a clear error and sends nothing. `keys` must name every key the pipeline touches. The
+    /// transaction follows its slot while a reshard moves it (`redirect.rs`).
     pub async fn atomic(&self, keys: &[String], pipe: &redis::Pipeline) -> Result<redis::Value> {
         check_single_slot(keys)?;
-        let mut pipe = pipe.clone();
-        pipe.atomic();
-        pipe.query_async(&mut self.inner.conn.clone())
+        redirect::transaction(&self.inner.conn, keys, pipe)
             .await
             .map_err(from_redis)
     }
@@ -139,45 +141,54 @@ impl RedisClusterBroker {
     }
 }
 
-/// A single-server [`Shared`] on the first seed node that answers, for broadcasts: cluster pub/sub
-/// reaches subscribers on every node.
+/// The dialer of the connections that are not cluster connections (pub/sub broadcasts, control
+/// replies, result notifications): any seed node that answers, the one that answered last first
+/// (a cluster forwards `PUBLISH` to every node).
+pub(crate) fn seed_dialer(url: &BrokerUrl) -> Result<Dialer> {
+    let mut clients = Vec::new();
+    for node in url.cluster_nodes() {
+        let Some(node_url) = node_url(url, node) else {
+            continue;
+        };
+        clients.push(redis::Client::open(node_url.as_str()).map_err(|e| {
+            BrokerError::InvalidUrl {
+                url: url.redacted(),
+                reason: format!("a seed node does not fit a Redis URL: {e}"),
+            }
+        })?);
+    }
+    Seeds::new(clients)
+        .map(|seeds| Dialer::Seeds(Arc::new(seeds)))
+        .ok_or_else(|| BrokerError::InvalidUrl {
+            url: url.redacted(),
+            reason: "no seed node".into(),
+        })
+}
+
+/// A single-server [`Shared`] on the seed nodes, for broadcasts: cluster pub/sub reaches
+/// subscribers on every node. Its connection moves to another seed when its node goes away.
 async fn fanout_shared(
     url: &BrokerUrl,
     prefix: &str,
     closed: &CancellationToken,
     limits: Limits,
 ) -> Result<Shared> {
-    let mut last = String::new();
-    for node in url.cluster_nodes() {
-        let Some(node_url) = node_url(url, node) else {
-            continue;
-        };
-        let client = match redis::Client::open(node_url.as_str()) {
-            Ok(c) => crate::redis::sentinel::Dialer::Fixed(Box::new(c)),
-            Err(e) => {
-                last = e.to_string();
-                continue;
-            }
-        };
-        match first_connection(client.clone(), false).await {
-            Ok(conn) => {
-                return Ok(Shared {
-                    conn,
-                    client,
-                    keys: Keys::new(prefix),
-                    visibility_timeout: 3600.0,
-                    restore_interval: Duration::from_secs(10),
-                    closed: closed.clone(),
-                    declared: Mutex::new(HashSet::new()),
-                    limits,
-                })
-            }
-            Err(e) => last = e,
-        }
-    }
-    Err(BrokerError::Connect {
-        url: url.redacted(),
-        reason: format!("no seed node answered for pub/sub: {last}"),
+    let dialer = seed_dialer(url)?;
+    let conn = first_connection(dialer.clone(), false)
+        .await
+        .map_err(|reason| BrokerError::Connect {
+            url: url.redacted(),
+            reason: format!("no seed node answered for pub/sub: {reason}"),
+        })?;
+    Ok(Shared {
+        conn,
+        client: dialer,
+        keys: Keys::new(prefix),
+        visibility_timeout: 3600.0,
+        restore_interval: Duration::from_secs(10),
+        closed: closed.clone(),
+        declared: Mutex::new(HashSet::new()),
+        limits,
     })
 }
 
@@ -197,7 +208,7 @@ impl Broker for RedisClusterBroker {
             .await
     }
 
-    /// `LPUSH`es in pipelines (one queue: one slot), each followed by `WAIT` for the replicas.
+    /// `LPUSH`es in transactions (one queue: one slot), each followed by `WAIT` for the replicas.
     async fn publish_batch(&self, queue: &str, messages: &[Message]) -> Result<()> {
         self.check_open()?;
         for m in messages {
@@ -206,14 +217,29 @@ impl Broker for RedisClusterBroker {
         let keys = &self.inner.keys;
         let mut conn = self.inner.conn.clone();
         for chunk in messages.chunks(PUBLISH_CHUNK) {
-            let mut pipe = redis::pipe();
+            // One transaction per list (priority): stored whole or not at all, also while the
+            // queue's slot moves (`redirect.rs`).
+            let mut lists: Vec<(String, redis::Pipeline)> = Vec::new();
             for m in chunk {
+                let key = keys.queue(queue, i64::from(m.properties.priority));
+                let at = match lists.iter().position(|(k, _)| *k == key) {
+                    Some(at) => at,
+                    None => {
+                        lists.push((key, redis::pipe()));
+                        lists.len() - 1
+                    }
+                };
+                let (key, pipe) = &mut lists[at];
                 pipe.cmd("LPUSH")
-                    .arg(keys.queue(queue, i64::from(m.properties.priority)))
+                    .arg(&*key)
                     .arg(envelope::encode(m, "", queue))
                     .ignore();
             }
-            pipe.exec_async(&mut conn).await.map_err(from_redis)?;
+            for (key, pipe) in &lists {
+                redirect::transaction(&self.inner.conn, std::slice::from_ref(key), pipe)
+                    .await
+                    .map_err(from_redis)?;
+            }
             wait_replicas(&mut conn, &keys.queue(queue, 0), self.acks).await?;
         }
         Ok(())
@@ -290,14 +316,20 @@ impl Broker for RedisClusterBroker {
         Ok(())
     }
 
+    /// Pub/sub through a seed node (`fanout.rs`). Remote-control replies (kombu's direct exchange
+    /// `reply.<ns>.pidbox`) go the same way, on the channel of their routing key (the asking
+    /// client's oid), instead of kombu's bound lists: no Python process reads a cluster broker,
+    /// and a list would live on one master only.
     async fn broadcast(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<()> {
         self.check_open()?;
         if direct::is_direct(exchange) {
-            return Err(no_direct(exchange));
+            check_reply_key(exchange, routing_key)?;
         }
         fanout::broadcast(&self.fanout, exchange, routing_key, message).await
     }
 
+    /// A reply subscription (see [`Broker::broadcast`] above) listens on its routing key's channel
+    /// only; it is subscribed when this returns, so a request sent after it gets its replies.
     async fn subscribe(
         &self,
         exchange: &str,
@@ -306,19 +338,21 @@ impl Broker for RedisClusterBroker {
     ) -> Result<Box<dyn Subscription>> {
         self.check_open()?;
         if direct::is_direct(exchange) {
-            return Err(no_direct(exchange));
+            check_reply_key(exchange, binding_key)?;
         }
         let sub = fanout::subscribe(&self.fanout, exchange, binding_key, name).await?;
         Ok(Box::new(sub))
     }
 }
 
-/// The error for kombu's direct reply exchanges, which are not carried on a cluster.
-fn no_direct(exchange: &str) -> BrokerError {
-    BrokerError::Transport {
-        transport: "redis-cluster",
-        message: format!(
-            "`{exchange}` (remote-control replies) is not supported on redis+cluster:// yet"
-        ),
+/// A remote-control reply's routing key must name one client exactly: not empty (that would be
+/// every reply of the exchange) and without the glob characters of a pub/sub pattern.
+fn check_reply_key(exchange: &str, key: &str) -> Result<()> {
+    if key.is_empty() || key.contains(['*', '?', '[', ']', '\\', '#']) {
+        return Err(BrokerError::Transport {
+            transport: "redis-cluster",
+            message: format!("a reply on `{exchange}` needs a plain routing key, not {key:?}"),
+        });
     }
+    Ok(())
 }
