@@ -38,6 +38,7 @@ mod rate_limit;
 mod redial;
 mod restore;
 mod scripts;
+mod seeds;
 pub(crate) mod sentinel;
 mod shared;
 mod timeouts;

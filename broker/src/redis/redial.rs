@@ -11,7 +11,8 @@
 //!
 //! On a `sentinel://` URL the manager is replaced also when its server went away or turned replica
 //! ([`super::sentinel::needs_new_master`]): the replacement is dialed to the master the sentinels
-//! name then, so a failover is followed without a restart. A master that was replaced while it
+//! name then, so a failover is followed without a restart. A connection to a cluster's seed nodes
+//! (pub/sub broadcasts) is likewise moved to the next live seed when its node goes away. A master that was replaced while it
 //! stayed up (a forced failover, a partition) accepts writes until the sentinels demote it, and
 //! those writes are lost with its demotion: so a watch also asks the sentinels every
 //! [`MASTER_CHECK`] where the master is, and moves the connection when they name another server.
@@ -87,7 +88,7 @@ impl Redial {
     /// After a command on generation `generation` failed with `error`: a timeout (or, through the
     /// sentinels, a lost or demoted master) replaces it, unless another caller already did.
     async fn after_error(&self, generation: u64, error: &redis::RedisError) {
-        let replace = if self.inner.dialer.is_sentinel() {
+        let replace = if self.inner.dialer.redials_on_loss() {
             sentinel::needs_new_master(error)
         } else {
             error.is_timeout()

@@ -19,6 +19,7 @@ use redis::{
 };
 use tokio::sync::Mutex;
 
+use super::seeds::Seeds;
 use super::timeouts::CONNECT_TIMEOUT;
 use crate::error::{BrokerError, Result};
 use crate::url::BrokerUrl;
@@ -29,6 +30,8 @@ use crate::url::BrokerUrl;
 pub(crate) enum Dialer {
     Fixed(Box<redis::Client>),
     Sentinel(Arc<Resolver>),
+    /// Any live seed node of a cluster (for pub/sub, which every node carries).
+    Seeds(Arc<Seeds>),
 }
 
 /// Finds the current master through the sentinels.
@@ -60,6 +63,7 @@ impl Dialer {
         match self {
             Dialer::Fixed(client) => Ok(client.as_ref().clone()),
             Dialer::Sentinel(resolver) => resolver.master().await,
+            Dialer::Seeds(seeds) => seeds.client().await,
         }
     }
 
@@ -68,12 +72,19 @@ impl Dialer {
         matches!(self, Dialer::Sentinel(_))
     }
 
+    /// True when a connection whose server went away should be dialed again through this dialer
+    /// at once (it may lead elsewhere now): sentinels and cluster seeds.
+    pub(crate) fn redials_on_loss(&self) -> bool {
+        matches!(self, Dialer::Sentinel(_) | Dialer::Seeds(_))
+    }
+
     /// The URL's connection info (for a sentinel URL its address is a placeholder; its database
     /// and credentials are the master's).
     pub(crate) fn get_connection_info(&self) -> &ConnectionInfo {
         match self {
             Dialer::Fixed(client) => client.get_connection_info(),
             Dialer::Sentinel(resolver) => &resolver.info,
+            Dialer::Seeds(seeds) => seeds.first().get_connection_info(),
         }
     }
 

@@ -103,21 +103,9 @@ impl RedisBackend {
         let (conn, client, cluster) = if url.is_cluster() {
             let acks = ReplicaAcks::from_url(url)?;
             let conn = crate::redis::cluster::connect_cluster(url).await?;
-            // The listener subscribes on the first seed node (pub/sub spans the cluster).
-            let first = url
-                .cluster_nodes()
-                .first()
-                .map(String::as_str)
-                .unwrap_or("");
-            let node = crate::redis::cluster::node_url(url, first).ok_or_else(|| {
-                BrokerError::InvalidUrl {
-                    url: url.redacted(),
-                    reason: "the first cluster node does not fit a URL".into(),
-                }
-            })?;
-            let client = crate::redis::sentinel::Dialer::Fixed(Box::new(redis::Client::open(
-                node.as_str(),
-            )?));
+            // The listener subscribes on a seed node (pub/sub spans the cluster), the next live
+            // one when that node dies.
+            let client = crate::redis::cluster::seed_dialer(url)?;
             (AnyConn::Cluster(conn), client, Some(acks))
         } else {
             let (conn, client) = Self::connect_single(url, &store_script).await?;
