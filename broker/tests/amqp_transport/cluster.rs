@@ -107,8 +107,11 @@ async fn killing_the_quorum_queue_leader_mid_load_loses_no_job() {
         })
     };
 
+    // Kill once a third is published and some drained, so that both the producer and the drain
+    // straddle the kill (CI saw the producer done before a third was drained, and nothing was
+    // published after the kill).
     let began = Instant::now();
-    while seen.lock().unwrap().len() < JOBS / 3 {
+    while published.load(Ordering::SeqCst) < JOBS / 3 || seen.lock().unwrap().len() < BATCH {
         assert!(began.elapsed() < LOAD_LIMIT, "the load did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
