@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use celerity_broker::redis::cluster::check_single_slot;
 use celerity_broker::redis::RedisClusterBroker;
 use celerity_broker::url::BrokerUrl;
-use celerity_broker::{connect_backend, connect_broker, State};
+use celerity_broker::{connect_backend, connect_broker, ResultBackend, State};
 use celerity_client::control::{Reply, Target};
 use celerity_client::{Client, SendOptions};
 use celerity_testsupport::{celerity_command, unique, ChildGuard};
@@ -209,27 +209,13 @@ async fn a_master_killed_mid_drain_loses_no_job() {
     let url = cluster.url("visibility_timeout=5&restore_interval=1");
     let backend_url = cluster.url("");
     let log_path = cluster.dir.join("worker.log");
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .expect("worker log");
-    let mut cmd = celerity_command(env!("CARGO_BIN_EXE_celerity"));
-    cmd.args([
-        "--broker",
-        &url,
-        "--backend",
-        &backend_url,
-        "worker",
-        "-Q",
-        &q,
-    ])
-    .args(["-P", &PROCESSES.to_string(), "-c", &CONCURRENCY.to_string()])
-    .env("CELERITY_LOG", "info")
-    .env("NO_COLOR", "1")
-    .stdout(Stdio::null())
-    .stderr(Stdio::from(log));
-    let mut pool = ChildGuard::spawn(&mut cmd, "celerity worker");
+    let (processes, concurrency) = (PROCESSES.to_string(), CONCURRENCY.to_string());
+    let mut pool = spawn_on_cluster(
+        (&url, &backend_url),
+        &["worker", "-Q", &q, "-P", &processes, "-c", &concurrency],
+        &log_path,
+        "celerity worker",
+    );
 
     let broker = connect_broker(&url).await.expect("broker");
     let backend = connect_backend(&backend_url).await.expect("backend");
@@ -275,24 +261,7 @@ async fn a_master_killed_mid_drain_loses_no_job() {
     eprintln!("replica promoted {:?} after the kill", killed_at.elapsed());
 
     // Every job ends SUCCESS with its value.
-    let ids: Vec<String> = expected.keys().cloned().collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut missing = ids.clone();
-    while !missing.is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let metas = match backend.get_many(&missing).await {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("reading results: {e}");
-                continue;
-            }
-        };
-        missing = metas
-            .into_iter()
-            .filter(|m| !(m.status == State::Success && m.result == expected[&m.task_id]))
-            .map(|m| m.task_id)
-            .collect();
-    }
+    let missing = unfinished(&*backend, &expected, Duration::from_secs(60)).await;
     let took = killed_at.elapsed();
     let exited = pool.child().try_wait().ok().flatten();
     pool.kill();
@@ -384,6 +353,33 @@ fn spawn_on_cluster(urls: (&str, &str), args: &[&str], log: &PathBuf, what: &str
         .stdout(Stdio::null())
         .stderr(Stdio::from(file));
     ChildGuard::spawn(&mut cmd, what)
+}
+
+/// The jobs of `expected` (task id → value) that have not ended SUCCESS with their value within
+/// `limit` (polled every 500 ms; a failed read is reported and polled again).
+async fn unfinished(
+    backend: &dyn ResultBackend,
+    expected: &HashMap<String, Value>,
+    limit: Duration,
+) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    let mut missing: Vec<String> = expected.keys().cloned().collect();
+    while !missing.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let metas = match backend.get_many(&missing).await {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("reading results: {e}");
+                continue;
+            }
+        };
+        missing = metas
+            .into_iter()
+            .filter(|m| !(m.status == State::Success && m.result == expected[&m.task_id]))
+            .map(|m| m.task_id)
+            .collect();
+    }
+    missing
 }
 
 /// Waits up to `limit` for a `ping` reply from a node; the replies of the first call that got any.
@@ -693,26 +689,14 @@ async fn a_slot_migrated_mid_drain_loses_no_job() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
 
-    let ids: Vec<String> = expected.keys().cloned().collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut missing = ids.clone();
-    while !missing.is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        if let Ok(metas) = backend.get_many(&missing).await {
-            missing = metas
-                .into_iter()
-                .filter(|m| !(m.status == State::Success && m.result == expected[&m.task_id]))
-                .map(|m| m.task_id)
-                .collect();
-        }
-    }
+    let missing = unfinished(&*backend, &expected, Duration::from_secs(60)).await;
     worker.kill();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     eprintln!(
         "slot {slot} migrated {from} -> {to}: {moved} keys moved, {asking} ASKING, {} send errors, {} of {} jobs missing",
         send_errors.len(),
         missing.len(),
-        ids.len()
+        expected.len()
     );
     assert!(asking > 0, "no client followed an ASK to the new master");
     assert!(

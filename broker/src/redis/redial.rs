@@ -12,10 +12,11 @@
 //! On a `sentinel://` URL the manager is replaced also when its server went away or turned replica
 //! ([`super::sentinel::needs_new_master`]): the replacement is dialed to the master the sentinels
 //! name then, so a failover is followed without a restart. A connection to a cluster's seed nodes
-//! (pub/sub broadcasts) is likewise moved to the next live seed when its node goes away. A master that was replaced while it
-//! stayed up (a forced failover, a partition) accepts writes until the sentinels demote it, and
-//! those writes are lost with its demotion: so a watch also asks the sentinels every
-//! [`MASTER_CHECK`] where the master is, and moves the connection when they name another server.
+//! (pub/sub broadcasts) is likewise moved to the next live seed when its node goes away. A master
+//! that was replaced while it stayed up (a forced failover, a partition) accepts writes until the
+//! sentinels demote it, and those writes are lost with its demotion: so a watch also asks the
+//! sentinels every [`MASTER_CHECK`] where the master is, and moves the connection when they name
+//! another server.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
