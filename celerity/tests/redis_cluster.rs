@@ -400,6 +400,24 @@ async fn ping_until(client: &Client, limit: Duration) -> Vec<Reply> {
     Vec::new()
 }
 
+/// SIGTERM, then waits up to 10 s for `child` to exit (SIGKILL after that).
+fn stop_gracefully(child: &mut ChildGuard) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) on a child this test spawned and has not reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if let Ok(Some(_)) = child.child().try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill();
+}
+
 /// The `scheduled=` stamps of the ticks a beat logged as sent.
 fn sent_ticks(log: &PathBuf) -> Vec<String> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -519,10 +537,12 @@ async fn control_results_and_beat_outlive_the_first_seed_node() {
             json!(2 * i)
         );
     }
-    // Beat: a few more ticks after the failover, then stop both.
+    // Beat: a few more ticks after the failover, then stop both with SIGTERM, so that a tick being
+    // sent is finished and logged (a SIGKILL can land between the push and the log line: CI saw
+    // 11 queued for 10 logged).
     tokio::time::sleep(Duration::from_secs(4)).await;
     for beat in &mut beats {
-        beat.kill();
+        stop_gracefully(beat);
     }
     worker.kill();
     let ticks: Vec<String> = beat_logs.iter().flat_map(sent_ticks).collect();
