@@ -75,6 +75,8 @@ const MAX_BATCH: usize = 64;
 /// also carries the fetch). Keys past it are found by the fetch every wait runs when it times out,
 /// within [`waiter::BLOCK_SECS`].
 const MAX_WATCHED_KEYS: usize = 16;
+/// How soon an unblock that found the wait not (yet) blocked is sent again.
+const UNBLOCK_RETRY: Duration = Duration::from_millis(2);
 /// How often an idle consumer looks for itself, in case a wake-up was missed.
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
@@ -133,6 +135,8 @@ struct PendingFetch {
     reply: BoxFuture<'static, Result<(String, Vec<Fetched>)>>,
     /// While the fetch is queued behind a blocking wait: that connection's client id.
     behind: Option<i64>,
+    /// The wait is to end now (another key got a message) but has not been seen to end yet.
+    unblocking: bool,
     permits: Vec<OwnedSemaphorePermit>,
 }
 
@@ -363,6 +367,7 @@ impl RedisConsumer {
                     parse_fetch(reply, nqueues)
                 }),
                 behind: None,
+                unblocking: false,
                 permits,
             };
         };
@@ -393,6 +398,7 @@ impl RedisConsumer {
         PendingFetch {
             reply,
             behind: Some(blocking.id),
+            unblocking: false,
             permits,
         }
     }
@@ -416,8 +422,22 @@ impl RedisConsumer {
         let Some(pending) = self.pending.as_mut() else {
             return Turn::Again;
         };
-        if pending.behind.is_none() {
+        let Some(id) = pending.behind else {
             return Turn::Reply(pending.reply.as_mut().await);
+        };
+        if pending.unblocking {
+            // A `CLIENT UNBLOCK` that reaches Redis before the `BLMOVE` it is meant for (written
+            // on another connection a moment earlier) ends nothing, and the fetch would then wait
+            // out the whole block: so it is sent again until one lands or the reply comes.
+            if unblock(&self.shared, id).await {
+                pending.behind = None;
+                return Turn::Reply(pending.reply.as_mut().await);
+            }
+            return tokio::select! {
+                reply = pending.reply.as_mut() => Turn::Reply(reply),
+                () = tokio::time::sleep(UNBLOCK_RETRY) => Turn::Again,
+                () = self.cancel.cancelled() => Turn::Closed,
+            };
         }
         tokio::select! {
             reply = pending.reply.as_mut() => Turn::Reply(reply),
@@ -535,11 +555,12 @@ impl RedisConsumer {
             // What an unfinished fetch brought was never handed out: it goes back first, so it ends up
             // behind the deliveries that were. One still waiting is woken so that it ends now.
             let mut tags = Vec::new();
-            if let Some(p) = pending {
-                if let Some(id) = p.behind {
-                    unblock(&shared, id).await;
-                }
-                if let Ok((score, batch)) = p.reply.await {
+            if let Some(mut p) = pending {
+                let reply = match p.behind {
+                    Some(id) => unblocked_reply(&shared, id, &mut p.reply).await,
+                    None => p.reply.await,
+                };
+                if let Ok((score, batch)) = reply {
                     tags.extend(
                         batch
                             .into_iter()
@@ -578,8 +599,8 @@ impl Consumer for RedisConsumer {
                 Turn::Reply(r) => r,
                 Turn::Again => continue,
                 Turn::Woken => {
-                    if let Some(id) = self.pending.as_mut().and_then(|p| p.behind.take()) {
-                        unblock(&self.shared, id).await;
+                    if let Some(p) = self.pending.as_mut() {
+                        p.unblocking = true;
                     }
                     continue;
                 }
@@ -664,16 +685,40 @@ async fn sweep_periodically(shared: Arc<Shared>, cancel: CancellationToken) {
 }
 
 /// Ends the blocking wait of connection `id` early (as if it timed out), so the fetch queued behind
-/// it runs now. Failing is harmless: the wait ends by itself within [`BLOCK_SECS`].
-async fn unblock(shared: &Shared, id: i64) {
+/// it runs now. True if a wait was ended; false if the connection was not blocked (its `BLMOVE` not
+/// yet reached Redis, or already returned) or the command failed — harmless: the wait ends by
+/// itself within [`BLOCK_SECS`].
+async fn unblock(shared: &Shared, id: i64) -> bool {
     let mut conn = shared.conn.clone();
     let done: redis::RedisResult<i64> = redis::cmd("CLIENT")
         .arg("UNBLOCK")
         .arg(id)
         .query_async(&mut conn)
         .await;
-    if let Err(e) = done {
-        tracing::debug!(error = %e, "CLIENT UNBLOCK failed; the wait ends by itself");
+    match done {
+        Ok(n) => n == 1,
+        Err(e) => {
+            tracing::debug!(error = %e, "CLIENT UNBLOCK failed; the wait ends by itself");
+            false
+        }
+    }
+}
+
+/// The reply of a fetch queued behind the wait of connection `id`, ending that wait now: unblocked
+/// again every [`UNBLOCK_RETRY`] until an unblock lands or the reply comes (see [`unblock`]).
+async fn unblocked_reply(
+    shared: &Shared,
+    id: i64,
+    reply: &mut BoxFuture<'static, Result<(String, Vec<Fetched>)>>,
+) -> Result<(String, Vec<Fetched>)> {
+    loop {
+        if unblock(shared, id).await {
+            return reply.as_mut().await;
+        }
+        tokio::select! {
+            r = reply.as_mut() => return r,
+            () = tokio::time::sleep(UNBLOCK_RETRY) => {}
+        }
     }
 }
 

@@ -61,6 +61,58 @@ async fn idle_consumer_picks_up_later_messages() {
     c.close().await.unwrap();
 }
 
+/// A message on another queue than the one an idle consumer's fetch waits on wakes it through the
+/// other keys' waits and a `CLIENT UNBLOCK`. That unblock can reach Redis before the `BLMOVE` it is
+/// meant for (the two travel on different connections); it must then be sent again, or the fetch
+/// waits out the whole one-second block. Each round leaves the consumer with a stale wake-up (both
+/// queues got a message), then times one message on the second queue. Before the unblock was
+/// retried most rounds took the full second (a round shows which path delivered: ~1 s is the
+/// block running out, milliseconds the wake-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_on_a_second_queue_wakes_an_idle_consumer_at_once() {
+    let s = Space::new().await;
+    let b = Arc::new(s.broker("").await);
+    let mut c = b
+        .consume(&["first".to_owned(), "second".to_owned()], 8)
+        .await
+        .unwrap();
+    let mut slow = Vec::new();
+    for round in 0..20 {
+        // Idle first, so the next fetch waits; then both queues at once.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (m1, m2) = (message(3 * round, 0), message(3 * round + 1, 0));
+        let (x, y) = tokio::join!(b.publish("first", &m1), b.publish("second", &m2));
+        x.unwrap();
+        y.unwrap();
+        for _ in 0..2 {
+            next(&mut c).await.ack().await.unwrap();
+        }
+        let b2 = b.clone();
+        let publisher = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            b2.publish("second", &message(3 * round + 2, 0))
+                .await
+                .unwrap();
+            Instant::now()
+        });
+        let d = next(&mut c).await;
+        let got = Instant::now();
+        let pushed = publisher.await.unwrap();
+        assert_eq!(task_id(&d), format!("task-{}", 3 * round + 2));
+        d.ack().await.unwrap();
+        let took = got.saturating_duration_since(pushed);
+        // Half the block: a wake-up that worked is milliseconds even on a loaded machine.
+        if took >= Duration::from_millis(500) {
+            slow.push((round, took));
+        }
+    }
+    c.close().await.unwrap();
+    assert!(
+        slow.is_empty(),
+        "rounds whose message waited for the block to run out: {slow:?}"
+    );
+}
+
 /// An idle consumer's fetch waits in Redis, queued behind its blocking wait: it takes (and records)
 /// a message even while no one polls the consumer, a cancelled `next()` leaves it to the next call,
 /// and closing ends the wait without taking anything more.
