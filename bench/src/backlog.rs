@@ -1,7 +1,8 @@
-//! A big backlog (`--shapes backlog`, not in the default set: a million jobs take minutes): N noop
-//! jobs wait in the broker before a Celerity worker (`-P 2 -c 256`) starts; the broker's memory per
-//! waiting job (against Celery's own producer's messages, a smaller sample), then the worker's RSS
-//! sampled while it drains them: with a bounded prefetch it stays flat.
+//! A big backlog (`--shapes backlog`; a million jobs by default, minutes per broker): N noop jobs
+//! wait in the broker before a Celerity worker (`-P 2 -c 256`) starts; the broker's memory per
+//! waiting job (and, like for like, per job of a smaller sample from Celerity's producer and from
+//! Celery's own), then the worker's RSS sampled while it drains them: with a bounded prefetch it
+//! stays flat.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,8 +26,10 @@ const CELERY_SAMPLE: usize = 5_000;
 pub struct Backlog {
     pub broker: BrokerKind,
     pub jobs: usize,
-    /// Broker memory per waiting job: Celerity's producer's messages, then Celery's.
+    /// Broker memory per waiting job: Celerity's producer's messages (all `jobs`, then a
+    /// [`CELERY_SAMPLE`] of them on a queue of their own), then Celery's (the same sample size).
     pub bytes_per_job: Option<f64>,
+    pub sample_bytes_per_job: Option<f64>,
     pub celery_bytes_per_job: Option<f64>,
     /// Worker RSS (supervisor + children) while draining, sampled every 500 ms from 2 s after its
     /// start: first, max, last (MiB).
@@ -54,19 +57,23 @@ pub async fn run(
         prefix: format!("bench-{}:", &id[..12]),
         pg_schema: None,
     };
-    let (queue, celery_queue) = (
+    let (queue, sample_queue, celery_queue) = (
         format!("bench.{}", &id[..12]),
+        format!("bench.{}.sample", &id[..12]),
         format!("bench.{}.celery", &id[..12]),
     );
     let mut probe = Probe::connect(&setup, &queue).await?;
+    let sample_probe = Probe::connect(&setup, &sample_queue).await?;
     let celery_probe = Probe::connect(&setup, &celery_queue).await?;
     let names = Names {
         setup: &setup,
         queue: &queue,
+        sample_queue: &sample_queue,
         celery_queue: celery.then_some(celery_queue.as_str()),
     };
     let outcome = measure(programs, &names, &mut probe, jobs).await;
     probe.cleanup().await;
+    sample_probe.cleanup().await;
     celery_probe.cleanup().await;
     probe::delete_prefix(&setup.prefix).await?;
     outcome
@@ -76,6 +83,8 @@ pub async fn run(
 struct Names<'a> {
     setup: &'a Setup,
     queue: &'a str,
+    /// Celerity's sample of [`CELERY_SAMPLE`] jobs, left waiting (no worker consumes it).
+    sample_queue: &'a str,
     celery_queue: Option<&'a str>,
 }
 
@@ -87,14 +96,19 @@ async fn measure(
 ) -> Result<Backlog> {
     let (setup, queue) = (names.setup, names.queue);
     if setup.broker == BrokerKind::Amqp {
-        // RabbitMQ drops what is published to a queue nobody declared: let a worker declare it.
-        let w = Worker::start(programs, System::Celerity, setup, queue, Pool::TwoProcesses)?;
+        // RabbitMQ drops what is published to a queue nobody declared: let a worker declare them.
+        let both = format!("{queue},{}", names.sample_queue);
+        let w = Worker::start(programs, System::Celerity, setup, &both, Pool::TwoProcesses)?;
         let seen = probe.wait_consumer(Duration::from_secs(60)).await;
         w.stop(Duration::from_secs(20)).await;
         seen?;
     }
     publish_noops(setup, queue, jobs).await?;
     let bytes_per_job = broker_bytes(setup, queue).await?.map(|b| b / jobs as f64);
+    publish_noops(setup, names.sample_queue, CELERY_SAMPLE).await?;
+    let sample_bytes_per_job = broker_bytes(setup, names.sample_queue)
+        .await?
+        .map(|b| b / CELERY_SAMPLE as f64);
     let celery_bytes_per_job = if let Some(celery_queue) = names.celery_queue {
         let p = shapes::publish(
             programs,
@@ -150,6 +164,7 @@ async fn measure(
         broker: setup.broker,
         jobs,
         bytes_per_job,
+        sample_bytes_per_job,
         celery_bytes_per_job,
         rss_first: rss.first().copied().unwrap_or(0.0),
         rss_max: rss.iter().copied().fold(0.0, f64::max),

@@ -1,7 +1,9 @@
-//! How Celerity's cost grows with the work, on Redis: worker processes (`-P 1, 2, 4`, add with
-//! results), message size (noop jobs carrying 100 B – 1 MB, against redis-benchmark's LPUSH/RPOP of
-//! values that size) and queues consumed by one worker (1, 10, 100: jobs/s, sockets the worker
-//! holds, CPU while idle). Each point starts a fresh worker on a queue and key prefix of its own.
+//! How Celerity's cost grows with the work, on Redis and on RabbitMQ: worker processes (`-P 1, 2,
+//! 4`, add with results), message size (noop jobs carrying 100 B – 1 MB, against the broker alone
+//! moving values that size: redis-benchmark's LPUSH/RPOP, or a bare lapin client's confirmed publish
+//! and drain) and queues consumed by one worker (1, 10, 100: jobs/s, sockets the worker holds, CPU
+//! while idle). Each point starts a fresh worker on queues and a key prefix of its own; results go
+//! to Redis on both brokers, as in the main rows.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,7 +17,7 @@ use crate::error::{BenchError, Result};
 use crate::probe::{self, Probe, Results};
 use crate::procs::{self, Programs, Worker};
 use crate::setup::{BrokerKind, Pool, Setup, System};
-use crate::{rawredis, shapes};
+use crate::{rawamqp, rawredis, shapes};
 
 /// No progress for this long fails a point.
 const STALL: Duration = Duration::from_secs(60);
@@ -45,7 +47,9 @@ pub struct SizePoint {
     pub jobs_per_s: f64,
     /// Jobs/s × payload size.
     pub mb_per_s: f64,
-    /// One LPUSH and one RPOP of a value this size per job, redis-benchmark `-P 16`, 50 clients.
+    /// The broker alone moving one value this size per job: on Redis one LPUSH and one RPOP
+    /// (redis-benchmark `-P 16`, 50 clients), on RabbitMQ a confirmed persistent publish and a
+    /// drain (bare lapin client); jobs/s = 1 ÷ (1/put + 1/take).
     pub raw_jobs_per_s: f64,
 }
 
@@ -68,12 +72,17 @@ struct Run {
 }
 
 impl Run {
-    /// A Celerity worker on Redis consuming `queues` fresh queues; ready once a job on the first came
-    /// back.
-    async fn start(programs: &Programs, queues: usize, results: bool) -> Result<Run> {
+    /// A Celerity worker on `broker` consuming `queues` fresh queues; ready once a job on the first
+    /// came back.
+    async fn start(
+        programs: &Programs,
+        broker: BrokerKind,
+        queues: usize,
+        results: bool,
+    ) -> Result<Run> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let setup = Setup {
-            broker: BrokerKind::Redis,
+            broker,
             results,
             prefix: format!("bench-{}:", &id[..12]),
             pg_schema: None,
@@ -111,6 +120,13 @@ impl Run {
 
     async fn end(self) {
         self.worker.stop(Duration::from_secs(20)).await;
+        if self.setup.broker == BrokerKind::Amqp {
+            for q in &self.queues {
+                if let Ok(p) = Probe::connect(&self.setup, q).await {
+                    p.cleanup().await;
+                }
+            }
+        }
         if let Err(e) = probe::delete_prefix(&self.setup.prefix).await {
             eprintln!("bench: deleting {}: {e}", self.setup.prefix);
         }
@@ -120,6 +136,7 @@ impl Run {
 /// Add with results (`n` jobs) with `-P p` for each p, `-c` as the throughput rows.
 pub async fn processes(
     programs: &Programs,
+    broker: BrokerKind,
     n: usize,
     counts: &[usize],
 ) -> Result<Vec<ProcessPoint>> {
@@ -127,7 +144,7 @@ pub async fn processes(
     for &p in counts {
         let mut programs = programs.clone();
         programs.celerity_shape.processes = p;
-        let run = Run::start(&programs, 1, true).await?;
+        let run = Run::start(&programs, broker, 1, true).await?;
         let point = async {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let idle_mib = procs::tree_rss_kib(run.worker.pid()) as f64 / 1024.0;
@@ -150,8 +167,10 @@ pub async fn processes(
         run.end().await;
         let point = point?;
         eprintln!(
-            "growth -P {p}: add+results {:.0} jobs/s, idle {:.1} MiB",
-            point.jobs_per_s, point.idle_mib
+            "growth {} -P {p}: add+results {:.0} jobs/s, idle {:.1} MiB",
+            broker.label(),
+            point.jobs_per_s,
+            point.idle_mib
         );
         out.push(point);
     }
@@ -159,9 +178,10 @@ pub async fn processes(
 }
 
 /// Noop jobs whose one argument is a string of `bytes` bytes, no results: jobs/s from the first
-/// publish until the queue is empty, beside redis-benchmark's LPUSH/RPOP of values that size.
+/// publish until the queue is empty, beside the broker alone moving values that size.
 pub async fn sizes(
     programs: &Programs,
+    broker: BrokerKind,
     n: usize,
     sizes: &[usize],
     quick: bool,
@@ -174,28 +194,14 @@ pub async fn sizes(
     let mut out = Vec::new();
     for &bytes in sizes {
         let jobs = (most / bytes.max(1)).clamp(least, n.max(least));
-        let run = Run::start(programs, 1, false).await?;
-        let t = async {
-            let mut probe = Probe::connect(&run.setup, &run.queues[0]).await?;
-            let timed = async {
-                let first = publish_payloads(&run.setup, &run.queues[0], jobs, bytes).await?;
-                let done = probe.wait_drained(STALL).await?;
-                Ok::<_, BenchError>(shapes::rate(jobs, first, done))
-            }
-            .await;
-            probe.close().await;
-            timed
-        }
-        .await;
+        // RabbitMQ shows no unacked deliveries without its management plugin, so there a point
+        // ends when every job's (null) result is stored; on Redis when queue and `unacked` are empty.
+        let results = broker == BrokerKind::Amqp;
+        let run = Run::start(programs, broker, 1, results).await?;
+        let t = sized_point(&run, jobs, bytes).await;
         run.end().await;
         let jobs_per_s = t?;
-        let requests = (most / bytes.max(1)).clamp(least.max(100), 200_000);
-        let (lpush, rpop) = rawredis::lpush_rpop_sized(requests, 16, bytes).await?;
-        let raw_jobs_per_s = if lpush > 0.0 && rpop > 0.0 {
-            1.0 / (1.0 / lpush + 1.0 / rpop)
-        } else {
-            0.0
-        };
+        let raw_jobs_per_s = raw_sized(broker, jobs, bytes, most, least).await?;
         let point = SizePoint {
             bytes,
             jobs,
@@ -204,26 +210,84 @@ pub async fn sizes(
             raw_jobs_per_s,
         };
         eprintln!(
-            "growth {bytes} B: {:.0} jobs/s ({:.1} MB/s), Redis alone {:.0}/s",
-            point.jobs_per_s, point.mb_per_s, point.raw_jobs_per_s
+            "growth {} {bytes} B: {:.0} jobs/s ({:.1} MB/s), broker alone {:.0}/s",
+            broker.label(),
+            point.jobs_per_s,
+            point.mb_per_s,
+            point.raw_jobs_per_s
         );
         out.push(point);
     }
     Ok(out)
 }
 
-/// Publishes `n` noops carrying `bytes` bytes each; returns when the first went out.
+/// `jobs` noops of `bytes` bytes through the run's worker: jobs/s from the first publish until they
+/// are finished (queue drained, or with results every result stored).
+async fn sized_point(run: &Run, jobs: usize, bytes: usize) -> Result<f64> {
+    let queue = &run.queues[0];
+    if run.setup.results {
+        let results = Results::connect(&run.setup).await?;
+        let sent = publish_payloads(&run.setup, queue, jobs, bytes).await;
+        let done = match &sent {
+            Ok((_, ids)) => {
+                results
+                    .wait_all(ids, |_| serde_json::Value::Null, STALL)
+                    .await
+            }
+            Err(_) => Ok(SystemTime::now()),
+        };
+        results.close().await;
+        let (first, _) = sent?;
+        return Ok(shapes::rate(jobs, first, done?));
+    }
+    let mut probe = Probe::connect(&run.setup, queue).await?;
+    let timed = async {
+        let (first, _) = publish_payloads(&run.setup, queue, jobs, bytes).await?;
+        let done = probe.wait_drained(STALL).await?;
+        Ok::<_, BenchError>(shapes::rate(jobs, first, done))
+    }
+    .await;
+    probe.close().await;
+    timed
+}
+
+/// The broker alone moving values of `bytes` bytes, one put and one take per job: jobs/s.
+async fn raw_sized(
+    broker: BrokerKind,
+    jobs: usize,
+    bytes: usize,
+    most: usize,
+    least: usize,
+) -> Result<f64> {
+    let (put, take) = match broker {
+        BrokerKind::Redis => {
+            let requests = (most / bytes.max(1)).clamp(least.max(100), 200_000);
+            rawredis::lpush_rpop_sized(requests, 16, bytes).await?
+        }
+        BrokerKind::Amqp => {
+            rawamqp::publish_drain_sized(crate::setup::AMQP_URL, jobs, bytes).await?
+        }
+    };
+    Ok(if put > 0.0 && take > 0.0 {
+        1.0 / (1.0 / put + 1.0 / take)
+    } else {
+        0.0
+    })
+}
+
+/// Publishes `n` noops carrying `bytes` bytes each; returns when the first went out, and their ids.
 async fn publish_payloads(
     setup: &Setup,
     queue: &str,
     n: usize,
     bytes: usize,
-) -> Result<SystemTime> {
+) -> Result<(SystemTime, Vec<String>)> {
     let client = Client::connect(&setup.celerity_broker_url(), None).await?;
     let options = SendOptions::new().queue(queue);
     let payload = json!("x".repeat(bytes));
     let per_batch = (BATCH_BYTES / bytes.max(1)).clamp(1, 1000);
     let first = SystemTime::now();
+    let mut ids = Vec::with_capacity(n);
     let mut i = 0;
     while i < n {
         let end = (i + per_batch).min(n);
@@ -231,17 +295,19 @@ async fn publish_payloads(
         let batch: Vec<TaskMessage> = (i..end)
             .map(|_| options.build("demo.noop", vec![payload.clone()], Map::new(), now))
             .collect::<std::result::Result<_, _>>()?;
+        ids.extend(batch.iter().map(|m| m.id().to_owned()));
         client.send_batch(&batch, queue).await?;
         i = end;
     }
     let _ = client.close().await;
-    Ok(first)
+    Ok((first, ids))
 }
 
 /// One worker consuming `k` queues for each k: idle sockets and CPU, then `n` add jobs with results
 /// spread over the queues round-robin.
 pub async fn queues(
     programs: &Programs,
+    broker: BrokerKind,
     n: usize,
     counts: &[usize],
     quick: bool,
@@ -249,7 +315,7 @@ pub async fn queues(
     let window = Duration::from_secs(if quick { 1 } else { 5 });
     let mut out = Vec::new();
     for &k in counts {
-        let run = Run::start(programs, k, true).await?;
+        let run = Run::start(programs, broker, k, true).await?;
         let point = async {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let sockets = tree_sockets(run.worker.pid());
@@ -266,8 +332,11 @@ pub async fn queues(
         run.end().await;
         let point = point?;
         eprintln!(
-            "growth {k} queues: {:.0} jobs/s, {} sockets, idle CPU {:.2}%",
-            point.jobs_per_s, point.sockets, point.idle_cpu_pct
+            "growth {} {k} queues: {:.0} jobs/s, {} sockets, idle CPU {:.2}%",
+            broker.label(),
+            point.jobs_per_s,
+            point.sockets,
+            point.idle_cpu_pct
         );
         out.push(point);
     }

@@ -46,10 +46,10 @@ enum Shape {
     Rpc,
     /// add with results stored in PostgreSQL (Celery's database backend), Redis broker
     AddPostgres,
-    /// Celerity only, Redis: how cost grows with worker processes, message size and queue count
+    /// Celerity only, each broker: how cost grows with worker processes, message size and queues
     Growth,
-    /// Celerity (and Celery's message size): --backlog-jobs jobs waiting, then drained; not in the
-    /// default set (a million jobs take minutes per broker)
+    /// Celerity (and Celery's message size): --backlog-jobs jobs waiting (a million unless
+    /// --quick), then drained; minutes per broker
     Backlog,
 }
 
@@ -98,7 +98,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = vec!["redis".to_string(), "amqp".to_string()])]
     brokers: Vec<String>,
     /// Shapes to run (default all)
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io, Shape::Rpc, Shape::AddPostgres, Shape::Growth])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Shape::Noop, Shape::Add, Shape::Latency, Shape::Io, Shape::Rpc, Shape::AddPostgres, Shape::Growth, Shape::Backlog])]
     shapes: Vec<Shape>,
     /// Leave BullMQ out (it needs node and npm; installed on first use under target/bullmq)
     #[arg(long)]
@@ -254,8 +254,9 @@ async fn run(args: &Args) -> Result<String> {
     }
     let mut grown = String::new();
     let celerity_runs = systems.contains(&System::Celerity);
-    if plan.has(Shape::Growth) && celerity_runs && brokers.contains(&BrokerKind::Redis) {
-        grown = growth_tables(&programs, &plan, args.quick, &charts_dir(args)).await?;
+    if plan.has(Shape::Growth) && celerity_runs {
+        let dir = charts_dir(args);
+        grown = growth_tables(&programs, &plan, &brokers, args.quick, &dir).await?;
     }
     if plan.has(Shape::Backlog) && celerity_runs {
         let jobs = args
@@ -310,105 +311,127 @@ fn charts_dir(args: &Args) -> PathBuf {
     })
 }
 
-/// How cost grows (Celerity, Redis): worker processes, message size, queues; markdown tables and
-/// a picture each.
+/// How cost grows (Celerity, on each broker): worker processes, message size, queues; markdown
+/// tables (a broker column in each) and a picture each (a line per broker).
 async fn growth_tables(
     programs: &Programs,
     plan: &Plan,
+    brokers: &[BrokerKind],
     quick: bool,
     dir: &std::path::Path,
 ) -> Result<String> {
     std::fs::create_dir_all(dir)?;
     let n = plan.jobs;
+    let mut procs_points = Vec::new();
+    let mut size_points = Vec::new();
+    let mut queue_points = Vec::new();
+    for &b in brokers {
+        procs_points.push((b, growth::processes(programs, b, n, &[1, 2, 4]).await?));
+    }
+    for &b in brokers {
+        let sizes = &[100, 10_000, 1_000_000];
+        size_points.push((b, growth::sizes(programs, b, n, sizes, quick).await?));
+    }
+    for &b in brokers {
+        queue_points.push((
+            b,
+            growth::queues(programs, b, n, &[1, 10, 100], quick).await?,
+        ));
+    }
     let mut out = format!(
-        "\nHow cost grows (Celerity, Redis broker; one run per point, a fresh worker each; -c {}):\n\n\
-         | worker processes | add ×{n} with results, jobs/s | idle RSS MiB |\n|---|---|---|\n",
+        "\nHow cost grows (Celerity; one run per point, a fresh worker each; -c {}; results in Redis):\n\n\
+         | broker | worker processes | add ×{n} with results, jobs/s | idle RSS MiB |\n|---|---|---|---|\n",
         programs.celerity_shape.concurrency
     );
-    let procs_points = growth::processes(programs, n, &[1, 2, 4]).await?;
-    for p in &procs_points {
-        out.push_str(&format!(
-            "| -P {} | {} | {:.1} |\n",
-            p.processes,
-            report::fmt_num(p.jobs_per_s),
-            p.idle_mib
-        ));
+    for (b, points) in &procs_points {
+        for p in points {
+            out.push_str(&format!(
+                "| {} | -P {} | {} | {:.1} |\n",
+                b.label(),
+                p.processes,
+                report::fmt_num(p.jobs_per_s),
+                p.idle_mib
+            ));
+        }
     }
-    let size_points = growth::sizes(programs, n, &[100, 10_000, 1_000_000], quick).await?;
     out.push_str(
-        "\n| payload per job | jobs | noop jobs/s (-P 2, no results) | MB/s | Redis alone: LPUSH + RPOP \
-         of that size, jobs/s (-P 16) | MB/s | Celerity ÷ Redis alone |\n|---|---|---|---|---|---|---|\n",
+        "\n| broker | payload per job | jobs | noop jobs/s (-P 2) | MB/s | broker alone: one put + one \
+         take of that size, jobs/s | MB/s | Celerity ÷ broker alone |\n|---|---|---|---|---|---|---|---|\n",
     );
-    for p in &size_points {
-        let raw_mb = p.raw_jobs_per_s * p.bytes as f64 / 1e6;
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.2} |\n",
-            human_bytes(p.bytes),
-            p.jobs,
-            report::fmt_num(p.jobs_per_s),
-            report::fmt_num(p.mb_per_s),
-            report::fmt_num(p.raw_jobs_per_s),
-            report::fmt_num(raw_mb),
-            if p.raw_jobs_per_s > 0.0 {
-                p.jobs_per_s / p.raw_jobs_per_s
-            } else {
-                0.0
-            }
-        ));
+    for (b, points) in &size_points {
+        for p in points {
+            let raw_mb = p.raw_jobs_per_s * p.bytes as f64 / 1e6;
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {:.2} |\n",
+                b.label(),
+                human_bytes(p.bytes),
+                p.jobs,
+                report::fmt_num(p.jobs_per_s),
+                report::fmt_num(p.mb_per_s),
+                report::fmt_num(p.raw_jobs_per_s),
+                report::fmt_num(raw_mb),
+                if p.raw_jobs_per_s > 0.0 {
+                    p.jobs_per_s / p.raw_jobs_per_s
+                } else {
+                    0.0
+                }
+            ));
+        }
     }
-    let queue_points = growth::queues(programs, n, &[1, 10, 100], quick).await?;
     out.push_str(
-        "\n| queues (one worker, -P 2) | add with results, jobs/s (spread round-robin) | sockets \
-         open, idle | idle CPU, % of a core |\n|---|---|---|---|\n",
+        "\n(Redis: no results, done when the queue and `unacked` are empty; broker alone = \
+         redis-benchmark LPUSH and RPOP of values that size, -P 16, 50 clients. RabbitMQ: done when \
+         every job's null result is in Redis, since RabbitMQ shows no unacked deliveries without its \
+         management plugin; broker alone = a bare lapin client's confirmed persistent publish, then \
+         drain, of messages that size.)\n",
     );
-    for p in &queue_points {
-        out.push_str(&format!(
-            "| {} | {} | {} | {:.2} |\n",
-            p.queues,
-            report::fmt_num(p.jobs_per_s),
-            p.sockets,
-            p.idle_cpu_pct
-        ));
+    out.push_str(
+        "\n| broker | queues (one worker, -P 2) | add with results, jobs/s (spread round-robin) | \
+         sockets open, idle | idle CPU, % of a core |\n|---|---|---|---|---|\n",
+    );
+    for (b, points) in &queue_points {
+        for p in points {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {:.2} |\n",
+                b.label(),
+                p.queues,
+                report::fmt_num(p.jobs_per_s),
+                p.sockets,
+                p.idle_cpu_pct
+            ));
+        }
     }
-    let line = |name: &str, points: Vec<(f64, f64)>| charts::Line {
-        name: name.into(),
-        points,
-    };
+    let line = |name: String, points: Vec<(f64, f64)>| charts::Line { name, points };
+    let per_broker = |label: &str, b: &BrokerKind| format!("{label}, {}", b.label());
     charts::curves(
         &dir.join("growth-processes.svg"),
         "add with results vs worker processes (2 cores)",
         "worker processes (-P)",
         "jobs/s",
-        &[line(
-            "Celerity",
-            procs_points
-                .iter()
-                .map(|p| (p.processes as f64, p.jobs_per_s))
-                .collect(),
-        )],
+        &procs_points
+            .iter()
+            .map(|(b, ps)| {
+                let pts = ps.iter().map(|p| (p.processes as f64, p.jobs_per_s));
+                line(per_broker("Celerity", b), pts.collect())
+            })
+            .collect::<Vec<_>>(),
         false,
     )?;
+    let mut size_lines = Vec::new();
+    for (b, ps) in &size_points {
+        let mb = ps.iter().map(|p| (p.bytes as f64, p.mb_per_s));
+        size_lines.push(line(per_broker("Celerity", b), mb.collect()));
+        let raw = ps
+            .iter()
+            .map(|p| (p.bytes as f64, p.raw_jobs_per_s * p.bytes as f64 / 1e6));
+        size_lines.push(line(format!("{} alone", b.label()), raw.collect()));
+    }
     charts::curves(
         &dir.join("growth-message-size.svg"),
         "MB/s vs payload size",
         "payload bytes per job (log)",
         "MB/s",
-        &[
-            line(
-                "Celerity",
-                size_points
-                    .iter()
-                    .map(|p| (p.bytes as f64, p.mb_per_s))
-                    .collect(),
-            ),
-            line(
-                "Redis alone (LPUSH + RPOP)",
-                size_points
-                    .iter()
-                    .map(|p| (p.bytes as f64, p.raw_jobs_per_s * p.bytes as f64 / 1e6))
-                    .collect(),
-            ),
-        ],
+        &size_lines,
         true,
     )?;
     charts::curves(
@@ -416,13 +439,13 @@ async fn growth_tables(
         "add with results vs queues consumed by one worker",
         "queues (log)",
         "jobs/s",
-        &[line(
-            "Celerity",
-            queue_points
-                .iter()
-                .map(|p| (p.queues as f64, p.jobs_per_s))
-                .collect(),
-        )],
+        &queue_points
+            .iter()
+            .map(|(b, ps)| {
+                let pts = ps.iter().map(|p| (p.queues as f64, p.jobs_per_s));
+                line(per_broker("Celerity", b), pts.collect())
+            })
+            .collect::<Vec<_>>(),
         true,
     )?;
     Ok(out)
@@ -440,10 +463,10 @@ async fn backlog_table(
     let mut out = format!(
         "\nBacklog ({jobs} noop jobs waiting before a Celerity worker -P 2 -c 256 starts; RSS of \
          supervisor + children every 500 ms while it drains):\n\n\
-         | broker | broker bytes per waiting job, Celerity | same, Celery's producer ({}) | \
-         worker RSS MiB first / max / last (from 2 s) | jobs/s, worker start → empty |\n\
-         |---|---|---|---|---|\n",
-        if celery { "5,000 jobs" } else { "not run" }
+         | broker | broker bytes per waiting job, Celerity ({jobs} jobs) | Celerity, 5,000 jobs | \
+         Celery's producer, 5,000 jobs{} | worker RSS MiB first / max / last (from 2 s) | jobs/s, \
+         worker start → empty |\n|---|---|---|---|---|---|\n",
+        if celery { "" } else { " (not run)" }
     );
     let mut lines = Vec::new();
     for &broker in brokers {
@@ -459,9 +482,10 @@ async fn backlog_table(
             b.drain_jobs_per_s
         );
         out.push_str(&format!(
-            "| {} | {} | {} | {:.1} / {:.1} / {:.1} | {} |\n",
+            "| {} | {} | {} | {} | {:.1} / {:.1} / {:.1} | {} |\n",
             broker.label(),
             bytes(b.bytes_per_job),
+            bytes(b.sample_bytes_per_job),
             bytes(b.celery_bytes_per_job),
             b.rss_first,
             b.rss_max,

@@ -11,6 +11,9 @@
 //! - one-way latency: `calls` sequential messages, each published (and confirmed) by one connection
 //!   and awaited on another; p50 / p99 from the start of the publish to the delivery in hand.
 //!
+//! And for the message-size growth rows, publish and drain alone of messages whose one argument is
+//! a string of a given size ([`publish_drain_sized`]).
+//!
 //! A task adds a result write, the worker's own work and a second process on the same two cores,
 //! so these numbers are a ceiling for the RabbitMQ rows, not a target.
 
@@ -28,6 +31,8 @@ use crate::error::{BenchError, Result};
 
 /// Unconfirmed publishes in flight.
 const WINDOW: usize = 1_000;
+/// Bytes of unconfirmed publishes in flight at most (the big-message points).
+const IN_FLIGHT_BYTES: usize = 64 << 20;
 /// Deliveries the broker may push ahead of the acks.
 const PREFETCH: u16 = 512;
 /// Deliveries per `basic.ack(multiple)`.
@@ -139,16 +144,84 @@ async fn measure(
     })
 }
 
+/// Publish and drain rates (msgs/s, each on its own: all `n` published, then all drained) of `n`
+/// job-shaped messages whose one argument is a string of `bytes` bytes, on a queue of its own.
+pub async fn publish_drain_sized(url: &str, n: usize, bytes: usize) -> Result<(f64, f64)> {
+    let queue = ShortString::from(format!("bench.raw.{}", uuid::Uuid::new_v4().simple()));
+    let producer = connect(url).await?;
+    let consumer = connect(url).await?;
+    let outcome = async {
+        let pub_ch = producer.create_channel().await.map_err(amqp)?;
+        pub_ch
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp)?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        pub_ch
+            .queue_declare(queue.clone(), durable, FieldTable::default())
+            .await
+            .map_err(amqp)?;
+        let payload = "x".repeat(bytes);
+        let t = Instant::now();
+        publish_with(&pub_ch, &queue, n, |i| job_carrying(i, &payload)).await?;
+        let publish_per_s = n as f64 / t.elapsed().as_secs_f64();
+        let sub_ch = consumer.create_channel().await.map_err(amqp)?;
+        sub_ch
+            .basic_qos(PREFETCH, BasicQosOptions { global: false })
+            .await
+            .map_err(amqp)?;
+        let mut deliveries = sub_ch
+            .basic_consume(
+                queue.clone(),
+                "bench-raw".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp)?;
+        let t = Instant::now();
+        drain(&sub_ch, &mut deliveries, n).await?;
+        let drain_per_s = n as f64 / t.elapsed().as_secs_f64();
+        let _ = sub_ch.close(200, "bye".into()).await;
+        let _ = pub_ch.close(200, "bye".into()).await;
+        Ok((publish_per_s, drain_per_s))
+    }
+    .await;
+    if let Ok(ch) = producer.create_channel().await {
+        let _ = ch
+            .queue_delete(queue.clone(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = producer.close(200, "bye".into()).await;
+    let _ = consumer.close(200, "bye".into()).await;
+    outcome
+}
+
 /// Publishes `n` job-shaped messages, confirmed, [`WINDOW`] at a time in flight.
 async fn publish(channel: &lapin::Channel, queue: &ShortString, n: usize) -> Result<()> {
+    publish_with(channel, queue, n, job).await
+}
+
+/// Publishes `make(i)` for i in 0..n, confirmed, at most [`WINDOW`] (and 64 MiB) in flight.
+async fn publish_with(
+    channel: &lapin::Channel,
+    queue: &ShortString,
+    n: usize,
+    make: impl Fn(usize) -> (BasicProperties, Vec<u8>),
+) -> Result<()> {
     let mut inflight = std::collections::VecDeque::with_capacity(WINDOW);
+    let mut window = WINDOW;
     for i in 0..n {
-        if inflight.len() == WINDOW {
+        if inflight.len() >= window {
             if let Some(confirm) = inflight.pop_front() {
                 confirmed(confirm).await?;
             }
         }
-        let (props, body) = job(i);
+        let (props, body) = make(i);
+        window = (IN_FLIGHT_BYTES / body.len().max(1)).clamp(1, WINDOW);
         inflight.push_back(send(channel, queue, props, &body).await?);
     }
     for confirm in inflight {
@@ -227,6 +300,16 @@ async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<()> {
 
 fn amqp(e: lapin::Error) -> BenchError {
     BenchError::Setup(format!("raw RabbitMQ: {e}"))
+}
+
+/// A message shaped like Celery's `noop(payload)` on the wire (as [`job`], the body's one argument
+/// the string `payload`).
+fn job_carrying(i: usize, payload: &str) -> (BasicProperties, Vec<u8>) {
+    let (props, _) = job(i);
+    let body = format!(
+        "[[\"{payload}\"], {{}}, {{\"callbacks\": null, \"errbacks\": null, \"chain\": null, \"chord\": null}}]"
+    );
+    (props, body.into_bytes())
 }
 
 /// A message shaped like Celery's `add(i, 1)` on the wire: protocol-2 headers, JSON body, persistent.

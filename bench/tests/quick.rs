@@ -157,4 +157,28 @@ fn quick_matrix_runs_end_to_end() {
         7,
         "five raw RabbitMQ numbers: {raw_amqp}"
     );
+    // How cost grows, on both brokers: each table has a row per broker with a number in it.
+    for broker in ["Redis", "RabbitMQ"] {
+        for point in ["-P 4", "1 MB", "100"] {
+            let line = stdout
+                .lines()
+                .find(|l| l.starts_with(&format!("| {broker} | {point} |")))
+                .unwrap_or_else(|| panic!("no growth row {broker} / {point} in\n{stdout}"));
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            assert!(digit(cells[3]), "no number in {line}");
+        }
+    }
+    // The backlog on both brokers, with Celerity's bytes per job at both sample sizes.
+    for broker in ["Redis", "RabbitMQ"] {
+        let line = stdout
+            .lines()
+            .skip_while(|l| !l.starts_with("Backlog"))
+            .find(|l| l.starts_with(&format!("| {broker} |")))
+            .unwrap_or_else(|| panic!("no backlog row {broker} in\n{stdout}"));
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert!(
+            digit(cells[2]) && digit(cells[3]),
+            "no bytes per job in {line}"
+        );
+    }
 }
