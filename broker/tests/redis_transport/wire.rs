@@ -177,6 +177,17 @@ async fn a_reused_delivery_tag_does_not_overwrite_an_unacked_message() {
     let dead = s.lrange("dup.celerity.dead").await;
     assert_eq!(dead, vec![envelope(2).into_bytes()]);
     assert_eq!(s.unacked().await, (1, 1));
+    // A third with that tag, fetched while the first is still unacked (a later fetch than the
+    // first's): dead-lettered too, the first's record untouched.
+    let _: () = raw.lpush(s.key("dup"), envelope(3)).await.unwrap();
+    let none = tokio::time::timeout(Duration::from_millis(300), c.next()).await;
+    assert!(none.is_err(), "nothing else is deliverable");
+    let dead = s.lrange("dup.celerity.dead").await;
+    assert_eq!(
+        dead,
+        vec![envelope(3).into_bytes(), envelope(2).into_bytes()]
+    );
+    assert_eq!(s.unacked().await, (1, 1));
     d.ack().await.unwrap();
     assert_eq!(s.unacked().await, (0, 0));
     c.close().await.unwrap();

@@ -54,3 +54,38 @@ impl StoreBatcher {
         self.0.submit((key, json)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same task twice in one call, SUCCESS first: the second state must not replace it (the
+    /// script reads every key once up front, so a key it wrote itself is read again).
+    #[tokio::test]
+    async fn a_state_after_success_in_the_same_call_is_dropped() {
+        let prefix = format!("celtest:{}:", uuid::Uuid::new_v4().simple());
+        let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let (key, other) = (format!("{prefix}meta-1"), format!("{prefix}meta-2"));
+        let success = r#"{"status": "SUCCESS", "result": 3}"#;
+        let failure = r#"{"status": "FAILURE", "result": null}"#;
+        let mut inv = STORE_MANY.prepare_invoke();
+        inv.arg(60)
+            .key(&key)
+            .arg(success)
+            .key(&other)
+            .arg(failure)
+            .key(&key)
+            .arg(failure);
+        let stored: redis::RedisResult<Vec<i64>> = inv.invoke_async(&mut c).await;
+        let kept: redis::RedisResult<Option<String>> =
+            redis::cmd("GET").arg(&key).query_async(&mut c).await;
+        let _: redis::RedisResult<()> = redis::cmd("DEL")
+            .arg(&key)
+            .arg(&other)
+            .query_async(&mut c)
+            .await;
+        assert_eq!(stored.unwrap(), vec![1, 1, 0]);
+        assert_eq!(kept.unwrap().as_deref(), Some(success));
+    }
+}

@@ -5,14 +5,29 @@
 -- KEYS[2]  unacked_index    (zset)
 -- ARGV     groups of: delivery tag, n, then the n scores we may hold for it
 --
+-- The scores are read with one ZMSCORE (Redis ≥ 6.2), not one ZSCORE per delivery.
+--
 -- Returns one integer per delivery, in order: 1 if forgotten, 0 if it is no longer ours (untouched).
 local out = {}
 local mine = {}
+-- The tags and their scores in unacked_index, looked up with one ZMSCORE.
+local tags = {}
 local i = 1
 while i <= #ARGV do
+  tags[#tags + 1] = ARGV[i]
+  i = i + 2 + tonumber(ARGV[i + 1])
+end
+local scores = {}
+if #tags > 0 then
+  scores = redis.call('ZMSCORE', KEYS[2], unpack(tags))
+end
+i = 1
+local k = 0
+while i <= #ARGV do
+  k = k + 1
   local tag = ARGV[i]
   local n = tonumber(ARGV[i + 1])
-  local score = tonumber(redis.call('ZSCORE', KEYS[2], tag) or '')
+  local score = tonumber(scores[k] or '')
   local ok = 0
   if score ~= nil then
     for j = 1, n do

@@ -9,9 +9,19 @@
 -- Returns one integer per state: 1 if stored, 0 if dropped (the task was already SUCCESS).
 local expires = tonumber(ARGV[1])
 local out = {}
+if #KEYS == 0 then
+    return out
+end
+-- Every state's current document with one MGET; a key stored earlier in this same call is read
+-- again (the MGET predates that write).
+local before = redis.call('MGET', unpack(KEYS))
+local written = {}
 for i = 1, #KEYS do
     local stored = 1
-    local current = redis.call('GET', KEYS[i])
+    local current = before[i]
+    if written[KEYS[i]] then
+        current = redis.call('GET', KEYS[i])
+    end
     if current then
         local ok, doc = pcall(cjson.decode, current)
         if ok and type(doc) == 'table' and doc['status'] == 'SUCCESS' then
@@ -25,6 +35,7 @@ for i = 1, #KEYS do
             redis.call('SET', KEYS[i], ARGV[1 + i])
         end
         redis.call('PUBLISH', KEYS[i], ARGV[1 + i])
+        written[KEYS[i]] = true
     end
     out[i] = stored
 end
