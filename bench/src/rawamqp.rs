@@ -94,20 +94,7 @@ async fn measure(
     let publish_per_s = n as f64 / t.elapsed().as_secs_f64();
 
     // Drain them.
-    let sub_ch = consumer.create_channel().await.map_err(amqp)?;
-    sub_ch
-        .basic_qos(PREFETCH, BasicQosOptions { global: false })
-        .await
-        .map_err(amqp)?;
-    let mut deliveries = sub_ch
-        .basic_consume(
-            queue.clone(),
-            "bench-raw".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp)?;
+    let (sub_ch, mut deliveries) = subscribe(consumer, queue).await?;
     let t = Instant::now();
     drain(&sub_ch, &mut deliveries, n).await?;
     let drain_per_s = n as f64 / t.elapsed().as_secs_f64();
@@ -168,20 +155,7 @@ pub async fn publish_drain_sized(url: &str, n: usize, bytes: usize) -> Result<(f
         let t = Instant::now();
         publish_with(&pub_ch, &queue, n, |i| job_carrying(i, &payload)).await?;
         let publish_per_s = n as f64 / t.elapsed().as_secs_f64();
-        let sub_ch = consumer.create_channel().await.map_err(amqp)?;
-        sub_ch
-            .basic_qos(PREFETCH, BasicQosOptions { global: false })
-            .await
-            .map_err(amqp)?;
-        let mut deliveries = sub_ch
-            .basic_consume(
-                queue.clone(),
-                "bench-raw".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp)?;
+        let (sub_ch, mut deliveries) = subscribe(&consumer, &queue).await?;
         let t = Instant::now();
         drain(&sub_ch, &mut deliveries, n).await?;
         let drain_per_s = n as f64 / t.elapsed().as_secs_f64();
@@ -247,6 +221,28 @@ async fn send(
         )
         .await
         .map_err(amqp)
+}
+
+/// A channel of `conn` consuming `queue` with manual acks, [`PREFETCH`] ahead.
+async fn subscribe(
+    conn: &Connection,
+    queue: &ShortString,
+) -> Result<(lapin::Channel, lapin::Consumer)> {
+    let channel = conn.create_channel().await.map_err(amqp)?;
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions { global: false })
+        .await
+        .map_err(amqp)?;
+    let deliveries = channel
+        .basic_consume(
+            queue.clone(),
+            "bench-raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp)?;
+    Ok((channel, deliveries))
 }
 
 /// Takes `n` deliveries, acking them [`ACK_EVERY`] at a time.
