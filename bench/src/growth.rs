@@ -227,18 +227,16 @@ async fn sized_point(run: &Run, jobs: usize, bytes: usize) -> Result<f64> {
     let queue = &run.queues[0];
     if run.setup.results {
         let results = Results::connect(&run.setup).await?;
-        let sent = publish_payloads(&run.setup, queue, jobs, bytes).await;
-        let done = match &sent {
-            Ok((_, ids)) => {
-                results
-                    .wait_all(ids, |_| serde_json::Value::Null, STALL)
-                    .await
-            }
-            Err(_) => Ok(SystemTime::now()),
-        };
+        let timed = async {
+            let (first, ids) = publish_payloads(&run.setup, queue, jobs, bytes).await?;
+            let done = results
+                .wait_all(&ids, |_| serde_json::Value::Null, STALL)
+                .await?;
+            Ok::<_, BenchError>(shapes::rate(jobs, first, done))
+        }
+        .await;
         results.close().await;
-        let (first, _) = sent?;
-        return Ok(shapes::rate(jobs, first, done?));
+        return timed;
     }
     let mut probe = Probe::connect(&run.setup, queue).await?;
     let timed = async {

@@ -49,45 +49,64 @@ pub struct Raw {
     pub latency_ms: Vec<f64>,
 }
 
+/// A raw run's two connections and its own durable queue (deleted by [`Link::close`]).
+struct Link {
+    producer: Connection,
+    consumer: Connection,
+    queue: ShortString,
+}
+
+impl Link {
+    async fn open(url: &str) -> Result<Link> {
+        let queue = ShortString::from(format!("bench.raw.{}", uuid::Uuid::new_v4().simple()));
+        Ok(Link {
+            producer: connect(url).await?,
+            consumer: connect(url).await?,
+            queue,
+        })
+    }
+
+    /// A channel of the producer with publisher confirms, the queue declared (durable).
+    async fn publisher(&self) -> Result<lapin::Channel> {
+        let channel = self.producer.create_channel().await.map_err(amqp)?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp)?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(self.queue.clone(), durable, FieldTable::default())
+            .await
+            .map_err(amqp)?;
+        Ok(channel)
+    }
+
+    /// Deletes the queue and closes both connections, best effort.
+    async fn close(self) {
+        if let Ok(ch) = self.producer.create_channel().await {
+            let _ = ch
+                .queue_delete(self.queue.clone(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = self.producer.close(200, "bye".into()).await;
+        let _ = self.consumer.close(200, "bye".into()).await;
+    }
+}
+
 /// Publishes and drains `n` messages, then times `calls` one-way deliveries.
 pub async fn run(url: &str, n: usize, calls: usize) -> Result<Raw> {
-    let queue = ShortString::from(format!("bench.raw.{}", uuid::Uuid::new_v4().simple()));
-    let producer = connect(url).await?;
-    let consumer = connect(url).await?;
-    let outcome = measure(&producer, &consumer, &queue, n, calls).await;
-    if let Ok(ch) = producer.create_channel().await {
-        let _ = ch
-            .queue_delete(queue.clone(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = producer.close(200, "bye".into()).await;
-    let _ = consumer.close(200, "bye".into()).await;
+    let link = Link::open(url).await?;
+    let outcome = measure(&link, n, calls).await;
+    link.close().await;
     outcome
 }
 
-async fn measure(
-    producer: &Connection,
-    consumer: &Connection,
-    queue: &ShortString,
-    n: usize,
-    calls: usize,
-) -> Result<Raw> {
-    let pub_ch = producer.create_channel().await.map_err(amqp)?;
-    pub_ch
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(amqp)?;
-    pub_ch
-        .queue_declare(
-            queue.clone(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp)?;
+async fn measure(link: &Link, n: usize, calls: usize) -> Result<Raw> {
+    let (consumer, queue) = (&link.consumer, &link.queue);
+    let pub_ch = link.publisher().await?;
 
     let t = Instant::now();
     publish(&pub_ch, queue, n).await?;
@@ -134,44 +153,25 @@ async fn measure(
 /// Publish and drain rates (msgs/s, each on its own: all `n` published, then all drained) of `n`
 /// job-shaped messages whose one argument is a string of `bytes` bytes, on a queue of its own.
 pub async fn publish_drain_sized(url: &str, n: usize, bytes: usize) -> Result<(f64, f64)> {
-    let queue = ShortString::from(format!("bench.raw.{}", uuid::Uuid::new_v4().simple()));
-    let producer = connect(url).await?;
-    let consumer = connect(url).await?;
-    let outcome = async {
-        let pub_ch = producer.create_channel().await.map_err(amqp)?;
-        pub_ch
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(amqp)?;
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        pub_ch
-            .queue_declare(queue.clone(), durable, FieldTable::default())
-            .await
-            .map_err(amqp)?;
-        let payload = "x".repeat(bytes);
-        let t = Instant::now();
-        publish_with(&pub_ch, &queue, n, |i| job_carrying(i, &payload)).await?;
-        let publish_per_s = n as f64 / t.elapsed().as_secs_f64();
-        let (sub_ch, mut deliveries) = subscribe(&consumer, &queue).await?;
-        let t = Instant::now();
-        drain(&sub_ch, &mut deliveries, n).await?;
-        let drain_per_s = n as f64 / t.elapsed().as_secs_f64();
-        let _ = sub_ch.close(200, "bye".into()).await;
-        let _ = pub_ch.close(200, "bye".into()).await;
-        Ok((publish_per_s, drain_per_s))
-    }
-    .await;
-    if let Ok(ch) = producer.create_channel().await {
-        let _ = ch
-            .queue_delete(queue.clone(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = producer.close(200, "bye".into()).await;
-    let _ = consumer.close(200, "bye".into()).await;
+    let link = Link::open(url).await?;
+    let outcome = measure_sized(&link, n, bytes).await;
+    link.close().await;
     outcome
+}
+
+async fn measure_sized(link: &Link, n: usize, bytes: usize) -> Result<(f64, f64)> {
+    let pub_ch = link.publisher().await?;
+    let payload = "x".repeat(bytes);
+    let t = Instant::now();
+    publish_with(&pub_ch, &link.queue, n, |i| job_carrying(i, &payload)).await?;
+    let publish_per_s = n as f64 / t.elapsed().as_secs_f64();
+    let (sub_ch, mut deliveries) = subscribe(&link.consumer, &link.queue).await?;
+    let t = Instant::now();
+    drain(&sub_ch, &mut deliveries, n).await?;
+    let drain_per_s = n as f64 / t.elapsed().as_secs_f64();
+    let _ = sub_ch.close(200, "bye".into()).await;
+    let _ = pub_ch.close(200, "bye".into()).await;
+    Ok((publish_per_s, drain_per_s))
 }
 
 /// Publishes `n` job-shaped messages, confirmed, [`WINDOW`] at a time in flight.
