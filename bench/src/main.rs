@@ -192,10 +192,7 @@ async fn run(args: &Args) -> Result<String> {
     };
     let python = match &args.python {
         Some(p) => p.clone(),
-        None if systems.contains(&System::Celery) => celerity_broker::testkit::celery_python()
-            .ok_or_else(|| {
-                BenchError::Setup("no Python Celery (CELERITY_NO_PYTHON is set)".into())
-            })?,
+        None if systems.contains(&System::Celery) => procs::celery_python()?,
         None => PathBuf::from("python3"),
     };
     let programs = Programs {
@@ -282,7 +279,7 @@ async fn run(args: &Args) -> Result<String> {
     draw(&charts_dir(args), &rows, &latencies)?;
     let table = format!(
         "{}\n{}{}{}{}\n",
-        machine(&plan, &load_before),
+        machine(&plan, &load_before, &programs.celerity),
         if rows.is_empty() {
             String::new()
         } else {
@@ -1192,8 +1189,9 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// What machine and run the numbers came from.
-fn machine(plan: &Plan, load_before: &str) -> String {
+/// What machine and run the numbers came from, and how much of the `celerity` binary's symbol
+/// order (`scripts/symbol-order --check`) its link could use: a stale order shows as memory.
+fn machine(plan: &Plan, load_before: &str, celerity: &std::path::Path) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -1203,8 +1201,16 @@ fn machine(plan: &Plan, load_before: &str) -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/symbol-order");
+    let order = std::process::Command::new(script)
+        .arg("--check")
+        .arg(celerity)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|e| format!("not checked ({e})"));
     format!(
         "Machine: {cores} cores, {cpu}; load average before {load_before}, after {}.\n\
+         Symbol order: {order}.\n\
          Runs per row: {}; medians with (min–max).\n",
         loadavg(),
         plan.runs

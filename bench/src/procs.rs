@@ -174,7 +174,28 @@ impl Worker {
     }
 }
 
-/// Resident memory of process `pid` and all its descendants, in KiB.
+/// The Python of the pinned Celery venv (`scripts/celery-venv.sh` creates it once and prints its
+/// path last). The bench finds it itself rather than through the broker crate's `testkit` feature:
+/// building the bench beside `celerity` must not change the features, so the symbol names, of the
+/// crates the `celerity` binary is made of (`celerity/symbol-order.txt` names them).
+pub fn celery_python() -> Result<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/celery-venv.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| BenchError::Setup(format!("running {}: {e}", script.display())))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match stdout.lines().last().map(str::trim) {
+        Some(path) if out.status.success() && !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => Err(BenchError::Setup(format!(
+            "{} failed ({}) or printed no path",
+            script.display(),
+            out.status
+        ))),
+    }
+}
+
 /// The `celerity` binary under test: `explicit` if given, else the workspace's release build;
 /// `Err` with the message to print when it is not there.
 pub fn celerity_binary(
@@ -194,6 +215,7 @@ pub fn celerity_binary(
     }
 }
 
+/// Resident memory of process `pid` and all its descendants, in KiB.
 pub fn tree_rss_kib(pid: u32) -> u64 {
     tree(pid).iter().map(|&p| rss_of(p)).sum()
 }
