@@ -9,6 +9,12 @@
 
 use std::process::ExitCode;
 
+/// mimalloc rather than glibc's malloc: a worker allocates and frees small buffers (the message,
+/// its JSON values, the result) for every job, and glibc's `malloc`/`free` were a quarter of a
+/// worker process's CPU (bench/README "2026-12-06: the worker's allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use celerity::cli::beat::{run_beat_command, BeatArgs};
