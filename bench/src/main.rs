@@ -1206,8 +1206,10 @@ fn machine(plan: &Plan, load_before: &str, celerity: &std::path::Path) -> String
         .arg("--check")
         .arg(celerity)
         .output()
+        .ok()
+        .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|e| format!("not checked ({e})"));
+        .unwrap_or_else(|| "not checked (scripts/symbol-order --check failed)".into());
     format!(
         "Machine: {cores} cores, {cpu}; load average before {load_before}, after {}.\n\
          Symbol order: {order}.\n\
