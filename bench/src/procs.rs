@@ -179,6 +179,11 @@ impl Worker {
 /// building the bench beside `celerity` must not change the features, so the symbol names, of the
 /// crates the `celerity` binary is made of (`celerity/symbol-order.txt` names them).
 pub fn celery_python() -> Result<PathBuf> {
+    if std::env::var_os("CELERITY_NO_PYTHON").is_some() {
+        return Err(BenchError::Setup(
+            "no Python Celery (CELERITY_NO_PYTHON is set)".into(),
+        ));
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/celery-venv.sh");
     let out = std::process::Command::new("bash")
         .arg(&script)

@@ -9,12 +9,6 @@
 
 use std::process::ExitCode;
 
-/// mimalloc rather than glibc's malloc: a worker allocates and frees small buffers (the message,
-/// its JSON values, the result) for every job, and glibc's `malloc`/`free` were a quarter of a
-/// worker process's CPU (bench/README "2026-12-06: the worker's allocator").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use celerity::cli::beat::{run_beat_command, BeatArgs};
@@ -24,6 +18,12 @@ use celerity::cli::demo::{run_demo, DemoArgs};
 use celerity::cli::producer::{self, ProducerCommand};
 use celerity::cli::worker::{run_worker_command, WorkerCommand};
 use celerity::cli::{ConnectionArgs, LogArgs};
+
+/// mimalloc rather than glibc's malloc: a worker allocates and frees small buffers (the message,
+/// its JSON values, the result) for every job, and glibc's `malloc`/`free` were a quarter of a
+/// worker process's CPU (bench/README.md, "2026-12-06 (later)" and "Where the memory goes").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(
