@@ -105,18 +105,10 @@ pub async fn run(url: &str, n: usize, calls: usize) -> Result<Raw> {
 }
 
 async fn measure(link: &Link, n: usize, calls: usize) -> Result<Raw> {
-    let (consumer, queue) = (&link.consumer, &link.queue);
+    let queue = &link.queue;
     let pub_ch = link.publisher().await?;
-
-    let t = Instant::now();
-    publish(&pub_ch, queue, n).await?;
-    let publish_per_s = n as f64 / t.elapsed().as_secs_f64();
-
-    // Drain them.
-    let (sub_ch, mut deliveries) = subscribe(consumer, queue).await?;
-    let t = Instant::now();
-    drain(&sub_ch, &mut deliveries, n).await?;
-    let drain_per_s = n as f64 / t.elapsed().as_secs_f64();
+    let (publish_per_s, drain_per_s, sub_ch, mut deliveries) =
+        publish_then_drain(link, &pub_ch, n, job).await?;
 
     let t = Instant::now();
     tokio::try_join!(
@@ -162,16 +154,30 @@ pub async fn publish_drain_sized(url: &str, n: usize, bytes: usize) -> Result<(f
 async fn measure_sized(link: &Link, n: usize, bytes: usize) -> Result<(f64, f64)> {
     let pub_ch = link.publisher().await?;
     let payload = "x".repeat(bytes);
+    let (publish_per_s, drain_per_s, sub_ch, _) =
+        publish_then_drain(link, &pub_ch, n, |i| job_carrying(i, &payload)).await?;
+    let _ = sub_ch.close(200, "bye".into()).await;
+    let _ = pub_ch.close(200, "bye".into()).await;
+    Ok((publish_per_s, drain_per_s))
+}
+
+/// Publishes `make(i)` for i in 0..n on `pub_ch`, then drains them on a new subscription of the
+/// link's consumer: publish and drain rates (msgs/s, each timed on its own) and the subscription,
+/// for more rounds.
+async fn publish_then_drain(
+    link: &Link,
+    pub_ch: &lapin::Channel,
+    n: usize,
+    make: impl Fn(usize) -> (BasicProperties, Vec<u8>),
+) -> Result<(f64, f64, lapin::Channel, lapin::Consumer)> {
     let t = Instant::now();
-    publish_with(&pub_ch, &link.queue, n, |i| job_carrying(i, &payload)).await?;
+    publish_with(pub_ch, &link.queue, n, make).await?;
     let publish_per_s = n as f64 / t.elapsed().as_secs_f64();
     let (sub_ch, mut deliveries) = subscribe(&link.consumer, &link.queue).await?;
     let t = Instant::now();
     drain(&sub_ch, &mut deliveries, n).await?;
     let drain_per_s = n as f64 / t.elapsed().as_secs_f64();
-    let _ = sub_ch.close(200, "bye".into()).await;
-    let _ = pub_ch.close(200, "bye".into()).await;
-    Ok((publish_per_s, drain_per_s))
+    Ok((publish_per_s, drain_per_s, sub_ch, deliveries))
 }
 
 /// Publishes `n` job-shaped messages, confirmed, [`WINDOW`] at a time in flight.
